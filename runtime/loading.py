@@ -1,0 +1,82 @@
+"""Build a model on the meta device and fill it tensor by tensor from a checkpoint: never two copies in RAM."""
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from quant.fp8 import dequantize_fp8_block
+from runtime import models
+from runtime.checkpoint import Checkpoint
+from runtime.errors import K2Error
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FP32_TENSORS = ("e_score_correction_bias",)  # kept in fp32 whatever the model dtype: routing needs it
+SCALE_SUFFIX = "_scale_inv"
+
+
+def checkpoint_dtype(config: dict) -> torch.dtype:
+    name = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    return TORCH_DTYPES.get(name, torch.bfloat16)
+
+
+def _quant_method(config: dict) -> str | None:
+    return (config.get("quantization_config") or {}).get("quant_method")
+
+
+def _stored_to_weight(ckpt: Checkpoint, name: str, block: tuple[int, int]) -> torch.Tensor:
+    """The tensor as the model uses it: FP8 block weights are dequantized here, the one place that knows the format."""
+    tensor = ckpt.load(name)
+    if ckpt.tensors[name].dtype == "F8_E4M3":
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in ckpt.tensors:
+            raise K2Error(f"FP8 tensor {name} has no {scale_name}")
+        tensor = dequantize_fp8_block(tensor, ckpt.load(scale_name), block)
+    return tensor
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def load_model(folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               progress: bool = False) -> nn.Module:
+    ckpt = Checkpoint.open(folder)
+    method = _quant_method(ckpt.config)
+    if method not in (None, "fp8"):
+        raise K2Error(f"loading {method!r} quantized checkpoints is not supported yet (BF16/FP16/FP32 and FP8 are)")
+    block = tuple((ckpt.config.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+    model_cls, args = models.build(ckpt.config)
+    dtype = dtype or checkpoint_dtype(ckpt.config)
+    with torch.device("meta"):
+        model = model_cls(args)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+    names = sorted((n for n in ckpt.tensors if not n.endswith(SCALE_SUFFIX) and not model.skip_tensor(n)),
+                   key=lambda n: (ckpt.tensors[n].shard, n))
+    loaded = set()
+    for name in tqdm(names, desc="loading", unit="tensor", disable=not progress):
+        if name not in expected:
+            raise K2Error(f"tensor {name} is in the checkpoint but not in the model config.json describes "
+                          "(config and weights disagree)")
+        shape = ckpt.tensors[name].shape
+        if shape != expected[name]:
+            raise K2Error(f"tensor {name} has shape {list(shape)} but config.json implies {list(expected[name])}")
+        tensor = _stored_to_weight(ckpt, name, block)
+        target = torch.float32 if name.endswith(FP32_TENSORS) else dtype
+        _assign(model, name, tensor.to(device=device, dtype=target))
+        loaded.add(name)
+    ckpt.close()
+
+    if args.tie_word_embeddings and "lm_head.weight" not in loaded:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        loaded.add("lm_head.weight")
+    missing = [n for n in expected if n not in loaded]
+    if missing:
+        raise K2Error(f"the checkpoint lacks {len(missing)} tensor(s) that config.json implies, first {missing[0]}")
+    return model.to(device).eval()

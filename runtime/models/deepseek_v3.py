@@ -1,0 +1,233 @@
+"""DeepSeek-V3 architecture (Kimi K2 is the same model): MLA attention with a compressed cache, sigmoid-routed MoE.
+
+Module names follow the checkpoint's tensor names, so loading is a strict name match.
+"""
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.cache import LatentCache
+from runtime.errors import K2Error
+from runtime.layers import MLP, RMSNorm, apply_rope_interleaved, rope_cos_sin, rope_frequencies, route_sigmoid_topk, yarn_mscale
+
+
+@dataclass
+class ModelArgs:
+    """The `config.json` keys the model reads; unknown keys are ignored."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    n_routed_experts: int | None = None
+    n_shared_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    routed_scaling_factor: float = 1.0
+    n_group: int | None = 1
+    topk_group: int | None = 1
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    num_nextn_predict_layers: int = 0
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        args = cls(**{k: v for k, v in config.items() if k in known})
+        if args.scoring_func != "sigmoid":
+            raise K2Error(f"unsupported scoring_func {args.scoring_func!r}: only sigmoid routing (DeepSeek-V3, Kimi K2) is implemented")
+        if args.hidden_act != "silu":
+            raise K2Error(f"unsupported hidden_act {args.hidden_act!r}: only silu is implemented")
+        return args
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        return bool(self.n_routed_experts) and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+
+    def softmax_scale(self) -> float:
+        scale = self.qk_head_dim ** -0.5
+        scaling = self.rope_scaling or {}
+        if scaling.get("type", scaling.get("rope_type")) == "yarn" and scaling.get("mscale_all_dim"):
+            scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
+        return scale
+
+
+class Attention(nn.Module):
+    """Multi-head latent attention. Prefill expands per-head K/V; decode attends in the latent space (absorbed)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        self.kv_lora_rank = args.kv_lora_rank
+        self.scale = args.softmax_scale()
+        q_out = self.n_heads * args.qk_head_dim
+        if args.q_lora_rank:
+            self.q_a_proj = nn.Linear(args.hidden_size, args.q_lora_rank, bias=args.attention_bias)
+            self.q_a_layernorm = RMSNorm(args.q_lora_rank)
+            self.q_b_proj = nn.Linear(args.q_lora_rank, q_out, bias=False)
+        else:
+            self.q_proj = nn.Linear(args.hidden_size, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(args.hidden_size, args.kv_lora_rank + args.qk_rope_head_dim, bias=args.attention_bias)
+        self.kv_a_layernorm = RMSNorm(args.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(args.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, args.hidden_size, bias=args.attention_bias)
+
+    def forward(self, x, cos, sin, mask, layer_cache: torch.Tensor, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
+        q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope_interleaved(q_pe, cos, sin)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_pe = apply_rope_interleaved(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        layer_cache[:, start:start + T] = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
+        latent = layer_cache[:, :start + T]  # [B, S, kv_lora_rank + rope_dim]
+        attend = self.attend_absorbed if T == 1 else self.attend_naive
+        return self.o_proj(attend(q_nope, q_pe, latent, mask).flatten(2))
+
+    def attend_naive(self, q_nope, q_pe, latent, mask):
+        """Expand the latent into per-head keys and values: cheaper for long prompts, and the test oracle."""
+        B, S, _ = latent.shape
+        c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_nope, v = self.kv_b_proj(c_kv).view(B, S, self.n_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.unsqueeze(1), scale=self.scale)
+        return out.transpose(1, 2)  # [B, T, H, v_dim]
+
+    def attend_absorbed(self, q_nope, q_pe, latent, mask):
+        """Fold kv_b_proj into the query and the output so attention reads only the cached latent."""
+        w_uk, w_uv = self.kv_b_proj.weight.view(self.n_heads, -1, self.kv_lora_rank).split([self.nope_dim, self.v_dim], dim=1)
+        c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
+        scores = torch.einsum("bthr,bsr->bhts", q_latent, c_kv) + torch.einsum("bthp,bsp->bhts", q_pe, k_pe)
+        scores = (scores * self.scale).masked_fill(~mask.unsqueeze(1), float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_nope.dtype)
+        out_latent = torch.einsum("bhts,bsr->bthr", probs, c_kv)
+        return torch.einsum("bthr,hvr->bthv", out_latent, w_uv)
+
+
+class Router(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+        self.top_k, self.n_group, self.topk_group = args.num_experts_per_tok, args.n_group or 1, args.topk_group or 1
+        self.normalize, self.scaling_factor = args.norm_topk_prob, args.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())
+        return route_sigmoid_topk(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                                  self.normalize, self.scaling_factor)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate = Router(args)
+        self.experts = nn.ModuleList(MLP(args.hidden_size, args.moe_intermediate_size) for _ in range(args.n_routed_experts))
+        self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+                               if args.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, ids = self.gate(x)  # [N, k] each
+        y = torch.zeros_like(x)
+        # Per-expert loop over the experts this batch hit: the obvious path, and the oracle for fused kernels.
+        for e in torch.bincount(ids.flatten(), minlength=len(self.experts)).nonzero().flatten().tolist():
+            token, slot = (ids == e).nonzero(as_tuple=True)
+            y.index_add_(0, token, (self.experts[e](x[token]) * weights[token, slot, None]).to(y.dtype))
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, i: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MoE(args) if args.is_moe_layer(i) else MLP(args.hidden_size, args.intermediate_size)
+
+    def forward(self, h, cos, sin, mask, layer_cache, start):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, layer_cache, start)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class DeepseekV3(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        # Computed on the CPU even when the model is built on the meta device: this is not a checkpoint tensor.
+        with torch.device("cpu"):
+            inv_freq, self.rope_magnitude = rope_frequencies(args.qk_rope_head_dim, args.rope_theta, args.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def skip_tensor(self, name: str) -> bool:
+        """Checkpoint tensors the model does not use: the MTP layers past the last layer, stale rope buffers."""
+        if name.endswith("rotary_emb.inv_freq"):
+            return True
+        parts = name.split(".")
+        return name.startswith("model.layers.") and int(parts[2]) >= self.args.num_hidden_layers
+
+    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> LatentCache:
+        weight = self.model.embed_tokens.weight
+        return LatentCache(len(self.model.layers), batch, max_len, self.args.kv_lora_rank, self.args.qk_rope_head_dim,
+                           weight.dtype, weight.device, pad)
+
+    def forward(self, tokens: torch.Tensor, cache: LatentCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only), appending to `cache`."""
+        B, T = tokens.shape
+        cache = cache if cache is not None else self.new_cache(B, T)
+        start = cache.length
+        if start + T > cache.max_len:
+            raise K2Error(f"the cache holds {cache.max_len} tokens; {start} are used and {T} more were given")
+        device = tokens.device
+        slots = torch.arange(start, start + T, device=device)
+        key_slots = torch.arange(start + T, device=device)
+        positions = (slots.unsqueeze(0) - cache.pad.unsqueeze(1)).clamp(min=0)  # [B, T]
+        # Causal over slots, and blind to each row's left padding; a padding query sees itself so no row is empty.
+        mask = (key_slots <= slots[:, None]) & (key_slots >= cache.pad[:, None, None])
+        mask = mask | (key_slots == slots[:, None])  # [B, T, S]
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_magnitude, self.model.embed_tokens.weight.dtype)
+
+        h = self.model.embed_tokens(tokens)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, mask, cache.layer(i), start)
+        cache.length = start + T
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.model.norm(h))

@@ -119,3 +119,13 @@ class Checkpoint:
 
     def close(self):
         self._handles.clear()
+
+
+def eos_token_ids(folder: Path) -> set[int]:
+    """End-of-sequence ids from config.json and generation_config.json (either may hold an int or a list)."""
+    ids = set()
+    for file in ("config.json", "generation_config.json"):
+        path = Path(folder) / file
+        value = read_json(path).get("eos_token_id") if path.exists() else None
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return ids

@@ -132,9 +132,7 @@ def is_fp8_target(name: str) -> bool:
 
 def random_weights(config: dict, seed: int = DEMO_SEED) -> dict[str, torch.Tensor]:
     """Checkpoint tensors for `config`, named and shaped by the model itself, in the real checkpoint dtypes."""
-    model_cls, args = models.build(config)
-    with torch.device("meta"):
-        shapes = {name: t.shape for name, t in model_cls(args).state_dict().items()}
+    shapes = models.build_on_meta(config).checkpoint_shapes()
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in shapes.items():

@@ -35,13 +35,18 @@ def _stored_to_weight(ckpt: Checkpoint, name: str, block: tuple[int, int]) -> to
     return tensor
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
+def _materialize(model: nn.Module, name: str, dtype: torch.dtype, device) -> torch.Tensor:
+    """The model tensor `name`, allocated on `device` the first time it is needed (it was built on meta)."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
-    if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-    else:
-        module._buffers[leaf] = tensor
+    current = getattr(module, leaf)
+    if current.is_meta:
+        current = torch.empty(current.shape, dtype=dtype, device=device)
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(current, requires_grad=False)
+        else:
+            module._buffers[leaf] = current
+    return current
 
 
 def load_model(folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -51,11 +56,10 @@ def load_model(folder: str | Path, dtype: torch.dtype | None = None, device: str
     if method not in (None, "fp8"):
         raise K2Error(f"loading {method!r} quantized checkpoints is not supported yet (BF16/FP16/FP32 and FP8 are)")
     block = tuple((ckpt.config.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
-    model_cls, args = models.build(ckpt.config)
+    model = models.build_on_meta(ckpt.config)
+    args = model.args
     dtype = dtype or checkpoint_dtype(ckpt.config)
-    with torch.device("meta"):
-        model = model_cls(args)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    expected = model.checkpoint_shapes()
 
     names = sorted((n for n in ckpt.tensors if not n.endswith(SCALE_SUFFIX) and not model.skip_tensor(n)),
                    key=lambda n: (ckpt.tensors[n].shard, n))
@@ -67,9 +71,10 @@ def load_model(folder: str | Path, dtype: torch.dtype | None = None, device: str
         shape = ckpt.tensors[name].shape
         if shape != expected[name]:
             raise K2Error(f"tensor {name} has shape {list(shape)} but config.json implies {list(expected[name])}")
-        tensor = _stored_to_weight(ckpt, name, block)
-        target = torch.float32 if name.endswith(FP32_TENSORS) else dtype
-        _assign(model, name, tensor.to(device=device, dtype=target))
+        target_name, expert = model.locate(name)
+        target_dtype = torch.float32 if name.endswith(FP32_TENSORS) else dtype
+        target = _materialize(model, target_name, target_dtype, device)
+        (target if expert is None else target[expert]).copy_(_stored_to_weight(ckpt, name, block))
         loaded.add(name)
     ckpt.close()
 

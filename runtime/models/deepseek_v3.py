@@ -2,6 +2,7 @@
 
 Module names follow the checkpoint's tensor names, so loading is a strict name match.
 """
+import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -11,6 +12,8 @@ from torch import nn
 from runtime.cache import LatentCache
 from runtime.errors import K2Error
 from runtime.layers import MLP, RMSNorm, apply_rope_interleaved, rope_cos_sin, rope_frequencies, route_sigmoid_topk, yarn_mscale
+
+_EXPERT_TENSOR = re.compile(r"(?P<layer>model\.layers\.\d+)\.mlp\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight")
 
 
 @dataclass
@@ -142,11 +145,32 @@ class Router(nn.Module):
                                   self.normalize, self.scaling_factor)
 
 
+class Experts(nn.Module):
+    """One layer's routed experts, stacked [E, out, in]; checkpoint tensor `experts.{e}.{proj}.weight` is slice e."""
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [N, dim], weights and ids [N, k] -> sum_k weights * expert_k(x)."""
+        y = torch.zeros_like(x)
+        # Per-expert loop over the experts this batch hit: the obvious path, and the oracle for fused kernels.
+        for e in torch.bincount(ids.flatten(), minlength=self.gate_proj.shape[0]).nonzero().flatten().tolist():
+            token, slot = (ids == e).nonzero(as_tuple=True)
+            xe = x[token]
+            out = F.linear(F.silu(F.linear(xe, self.gate_proj[e])) * F.linear(xe, self.up_proj[e]), self.down_proj[e])
+            y.index_add_(0, token, (out * weights[token, slot, None]).to(y.dtype))
+        return y
+
+
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate = Router(args)
-        self.experts = nn.ModuleList(MLP(args.hidden_size, args.moe_intermediate_size) for _ in range(args.n_routed_experts))
+        self.experts = Experts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
         self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
                                if args.n_shared_experts else None)
 
@@ -154,11 +178,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.gate(x)  # [N, k] each
-        y = torch.zeros_like(x)
-        # Per-expert loop over the experts this batch hit: the obvious path, and the oracle for fused kernels.
-        for e in torch.bincount(ids.flatten(), minlength=len(self.experts)).nonzero().flatten().tolist():
-            token, slot = (ids == e).nonzero(as_tuple=True)
-            y.index_add_(0, token, (self.experts[e](x[token]) * weights[token, slot, None]).to(y.dtype))
+        y = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
@@ -202,6 +222,25 @@ class DeepseekV3(nn.Module):
             return True
         parts = name.split(".")
         return name.startswith("model.layers.") and int(parts[2]) >= self.args.num_hidden_layers
+
+    @staticmethod
+    def locate(name: str) -> tuple[str, int | None]:
+        """Checkpoint tensor name -> (model tensor name, expert slice or None)."""
+        match = _EXPERT_TENSOR.fullmatch(name)
+        if match:
+            return f"{match['layer']}.mlp.experts.{match['proj']}", int(match["expert"])
+        return name, None
+
+    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor a checkpoint of this config holds, by its checkpoint name (experts unstacked)."""
+        shapes = {}
+        for name, tensor in self.state_dict().items():
+            if name.rsplit(".", 1)[0].endswith("mlp.experts"):
+                prefix, proj = name.rsplit(".", 1)
+                shapes.update({f"{prefix}.{e}.{proj}.weight": tuple(tensor.shape[1:]) for e in range(tensor.shape[0])})
+            else:
+                shapes[name] = tuple(tensor.shape)
+        return shapes
 
     def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> LatentCache:
         weight = self.model.embed_tokens.weight

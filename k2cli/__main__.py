@@ -1,0 +1,3 @@
+from k2cli.main import main
+
+main()

@@ -1,0 +1,132 @@
+"""What a checkpoint holds, from config.json and safetensors headers alone (works before the weights are downloaded)."""
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from runtime import models
+from runtime.checkpoint import DTYPE_BYTES, Checkpoint
+
+COMPONENTS = ("embeddings", "attention", "dense_mlp", "router", "shared_experts", "routed_experts", "norms", "lm_head")
+TORCH_TO_SAFETENSORS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def component_of(name: str) -> str:
+    """Which part of the model a checkpoint tensor (or its scale / packed companion) belongs to."""
+    if "embed_tokens" in name:
+        return "embeddings"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    if "norm" in name.rsplit(".", 2)[-2]:
+        return "norms"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp.experts." in name:
+        return "routed_experts"
+    if ".mlp.shared_experts." in name:
+        return "shared_experts"
+    if ".mlp.gate." in name:
+        return "router"
+    return "dense_mlp"
+
+
+def is_linear_weight(name: str) -> bool:
+    """The weights of linear layers: what FP8 and INT4 checkpoints quantize (`targets: ["Linear"]`)."""
+    return name.endswith(("_proj.weight", "_proj_with_mqa.weight")) or name == "lm_head.weight"
+
+
+def _ignored(module: str, ignore: list[str]) -> bool:
+    """compressed-tensors' ignore list: exact module names, or `re:` patterns matched against the whole name."""
+    return any(re.fullmatch(p[3:], module) if p.startswith("re:") else p == module for p in ignore)
+
+
+def estimated_storage(name: str, shape: tuple[int, ...], config: dict) -> dict[str, int]:
+    """Bytes by safetensors dtype that the config's format would use to store one weight."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    base = TORCH_TO_SAFETENSORS.get(config.get("torch_dtype") or config.get("dtype") or "bfloat16", "BF16")
+    if name.endswith("e_score_correction_bias"):
+        return {"F32": numel * 4}
+    quant = config.get("quantization_config") or {}
+    method = quant.get("quant_method")
+    if method == "fp8" and is_linear_weight(name) and name != "lm_head.weight":
+        b0, b1 = quant.get("weight_block_size", (128, 128))
+        return {"F8_E4M3": numel, "F32": 4 * -(-shape[0] // b0) * -(-shape[1] // b1)}
+    if method == "compressed-tensors" and is_linear_weight(name) and not _ignored(name[:-len(".weight")], quant.get("ignore", [])):
+        weights = next(iter(quant.get("config_groups", {}).values()), {}).get("weights", {})
+        bits, group = weights.get("num_bits", 4), weights.get("group_size") or shape[-1]
+        per_word = 32 // bits
+        return {"I32": 4 * shape[0] * -(-shape[1] // per_word), "BF16": 2 * shape[0] * -(-shape[1] // group), "I64": 16}
+    return {base: numel * DTYPE_BYTES[base]}
+
+
+def describe_quantization(config: dict) -> str:
+    quant = config.get("quantization_config")
+    if not quant:
+        return "none"
+    method = quant.get("quant_method")
+    if method == "fp8":
+        return f"fp8 {quant.get('fmt', 'e4m3')}, blocks {quant.get('weight_block_size')}"
+    if method == "compressed-tensors":
+        weights = next(iter(quant.get("config_groups", {}).values()), {}).get("weights", {})
+        return (f"compressed-tensors {quant.get('format')}: int{weights.get('num_bits')} "
+                f"{'symmetric' if weights.get('symmetric') else 'asymmetric'}, group {weights.get('group_size')}")
+    return str(method)
+
+
+def model_info(folder: str | Path) -> dict:
+    import torch
+
+    ckpt = Checkpoint.open(folder, require_weights=False)
+    config = ckpt.config
+    model = models.build_on_meta(config)
+    args = model.args
+    shapes = model.checkpoint_shapes()
+
+    params = defaultdict(int)
+    for name, shape in shapes.items():
+        params[component_of(name)] += torch.Size(shape).numel()
+    storage = defaultdict(lambda: defaultdict(int))  # component -> dtype -> bytes
+    stored = {n: t for n, t in ckpt.tensors.items() if not model.skip_tensor(n)}
+    if stored:
+        for name, tensor in stored.items():
+            storage[component_of(name)][tensor.dtype] += tensor.nbytes
+    else:
+        for name, shape in shapes.items():
+            for dtype, nbytes in estimated_storage(name, shape, config).items():
+                storage[component_of(name)][dtype] += nbytes
+
+    total = sum(params.values())
+    active = total - params["routed_experts"] + params["routed_experts"] * args.num_experts_per_tok // args.n_routed_experts \
+        if args.n_routed_experts else total
+    cache_dtype = TORCH_TO_SAFETENSORS.get(config.get("torch_dtype") or config.get("dtype") or "bfloat16", "BF16")
+    kv_per_token = args.num_hidden_layers * (args.kv_lora_rank + args.qk_rope_head_dim) * DTYPE_BYTES[cache_dtype]
+    moe_layers = sum(args.is_moe_layer(i) for i in range(args.num_hidden_layers))
+    return {
+        "model": str(ckpt.folder),
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "model_type": config.get("model_type"),
+        "layers": args.num_hidden_layers,
+        "dense_layers": args.num_hidden_layers - moe_layers,
+        "moe_layers": moe_layers,
+        "hidden_size": args.hidden_size,
+        "attention_heads": args.num_attention_heads,
+        "routed_experts": args.n_routed_experts or 0,
+        "experts_per_token": args.num_experts_per_tok or 0,
+        "shared_experts": args.n_shared_experts or 0,
+        "vocab_size": args.vocab_size,
+        "max_context": args.max_position_embeddings,
+        "parameters": {"total": total, "active_per_token": active},
+        "components": {
+            c: {"parameters": params[c], "bytes": sum(storage[c].values()), "bytes_by_dtype": dict(storage[c])}
+            for c in COMPONENTS if params[c] or storage[c]
+        },
+        "total_bytes": sum(sum(d.values()) for d in storage.values()),
+        "bytes_source": "safetensors headers" if stored else "estimated from config.json (no weights in the folder)",
+        "quantization": describe_quantization(config),
+        "kv_cache": {
+            "dtype": cache_dtype,
+            "bytes_per_token": kv_per_token,
+            "bytes_at_max_context": kv_per_token * args.max_position_embeddings,
+        },
+    }

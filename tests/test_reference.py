@@ -1,0 +1,357 @@
+"""Our DeepSeek-V3 / Kimi K2 runtime against the transformers implementation, on small random checkpoints.
+
+Both sides load the same folder in float32; the metric is rel = max|ours - ref| / max|ref| over the compared logits.
+transformers is the oracle: it has its own MLA (non-absorbed, its own cache), its own MoE and routing, its own YaRN
+and its own FP8 dequantization.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache, GenerationConfig
+
+from runtime.cache import LatentCache
+from runtime.demo import DEMO_BPE_RANKS, demo_config, write_demo
+from runtime.generate import greedy_generate, left_pad
+from runtime.loading import load_model
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+TOL = 1e-4
+
+# DeepSeek-V3's own routing and rope settings (config.json of deepseek-ai/DeepSeek-V3), on the demo's sizes.
+DEEPSEEK_V3_OVERRIDES = {
+    "model_type": "deepseek_v3", "n_group": 4, "topk_group": 2, "first_k_dense_replace": 2,
+    "routed_scaling_factor": 2.5, "num_experts_per_tok": 4,
+    "rope_scaling": {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+                     "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str, tol: float = TOL):
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    err = rel_err(ours, ref)
+    assert err <= tol, f"{what}: rel {err:.3e} > {tol:.0e}"
+
+
+def load_reference(folder: Path) -> DeepseekV3ForCausalLM:
+    # model_type kimi_k2 must be overridden, or transformers skips its per-expert -> stacked weight conversion.
+    config = DeepseekV3Config.from_pretrained(folder)
+    config.model_type = "deepseek_v3"
+    return DeepseekV3ForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32).eval().float()
+
+
+def random_ids(vocab_size: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class Pair:
+    """Our model and the transformers reference, loaded from one checkpoint folder."""
+
+    folder: Path
+    ours: torch.nn.Module
+    ref: DeepseekV3ForCausalLM
+
+    @classmethod
+    def load(cls, folder: Path) -> "Pair":
+        return cls(folder, load_model(folder, dtype=torch.float32), load_reference(folder))
+
+    @property
+    def config(self) -> dict:
+        return json.loads((self.folder / "config.json").read_text())
+
+    def ids(self, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+        return random_ids(self.config["vocab_size"], shape, seed)
+
+
+@torch.inference_mode()
+def run_ours(model, prompt: torch.Tensor, steps: torch.Tensor, pad: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Prefill `prompt` [B, T], then feed `steps` [B, n] one token at a time through the same latent cache.
+
+    Returns the prefill logits [B, T, V], then one [B, V] per step (T == 1, so the absorbed attention runs).
+    """
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps.shape[1], pad)
+    logits = [model(prompt, cache)]
+    logits += [model(steps[:, i:i + 1], cache)[:, -1] for i in range(steps.shape[1])]
+    assert cache.length == prompt.shape[1] + steps.shape[1]
+    return logits
+
+
+@torch.inference_mode()
+def run_ref(ref, prompt: torch.Tensor, steps: torch.Tensor, pad: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The same as `run_ours` in transformers: DynamicCache, attention mask 0 on left padding, positions from it."""
+    pad = torch.zeros(prompt.shape[0], dtype=torch.long) if pad is None else pad
+    mask = (torch.arange(prompt.shape[1]) >= pad[:, None]).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=ref.config)
+    out = ref(input_ids=prompt, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    logits = [out.logits]
+    for i in range(steps.shape[1]):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        positions = positions[:, -1:] + 1
+        out = ref(input_ids=steps[:, i:i + 1], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                  use_cache=True)
+        logits.append(out.logits[:, -1])
+    return logits
+
+
+def assert_prefill_decode_match(pair: Pair, prompt_len: int, n_steps: int, seed: int = 0):
+    prompt, steps = pair.ids((1, prompt_len), seed), pair.ids((1, n_steps), seed + 1)
+    ours, ref = run_ours(pair.ours, prompt, steps), run_ref(pair.ref, prompt, steps)
+    assert_close(ours[0], ref[0], f"prefill of {prompt_len} tokens")
+    for i, (o, r) in enumerate(zip(ours[1:], ref[1:])):
+        assert_close(o, r, f"decode step {i} (position {prompt_len + i})")
+
+
+def write_variant(tmp_path_factory, name: str, **kwargs) -> Path:
+    return write_demo(tmp_path_factory.mktemp("variants") / name, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures: each checkpoint is loaded once per module, on both sides
+
+
+@pytest.fixture(scope="module")
+def demo(demo_dir) -> Pair:
+    return Pair.load(demo_dir)
+
+
+@pytest.fixture(scope="module")
+def demo_fp8(demo_fp8_dir) -> Pair:
+    return Pair.load(demo_fp8_dir)
+
+
+@pytest.fixture(scope="module", params=[1, 32], ids=lambda b: f"beta_fast{b}")
+def yarn_short_context(request, tmp_path_factory) -> Pair:
+    """YaRN factor 32 over an original context of 32 positions, so a 64-token prompt runs past it."""
+    scaling = {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 32, "beta_fast": request.param,
+               "beta_slow": 1, "mscale": 1, "mscale_all_dim": 1}
+    return Pair.load(write_variant(tmp_path_factory, f"yarn-{request.param}", config_overrides={"rope_scaling": scaling}))
+
+
+@pytest.fixture(scope="module")
+def deepseek_v3(tmp_path_factory) -> Pair:
+    return Pair.load(write_variant(tmp_path_factory, "deepseek-v3", config_overrides=DEEPSEEK_V3_OVERRIDES))
+
+
+def add_mtp_layer(folder: Path):
+    """Turn a checkpoint of N + 1 layers into DeepSeek-V3's layout: N layers plus one MTP layer stored as layer N.
+
+    The last layer's tensors stay in the shards, joined by the MTP-only tensors (enorm, hnorm, eh_proj, shared_head),
+    and config.json says N layers and num_nextn_predict_layers 1, as in deepseek-ai/DeepSeek-V3.
+    """
+    config = json.loads((folder / "config.json").read_text())
+    n, hidden, vocab = config["num_hidden_layers"] - 1, config["hidden_size"], config["vocab_size"]
+    generator = torch.Generator().manual_seed(1)
+    extra = {f"model.layers.{n}.{name}": (0.02 * torch.randn(shape, generator=generator)).to(torch.bfloat16)
+             for name, shape in [("enorm.weight", (hidden,)), ("hnorm.weight", (hidden,)),
+                                 ("eh_proj.weight", (hidden, 2 * hidden)), ("embed_tokens.weight", (vocab, hidden)),
+                                 ("shared_head.norm.weight", (hidden,)), ("shared_head.head.weight", (vocab, hidden))]}
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    last_shard = sorted(set(index["weight_map"].values()))[-1]
+    tensors = load_file(folder / last_shard) | extra
+    save_file(tensors, folder / last_shard, metadata={"format": "pt"})
+    index["weight_map"].update({name: last_shard for name in extra})
+    index_path.write_text(json.dumps(index, indent=2))
+    config.update(num_hidden_layers=n, num_nextn_predict_layers=1)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+@pytest.fixture(scope="module")
+def deepseek_v3_mtp(tmp_path_factory) -> Pair:
+    n_layers = demo_config(DEMO_BPE_RANKS)["num_hidden_layers"]
+    folder = write_variant(tmp_path_factory, "deepseek-v3-mtp",
+                           config_overrides=DEEPSEEK_V3_OVERRIDES | {"num_hidden_layers": n_layers + 1})
+    add_mtp_layer(folder)
+    return Pair.load(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a), (b): prefill and decode through the compressed cache on the demo
+
+
+def test_prefill_48_tokens_matches_transformers(demo):
+    prompt = demo.ids((1, 48), seed=0)
+    with torch.inference_mode():
+        assert_close(demo.ours(prompt), demo.ref(prompt).logits, "48-token prefill")
+
+
+def test_decode_16_steps_through_latent_cache_matches_transformers(demo):
+    assert_prefill_decode_match(demo, prompt_len=48, n_steps=16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (c) YaRN past original_max_position_embeddings
+
+
+def test_yarn_beyond_original_context_matches_transformers(yarn_short_context):
+    assert yarn_short_context.config["rope_scaling"]["original_max_position_embeddings"] == 32
+    assert_prefill_decode_match(yarn_short_context, prompt_len=64, n_steps=4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (d) DeepSeek-V3's config: group-limited routing, two dense layers, its YaRN; and its MTP layer
+
+
+def test_deepseek_v3_config_matches_transformers(deepseek_v3):
+    gate = deepseek_v3.ours.model.layers[2].mlp.gate
+    assert (gate.n_group, gate.topk_group) == (4, 2)
+    assert not hasattr(deepseek_v3.ours.model.layers[1].mlp, "gate"), "layers 0 and 1 must be dense"
+    assert_prefill_decode_match(deepseek_v3, prompt_len=40, n_steps=8)
+
+
+def test_deepseek_v3_checkpoint_with_mtp_layer_loads_and_matches(deepseek_v3_mtp):
+    # The MTP tensors are really in the checkpoint, and ours builds only the N main layers.
+    weight_map = json.loads((deepseek_v3_mtp.folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.4.eh_proj.weight" in weight_map and "model.layers.4.mlp.gate.weight" in weight_map
+    assert len(deepseek_v3_mtp.ours.model.layers) == 4
+    # transformers also ignores the MTP layer (unexpected keys), so it is an oracle on the same folder.
+    assert len(deepseek_v3_mtp.ref.model.layers) == 4
+    assert_prefill_decode_match(deepseek_v3_mtp, prompt_len=24, n_steps=4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (e) a left-padded batch
+
+
+def test_left_padded_batch_prefill_and_decode_match_transformers(demo):
+    lengths = (5, 17, 30)
+    prompts = [demo.ids((n,), seed=10 + i).tolist() for i, n in enumerate(lengths)]
+    tokens, pad = left_pad(prompts)
+    assert pad.tolist() == [25, 13, 0]
+    steps = demo.ids((len(prompts), 4), seed=20)
+    ours, ref = run_ours(demo.ours, tokens, steps, pad), run_ref(demo.ref, tokens, steps, pad)
+    for row, n in enumerate(lengths):
+        real = slice(tokens.shape[1] - n, None)
+        assert_close(ours[0][row, real], ref[0][row, real], f"prefill of row {row} ({n} tokens)")
+    for i, (o, r) in enumerate(zip(ours[1:], ref[1:])):
+        assert_close(o, r, f"batch decode step {i}")
+
+
+def test_left_padded_rows_match_their_unpadded_runs(demo):
+    """Padding must be invisible: each row of the batch gives the logits it gives alone."""
+    prompts = [demo.ids((n,), seed=30 + n).tolist() for n in (3, 11)]
+    tokens, pad = left_pad(prompts)
+    with torch.inference_mode():
+        batch = demo.ours(tokens, demo.ours.new_cache(2, tokens.shape[1], pad))
+        for row, prompt in enumerate(prompts):
+            alone = demo.ours(torch.tensor([prompt]))
+            assert_close(batch[row, -len(prompt):], alone[0], f"row {row}", tol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# greedy generation
+
+
+def test_greedy_generate_32_tokens_matches_transformers_generate(demo):
+    prompt = demo.ids((1, 12), seed=40)
+    ours = greedy_generate(demo.ours, prompt.tolist(), max_new_tokens=32)[0]
+    # No stop token on either side (the demo's generation_config.json samples and stops at <|im_end|>).
+    config = GenerationConfig(max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        ref = demo.ref.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+    ref = ref[0, prompt.shape[1]:].tolist()
+    assert len(ours) == len(ref) == 32
+    assert ours == ref
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FP8
+
+
+def test_fp8_matches_transformers_dequantizing_load(demo_fp8):
+    assert {p.dtype for p in demo_fp8.ref.parameters()} == {torch.float32}, "transformers must have dequantized"
+    assert_prefill_decode_match(demo_fp8, prompt_len=48, n_steps=4)
+
+
+@pytest.fixture(scope="module")
+def fp8_dequantized_twin(demo_fp8, tmp_path_factory) -> Path:
+    """A plain float32 checkpoint of transformers' own dequantization of the FP8 demo.
+
+    save_pretrained replays the load-time conversion backwards, and the FP8 dequantize step has no reverse (it raises
+    "Undefined Operation encountered!"). Dropping the recorded conversions makes it fall back to the architecture's
+    default mapping, which only splits the stacked experts back into per-expert tensors: plain float32 weights.
+    The twin gets the FP8 folder's config.json minus quantization_config, because transformers 5 writes rope settings
+    as `rope_parameters`, which is a different config layout from the one under test here.
+    """
+    folder = tmp_path_factory.mktemp("fp8-twin")
+    ref = demo_fp8.ref
+    saved_conversions = ref.__dict__.pop("_weight_conversions")
+    try:
+        ref.save_pretrained(folder)
+    finally:
+        ref._weight_conversions = saved_conversions
+    config = demo_fp8.config
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def test_fp8_matches_our_load_of_transformers_dequantized_twin(demo_fp8, fp8_dequantized_twin):
+    from safetensors import safe_open
+
+    with safe_open(fp8_dequantized_twin / "model.safetensors", "pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"F32"}, "the twin must hold plain weights"
+    twin = load_model(fp8_dequantized_twin, dtype=torch.float32)
+    ours_weights, twin_weights = demo_fp8.ours.state_dict(), twin.state_dict()
+    assert ours_weights.keys() == twin_weights.keys()
+    for name, weight in ours_weights.items():
+        assert_close(weight, twin_weights[name], f"dequantized {name}", tol=1e-6)
+    prompt = demo_fp8.ids((1, 48), seed=0)
+    with torch.inference_mode():
+        assert_close(demo_fp8.ours(prompt), twin(prompt), "FP8 vs dequantized twin")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention internals and the cache
+
+
+def test_absorbed_attention_equals_naive_attention(demo):
+    attn = demo.ours.model.layers[1].self_attn
+    B, T, S, H = 3, 5, 12, attn.n_heads
+    g = torch.Generator().manual_seed(50)
+    q_nope = 3 * torch.randn(B, T, H, attn.nope_dim, generator=g)
+    q_pe = 3 * torch.randn(B, T, H, attn.rope_dim, generator=g)
+    latent = torch.randn(B, S, attn.kv_lora_rank + attn.rope_dim, generator=g)
+    # Causal with the T queries at the end, each row blind to its own left padding.
+    pad = torch.tensor([0, 4, 7])
+    slots, keys = torch.arange(S - T, S), torch.arange(S)
+    mask = (keys <= slots[:, None]) & (keys >= pad[:, None, None])
+    assert mask.any(-1).all() and not mask.all()
+    with torch.inference_mode():
+        naive = attn.attend_naive(q_nope, q_pe, latent, mask)
+        absorbed = attn.attend_absorbed(q_nope, q_pe, latent, mask)
+    assert naive.shape == (B, T, H, attn.v_dim)
+    assert_close(absorbed, naive, "absorbed vs naive", tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cache_holds_only_the_latent_and_rope_key(demo_dir, dtype):
+    config = json.loads((demo_dir / "config.json").read_text())
+    element = torch.empty((), dtype=dtype).element_size()
+    expected = (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * element
+    model = load_model(demo_dir, dtype=dtype)
+    batch, max_len = 2, 10
+    cache = model.new_cache(batch, max_len)
+    assert isinstance(cache, LatentCache) and cache.latent.dtype == dtype
+    assert cache.bytes_per_token_per_layer() == expected
+    stored = cache.latent.untyped_storage().nbytes()
+    assert stored == expected * config["num_hidden_layers"] * batch * max_len
+    with torch.inference_mode():
+        model(random_ids(config["vocab_size"], (batch, max_len), seed=60), cache)
+    assert cache.latent.untyped_storage().nbytes() == stored, "the cache must not grow past its allocation"

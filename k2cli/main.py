@@ -88,16 +88,16 @@ def generate(model: str = typer.Argument("demo", help=MODEL_HELP),
 
     if dtype not in DTYPES:
         raise K2Error(f"--dtype must be one of {', '.join(DTYPES)}")
-    folder = resolve_model(model)
-    tokenizer = Tokenizer.from_folder(folder) if (folder / "tiktoken.model").exists() else None
     if ids:
         try:
             prompt_ids = [int(i) for i in ids.split(",")]
         except ValueError:
             raise K2Error(f"--ids must be comma-separated integers, got {ids!r}") from None
-    elif tokenizer is None:
-        raise K2Error(f"{folder} has no tiktoken.model tokenizer; pass --ids")
-    else:
+    folder = resolve_model(model)
+    tokenizer = Tokenizer.from_folder(folder) if (folder / "tiktoken.model").exists() else None
+    if not ids:
+        if tokenizer is None:
+            raise K2Error(f"{folder} has no tiktoken.model tokenizer; pass --ids")
         prompt_ids = tokenizer.encode(prompt)
     model_obj = load_model(folder, TORCH_DTYPES.get(DTYPES[dtype]), device, progress=sys.stderr.isatty())
     if max(prompt_ids) >= model_obj.args.vocab_size or min(prompt_ids) < 0:

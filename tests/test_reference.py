@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache, GenerationConfig
 
@@ -18,6 +19,7 @@ from runtime.cache import LatentCache
 from runtime.demo import DEMO_BPE_RANKS, demo_config, write_demo
 from runtime.generate import greedy_generate, left_pad
 from runtime.loading import load_model
+from runtime.models.deepseek_v3 import Attention
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -191,8 +193,17 @@ def test_prefill_48_tokens_matches_transformers(demo):
         assert_close(demo.ours(prompt), demo.ref(prompt).logits, "48-token prefill")
 
 
-def test_decode_16_steps_through_latent_cache_matches_transformers(demo):
+def test_decode_16_steps_through_latent_cache_matches_transformers(demo, monkeypatch):
+    absorbed_calls = []
+    attend_absorbed = Attention.attend_absorbed
+
+    def spy(self, *args):
+        absorbed_calls.append(args[0].shape[1])  # T of the query
+        return attend_absorbed(self, *args)
+
+    monkeypatch.setattr(Attention, "attend_absorbed", spy)
     assert_prefill_decode_match(demo, prompt_len=48, n_steps=16)
+    assert absorbed_calls.count(1) == 16 * len(demo.ours.model.layers), "every decode step must attend absorbed"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,8 +272,9 @@ def test_left_padded_rows_match_their_unpadded_runs(demo):
 def test_greedy_generate_32_tokens_matches_transformers_generate(demo):
     prompt = demo.ids((1, 12), seed=40)
     ours = greedy_generate(demo.ours, prompt.tolist(), max_new_tokens=32)[0]
-    # No stop token on either side (the demo's generation_config.json samples and stops at <|im_end|>).
-    config = GenerationConfig(max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    # Plain argmax on both sides, no stop token. min_new_tokens is left out on purpose: it would set <|im_end|>'s
+    # logit to -inf (transformers merges the folder's eos id back in), which changes the argmax whenever it wins.
+    config = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.inference_mode():
         ref = demo.ref.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
     ref = ref[0, prompt.shape[1]:].tolist()
@@ -303,8 +315,6 @@ def fp8_dequantized_twin(demo_fp8, tmp_path_factory) -> Path:
 
 
 def test_fp8_matches_our_load_of_transformers_dequantized_twin(demo_fp8, fp8_dequantized_twin):
-    from safetensors import safe_open
-
     with safe_open(fp8_dequantized_twin / "model.safetensors", "pt") as f:
         assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"F32"}, "the twin must hold plain weights"
     twin = load_model(fp8_dequantized_twin, dtype=torch.float32)

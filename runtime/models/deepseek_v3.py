@@ -217,11 +217,14 @@ class DeepseekV3(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def skip_tensor(self, name: str) -> bool:
-        """Checkpoint tensors the model does not use: the MTP layers past the last layer, stale rope buffers."""
+        """Checkpoint tensors the model does not use: DeepSeek-V3's multi-token-prediction layers, which follow the
+        last layer (`num_nextn_predict_layers` of them), and stale rope buffers."""
         if name.endswith("rotary_emb.inv_freq"):
             return True
-        parts = name.split(".")
-        return name.startswith("model.layers.") and int(parts[2]) >= self.args.num_hidden_layers
+        if not name.startswith("model.layers."):
+            return False
+        layer = int(name.split(".")[2])
+        return self.args.num_hidden_layers <= layer < self.args.num_hidden_layers + self.args.num_nextn_predict_layers
 
     @staticmethod
     def locate(name: str) -> tuple[str, int | None]:

@@ -1,0 +1,34 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_k2(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
+    """The real `k2` command in a child process, as a user runs it."""
+    env = dict(os.environ, K2_HOME=str(home)) if home else dict(os.environ)
+    env.pop("HF_HUB_OFFLINE", None)
+    return subprocess.run([sys.executable, "-m", "k2cli", *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str):
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_json(path: Path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))

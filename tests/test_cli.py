@@ -1,0 +1,39 @@
+"""The commands as a user runs them: default MODEL is the demo, created on first use in the user's cache."""
+import json
+
+import torch
+
+from runtime.generate import greedy_generate
+from runtime.loading import load_model
+from tests.helpers import assert_one_line_error, run_k2
+
+
+def test_generate_on_default_demo_matches_library(tmp_path):
+    home = tmp_path / "home"
+    result = run_k2("generate", "--ids", "5,6,7,8", "-n", "12", "--json", "--dtype", "float32", home=home)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    demo = next(home.glob("demo-v*"))
+    expected = greedy_generate(load_model(demo, dtype=torch.float32), [[5, 6, 7, 8]], 12)[0]
+    assert out["new_ids"][: len(expected)] == expected
+
+
+def test_generate_text_prompt(tmp_path):
+    result = run_k2("generate", "--prompt", "Hello there", "-n", "4", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello there")
+
+
+def test_bad_inputs(tmp_path):
+    assert run_k2("info", home=tmp_path).returncode == 0  # writes the demo, so later errors are the only output
+    assert_one_line_error(run_k2("generate", "--ids", "1,x", home=tmp_path), "--ids")
+    assert_one_line_error(run_k2("generate", "--ids", "99999999", home=tmp_path), "prompt ids")
+    assert_one_line_error(run_k2("generate", "--dtype", "int3", home=tmp_path), "--dtype")
+    assert_one_line_error(run_k2("info", "someone/not-downloaded", home=tmp_path), "not in the Hugging Face cache")
+
+
+def test_help_is_fast_and_lists_commands():
+    result = run_k2("--help")
+    assert result.returncode == 0
+    for command in ("info", "init-demo", "generate"):
+        assert command in result.stdout

@@ -228,11 +228,13 @@ def test_deepseek_v3_config_matches_transformers(deepseek_v3):
 
 def test_deepseek_v3_checkpoint_with_mtp_layer_loads_and_matches(deepseek_v3_mtp):
     # The MTP tensors are really in the checkpoint, and ours builds only the N main layers.
+    n = deepseek_v3_mtp.config["num_hidden_layers"]
+    assert deepseek_v3_mtp.config["num_nextn_predict_layers"] == 1
     weight_map = json.loads((deepseek_v3_mtp.folder / "model.safetensors.index.json").read_text())["weight_map"]
-    assert "model.layers.4.eh_proj.weight" in weight_map and "model.layers.4.mlp.gate.weight" in weight_map
-    assert len(deepseek_v3_mtp.ours.model.layers) == 4
+    assert f"model.layers.{n}.eh_proj.weight" in weight_map and f"model.layers.{n}.mlp.gate.weight" in weight_map
+    assert len(deepseek_v3_mtp.ours.model.layers) == n
     # transformers also ignores the MTP layer (unexpected keys), so it is an oracle on the same folder.
-    assert len(deepseek_v3_mtp.ref.model.layers) == 4
+    assert len(deepseek_v3_mtp.ref.model.layers) == n
     assert_prefill_decode_match(deepseek_v3_mtp, prompt_len=24, n_steps=4)
 
 
@@ -298,8 +300,7 @@ def fp8_dequantized_twin(demo_fp8, tmp_path_factory) -> Path:
     save_pretrained replays the load-time conversion backwards, and the FP8 dequantize step has no reverse (it raises
     "Undefined Operation encountered!"). Dropping the recorded conversions makes it fall back to the architecture's
     default mapping, which only splits the stacked experts back into per-expert tensors: plain float32 weights.
-    The twin gets the FP8 folder's config.json minus quantization_config, because transformers 5 writes rope settings
-    as `rope_parameters`, which is a different config layout from the one under test here.
+    The twin keeps the config.json transformers writes, in its own layout (`rope_parameters`, not `rope_scaling`).
     """
     folder = tmp_path_factory.mktemp("fp8-twin")
     ref = demo_fp8.ref
@@ -308,9 +309,7 @@ def fp8_dequantized_twin(demo_fp8, tmp_path_factory) -> Path:
         ref.save_pretrained(folder)
     finally:
         ref._weight_conversions = saved_conversions
-    config = demo_fp8.config
-    del config["quantization_config"]
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    assert "rope_parameters" in json.loads((folder / "config.json").read_text())
     return folder
 
 

@@ -53,7 +53,13 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, config: dict) -> "ModelArgs":
         known = {f.name for f in fields(cls)}
-        args = cls(**{k: v for k, v in config.items() if k in known})
+        values = {k: v for k, v in config.items() if k in known}
+        # transformers 5 writes `rope_parameters` (theta inside) where the published configs have rope_scaling.
+        rope = config.get("rope_parameters")
+        if rope and "rope_scaling" not in config:
+            values["rope_theta"] = rope.get("rope_theta", cls.rope_theta)
+            values["rope_scaling"] = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+        args = cls(**values)
         if args.scoring_func != "sigmoid":
             raise K2Error(f"unsupported scoring_func {args.scoring_func!r}: only sigmoid routing (DeepSeek-V3, Kimi K2) is implemented")
         if args.hidden_act != "silu":

@@ -1,117 +1,20 @@
-"""The `k2` command: parse, call one library function, print. torch is imported inside commands so --help is instant."""
-import json
+"""The `k2` command: parse, call one library function, print. torch is imported inside commands so --help is instant.
+
+Each command lives in its own module of k2cli/ and is registered here, in the order `k2 --help` lists them.
+"""
 import sys
-from pathlib import Path
 
 import typer
 
+from k2cli import model_commands
 from runtime.errors import K2Error
 
 app = typer.Typer(help="Quantize, convert and run Kimi K2 and its relatives on the hardware you own.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-MODEL_HELP = "Model folder, a Hugging Face repo id already downloaded, or 'demo' (a tiny K2 created on first use)."
-DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
-def _gib(nbytes: int) -> str:
-    return f"{nbytes / 2**30:,.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.2f} MiB"
-
-
-def _count(n: int) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return str(n)
-
-
-@app.command()
-def info(model: str = typer.Argument("demo", help=MODEL_HELP),
-         as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
-    """Architecture, parameters, bytes by component and dtype, KV cache: from config.json and headers only."""
-    from runtime.info import model_info
-    from runtime.resolve import resolve_model
-
-    result = model_info(resolve_model(model))
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-        return
-    params, kv = result["parameters"], result["kv_cache"]
-    typer.echo(f"{result['model']}")
-    typer.echo(f"  {result['architecture']} ({result['model_type']}): {result['layers']} layers "
-               f"({result['dense_layers']} dense, {result['moe_layers']} MoE), hidden {result['hidden_size']}, "
-               f"{result['attention_heads']} heads, vocab {result['vocab_size']:,}")
-    if result["routed_experts"]:
-        typer.echo(f"  experts: {result['routed_experts']} routed, {result['experts_per_token']} per token, "
-                   f"{result['shared_experts']} shared")
-    typer.echo(f"  parameters: {_count(params['total'])} total, {_count(params['active_per_token'])} active per token")
-    typer.echo(f"  quantization: {result['quantization']}")
-    typer.echo(f"  bytes ({result['bytes_source']}):")
-    for name, comp in result["components"].items():
-        dtypes = ", ".join(f"{d} {_gib(b)}" for d, b in comp["bytes_by_dtype"].items())
-        typer.echo(f"    {name:<15} {_count(comp['parameters']):>10}  {_gib(comp['bytes']):>14}   {dtypes}")
-    typer.echo(f"    {'total':<15} {_count(params['total']):>10}  {_gib(result['total_bytes']):>14}")
-    typer.echo(f"  KV cache ({kv['dtype']}, compressed latent): {kv['bytes_per_token']:,} bytes per token, "
-               f"{_gib(kv['bytes_at_max_context'])} at the max context of {result['max_context']:,}")
-
-
-@app.command("init-demo")
-def init_demo(folder: Path = typer.Argument(..., help="Where to write the checkpoint (must not exist)."),
-              fp8: bool = typer.Option(False, "--fp8", help="Store the linear weights as FP8 blocks, as K2-Instruct does.")):
-    """Write the demo checkpoint: a tiny Kimi K2 in the real layout (config, shards, index, tokenizer, template)."""
-    from runtime.demo import write_demo
-
-    if folder.exists():
-        raise K2Error(f"{folder} already exists")
-    write_demo(folder, fp8=fp8)
-    typer.echo(f"wrote {folder}; try: k2 info {folder}")
-
-
-@app.command()
-def generate(model: str = typer.Argument("demo", help=MODEL_HELP),
-             prompt: str = typer.Option("The quick brown fox", "--prompt", "-p", help="Prompt text (tokenized as plain text)."),
-             ids: str = typer.Option(None, "--ids", help="Comma-separated prompt token ids, instead of --prompt."),
-             max_tokens: int = typer.Option(32, "--max-tokens", "-n", min=1, help="New tokens to generate."),
-             device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps, ..."),
-             dtype: str = typer.Option("auto", help="auto (the checkpoint's), float32, bfloat16 or float16."),
-             as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
-    """Greedy generation: the end-to-end check of the runtime (sampling and chat come with `k2 chat`)."""
-    import time
-
-    import torch
-
-    from runtime.checkpoint import eos_token_ids
-    from runtime.generate import greedy_generate
-    from runtime.loading import TORCH_DTYPES, load_model
-    from runtime.resolve import resolve_model
-    from runtime.tokenizer import Tokenizer
-
-    if dtype not in DTYPES:
-        raise K2Error(f"--dtype must be one of {', '.join(DTYPES)}")
-    if ids:
-        try:
-            prompt_ids = [int(i) for i in ids.split(",")]
-        except ValueError:
-            raise K2Error(f"--ids must be comma-separated integers, got {ids!r}") from None
-    folder = resolve_model(model)
-    tokenizer = Tokenizer.from_folder(folder) if (folder / "tiktoken.model").exists() else None
-    if not ids:
-        if tokenizer is None:
-            raise K2Error(f"{folder} has no tiktoken.model tokenizer; pass --ids")
-        prompt_ids = tokenizer.encode(prompt)
-    model_obj = load_model(folder, TORCH_DTYPES.get(DTYPES[dtype]), device, progress=sys.stderr.isatty())
-    if max(prompt_ids) >= model_obj.args.vocab_size or min(prompt_ids) < 0:
-        raise K2Error(f"prompt ids must lie in [0, {model_obj.args.vocab_size})")
-    start = time.perf_counter()
-    new_ids = greedy_generate(model_obj, [prompt_ids], max_tokens, stop_ids=eos_token_ids(folder))[0]
-    seconds = time.perf_counter() - start
-    text = tokenizer.decode(new_ids) if tokenizer else None
-    if as_json:
-        typer.echo(json.dumps({"prompt_ids": prompt_ids, "new_ids": new_ids, "text": text, "seconds": seconds}))
-        return
-    if text is not None:
-        typer.echo(f"{prompt}{text}" if not ids else text)
-    typer.echo(f"[{len(prompt_ids)} prompt + {len(new_ids)} new tokens in {seconds:.2f} s: {new_ids}]", err=True)
+app.command()(model_commands.info)
+app.command("init-demo")(model_commands.init_demo)
+app.command()(model_commands.generate)
 
 
 def main():

@@ -37,3 +37,18 @@ def test_help_is_fast_and_lists_commands():
     assert result.returncode == 0
     for command in ("info", "init-demo", "generate"):
         assert command in result.stdout
+
+
+def test_installed_console_script_prints_one_line_errors(tmp_path):
+    """The `k2` script pip installs (not only `python -m k2cli`) goes through the error handler."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("k2")
+    if not script.exists():
+        import pytest
+
+        pytest.skip("k2 is not installed next to this interpreter")
+    result = subprocess.run([script, "info", tmp_path / "nope"], capture_output=True, text=True)
+    assert_one_line_error(result, "no such folder")

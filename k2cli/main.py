@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from k2cli import model_commands
+from k2cli import model_commands, plan
 from runtime.errors import K2Error
 
 app = typer.Typer(help="Quantize, convert and run Kimi K2 and its relatives on the hardware you own.",
@@ -15,6 +15,7 @@ app = typer.Typer(help="Quantize, convert and run Kimi K2 and its relatives on t
 app.command()(model_commands.info)
 app.command("init-demo")(model_commands.init_demo)
 app.command()(model_commands.generate)
+app.command()(plan.plan)
 
 
 def main():

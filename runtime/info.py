@@ -60,6 +60,23 @@ def estimated_storage(name: str, shape: tuple[int, ...], config: dict) -> dict[s
     return {base: numel * DTYPE_BYTES[base]}
 
 
+_COMPANION = re.compile(r"\.weight(_packed|_scale|_shape|_scale_inv)$")
+
+
+def weight_bytes(ckpt: Checkpoint, model) -> tuple[dict[str, int], bool]:
+    """(bytes on disk of every model weight by checkpoint name, scales and packing included; from headers?).
+
+    From the safetensors headers when the folder has weights, else estimated from config.json's format.
+    """
+    stored = {n: t for n, t in ckpt.tensors.items() if not model.skip_tensor(n)}
+    if not stored:
+        return {n: sum(estimated_storage(n, s, ckpt.config).values()) for n, s in model.checkpoint_shapes().items()}, False
+    sizes = defaultdict(int)
+    for name, tensor in stored.items():
+        sizes[_COMPANION.sub(".weight", name)] += tensor.nbytes
+    return dict(sizes), True
+
+
 def describe_quantization(config: dict) -> str:
     quant = config.get("quantization_config")
     if not quant:

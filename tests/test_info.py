@@ -6,24 +6,7 @@ import pytest
 from safetensors import safe_open
 
 from tests.helpers import run_k2
-
-# Kimi-K2-Instruct's config.json as published (moonshotai/Kimi-K2-Instruct), FP8 block weights.
-KIMI_K2_CONFIG = {
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2", "vocab_size": 163840,
-    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
-    "num_attention_heads": 64, "num_key_value_heads": 64, "n_shared_experts": 1, "n_routed_experts": 384,
-    "routed_scaling_factor": 2.827, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
-    "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 1, "topk_group": 1, "num_experts_per_tok": 8,
-    "first_k_dense_replace": 1, "moe_layer_freq": 1, "norm_topk_prob": True, "scoring_func": "sigmoid",
-    "topk_method": "noaux_tc", "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-06,
-    "rope_theta": 50000.0, "tie_word_embeddings": False, "num_nextn_predict_layers": 0, "torch_dtype": "bfloat16",
-    "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
-                     "original_max_position_embeddings": 4096, "type": "yarn"},
-    "bos_token_id": 163584, "eos_token_id": 163585,
-    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                            "weight_block_size": [128, 128]},
-}
-
+from tests.k2_configs import KIMI_K2_CONFIG, KIMI_K2_THINKING_CONFIG, config_only_folder
 
 def info_json(folder, tmp_path) -> dict:
     result = run_k2("info", folder, "--json", home=tmp_path / "home")
@@ -79,3 +62,11 @@ def test_config_only_estimate_equals_real_bytes(fixture, request, tmp_path):
     assert predicted["bytes_source"].startswith("estimated")
     assert predicted["components"] == actual["components"]
     assert predicted["total_bytes"] == actual["total_bytes"] == stored_with_safetensors(folder)[1]
+
+
+def test_real_kimi_k2_thinking_int4_size(tmp_path):
+    """Moonshot ships K2-Thinking's INT4 checkpoint as about 594 GB of safetensors."""
+    info = info_json(config_only_folder(tmp_path, KIMI_K2_THINKING_CONFIG), tmp_path)
+    assert info["total_bytes"] == pytest.approx(594e9, rel=0.01)
+    assert set(info["components"]["routed_experts"]["bytes_by_dtype"]) == {"I32", "BF16", "I64"}
+    assert set(info["components"]["attention"]["bytes_by_dtype"]) == {"BF16"}

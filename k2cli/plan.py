@@ -1,0 +1,101 @@
+"""`k2 plan`: where every layer and expert goes, from config.json and headers, before anything is loaded."""
+import json
+
+import typer
+
+from k2cli.model_commands import MODEL_HELP
+
+GB = 10**9
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:,.1f}G"
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'"""
+    out, start = [], None
+    for i, e in enumerate(ids):
+        if start is None:
+            start = e
+        if i + 1 == len(ids) or ids[i + 1] != e + 1:
+            out.append(f"{start}-{e}" if e != start else str(e))
+            start = None
+    return ",".join(out)
+
+
+def _layer_summary(entry: dict) -> str:
+    parts = [f"{'+'.join(sorted(entry['components']))} on {entry['device']}"]
+    if entry["experts"]:
+        parts.append("experts " + ", ".join(f"{len(ids)} on {device}" for device, ids in entry["experts"].items()))
+    if entry["expert_cache"]:
+        parts.append(f"GPU cache of {entry['expert_cache']} streamed experts")
+    return "; ".join(parts)
+
+
+def print_plan(result: dict):
+    setup, prediction = result["setup"], result["prediction"]
+    typer.echo(f"{result['model']}: {_gib(result['model_bytes'])} of weights; ctx {setup['ctx']:,}, batch {setup['batch']}, "
+               f"offload {setup['offload']}, {setup['stages']} stage(s)")
+    for stage in result["stages"]:
+        embeddings = f", embeddings on {stage['embeddings']}" if stage["embeddings"] else ""
+        typer.echo(f"stage {stage['stage']}: layers {stage['first_layer']}-{stage['last_layer']}{embeddings}")
+        typer.echo(f"  {'device':<8} {'budget':>8} {'weights':>8} {'experts':>8} {'kv':>7} {'cache':>7} {'free':>8}")
+        for d in stage["devices"]:
+            used = d["weights_bytes"] + d["experts_bytes"] + d["kv_cache_bytes"] + d["expert_cache_bytes"]
+            budget = _gib(d["budget_bytes"]) if d["budget_bytes"] is not None else "-"
+            free = _gib(d["budget_bytes"] - used) if d["budget_bytes"] is not None else "-"
+            typer.echo(f"  {d['device']:<8} {budget:>8} {_gib(d['weights_bytes']):>8} {_gib(d['experts_bytes']):>8} "
+                       f"{_gib(d['kv_cache_bytes']):>7} {_gib(d['expert_cache_bytes']):>7} {free:>8}")
+        groups = []  # consecutive layers with the same placement share a line
+        for entry in stage["layers"]:
+            summary = _layer_summary(entry)
+            if groups and groups[-1][1] == summary:
+                groups[-1][0].append(entry["layer"])
+            else:
+                groups.append(([entry["layer"]], summary))
+        for layers, summary in groups:
+            typer.echo(f"  layers {_ranges(layers):<8} {summary}")
+        if stage["lm_head"]:
+            typer.echo(f"  lm_head on {stage['lm_head']}")
+    reads = ", ".join(f"{device} {nbytes / GB:,.1f} GB" for device, nbytes in prediction["bytes_read_per_step"].items())
+    typer.echo(f"predicted decode: {prediction['tokens_per_s']:,.1f} tok/s at batch {setup['batch']} "
+               f"(reads per step: {reads})")
+    a = result["assumptions"]
+    typer.echo(f"assumed bandwidths: GPU {a['gpu_bandwidth']}; CPU {a['cpu_bandwidth_bytes_per_s'] / GB:g} GB/s, "
+               f"MPS {a['mps_bandwidth_bytes_per_s'] / GB:g}, disk {a['disk_bandwidth_bytes_per_s'] / GB:g}, "
+               f"PCIe {a['pcie_bandwidth_bytes_per_s'] / GB:g}, network {a['network_bandwidth_bytes_per_s'] / GB:g} "
+               "(override with --gpu-bw, --cpu-bw, --mps-bw, --disk-bw)")
+
+
+def plan(model: str = typer.Argument("demo", help=MODEL_HELP),
+         gpu: list[str] = typer.Option([], "--gpu", help="A GPU's memory, repeatable or counted: --gpu 80G, --gpu 8x141G."),
+         cpu_mem: str = typer.Option(None, "--cpu-mem", help="Host RAM for weights, e.g. 512G."),
+         mps: str = typer.Option(None, "--mps", help="Apple-silicon unified memory, e.g. 512G (75% is GPU-wireable)."),
+         ctx: int = typer.Option(4096, "--ctx", min=1, help="Context length the KV cache is sized for."),
+         batch: int = typer.Option(1, "--batch", min=1, help="Sequences decoded together."),
+         stages: int = typer.Option(1, "--stages", min=1, help="Pipeline hosts, each with the devices given."),
+         offload: str = typer.Option("auto", "--offload",
+                                     help="Routed experts: auto (hottest on GPU, rest CPU), cpu (all on CPU), "
+                                          "stream (CPU, copied to a GPU cache on demand), none (all with their layer)."),
+         expert_stats: str = typer.Option(None, "--expert-stats", help="Routing counts recorded by a run, to keep the "
+                                                                        "most used experts on the GPU."),
+         gpu_bw: float = typer.Option(None, "--gpu-bw", help="GPU memory bandwidth in GB/s (default: from its size)."),
+         cpu_bw: float = typer.Option(200, "--cpu-bw", help="CPU memory bandwidth in GB/s."),
+         mps_bw: float = typer.Option(600, "--mps-bw", help="Apple-silicon memory bandwidth in GB/s."),
+         disk_bw: float = typer.Option(5, "--disk-bw", help="Disk read bandwidth in GB/s, for experts left on disk."),
+         margin: float = typer.Option(0.05, "--margin", min=0, max=0.9, help="Fraction of every memory kept free."),
+         as_json: bool = typer.Option(False, "--json", help="Print the whole plan as JSON.")):
+    """Plan where every layer and expert goes and predict decode speed, from config.json and headers only."""
+    from runtime.placement import HostSpec, make_plan, parse_gpus, parse_size
+    from runtime.resolve import resolve_model
+
+    host = HostSpec(gpus=parse_gpus(gpu), cpu_mem=parse_size(cpu_mem) if cpu_mem else 0,
+                    mps=parse_size(mps) if mps else 0, gpu_bandwidth=gpu_bw * GB if gpu_bw else None,
+                    cpu_bandwidth=cpu_bw * GB, mps_bandwidth=mps_bw * GB, disk_bandwidth=disk_bw * GB, margin=margin)
+    result = make_plan(resolve_model(model), host, stages=stages, ctx=ctx, batch=batch, offload=offload,
+                       expert_stats=expert_stats)
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+    else:
+        print_plan(result)

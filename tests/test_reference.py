@@ -357,10 +357,10 @@ def test_cache_holds_only_the_latent_and_rope_key(demo_dir, dtype):
     model = load_model(demo_dir, dtype=dtype)
     batch, max_len = 2, 10
     cache = model.new_cache(batch, max_len)
-    assert isinstance(cache, LatentCache) and cache.latent.dtype == dtype
+    assert isinstance(cache, LatentCache) and {t.dtype for t in cache.latent.values()} == {dtype}
     assert cache.bytes_per_token_per_layer() == expected
-    stored = cache.latent.untyped_storage().nbytes()
+    stored = cache.nbytes()
     assert stored == expected * config["num_hidden_layers"] * batch * max_len
     with torch.inference_mode():
         model(random_ids(config["vocab_size"], (batch, max_len), seed=60), cache)
-    assert cache.latent.untyped_storage().nbytes() == stored, "the cache must not grow past its allocation"
+    assert cache.nbytes() == stored, "the cache must not grow past its allocation"

@@ -251,31 +251,53 @@ class DeepseekV3(nn.Module):
                 shapes[name] = tuple(tensor.shape)
         return shapes
 
-    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> LatentCache:
-        weight = self.model.embed_tokens.weight
-        return LatentCache(len(self.model.layers), batch, max_len, self.args.kv_lora_rank, self.args.qk_rope_head_dim,
-                           weight.dtype, weight.device, pad)
+    def layer_device(self, i: int) -> torch.device:
+        return self.model.layers[i].input_layernorm.weight.device
 
-    def forward(self, tokens: torch.Tensor, cache: LatentCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only), appending to `cache`."""
+    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None,
+                  layer_ids: list[int] | None = None) -> LatentCache:
+        """A cache for `layer_ids` (default: all layers), each layer's part on the device of its weights."""
+        layer_ids = range(len(self.model.layers)) if layer_ids is None else layer_ids
+        return LatentCache({i: self.layer_device(i) for i in layer_ids}, batch, max_len, self.args.kv_lora_rank,
+                           self.args.qk_rope_head_dim, self.model.embed_tokens.weight.dtype, pad)
+
+    def step_inputs(self, tokens: torch.Tensor, cache: LatentCache) -> "StepInputs":
+        """What every layer of one forward step needs: positions as rope cos/sin, the mask, the write slot."""
         B, T = tokens.shape
-        cache = cache if cache is not None else self.new_cache(B, T)
         start = cache.length
         if start + T > cache.max_len:
             raise K2Error(f"the cache holds {cache.max_len} tokens; {start} are used and {T} more were given")
         device = tokens.device
         slots = torch.arange(start, start + T, device=device)
         key_slots = torch.arange(start + T, device=device)
-        positions = (slots.unsqueeze(0) - cache.pad.unsqueeze(1)).clamp(min=0)  # [B, T]
+        pad = cache.pad.to(device)
+        positions = (slots.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # [B, T]
         # Causal over slots, and blind to each row's left padding; a padding query sees itself so no row is empty.
-        mask = (key_slots <= slots[:, None]) & (key_slots >= cache.pad[:, None, None])
+        mask = (key_slots <= slots[:, None]) & (key_slots >= pad[:, None, None])
         mask = mask | (key_slots == slots[:, None])  # [B, T, S]
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_magnitude, self.model.embed_tokens.weight.dtype)
+        return StepInputs(cos, sin, mask, start)
 
-        h = self.model.embed_tokens(tokens)
-        for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, mask, cache.layer(i), start)
-        cache.length = start + T
-        if last_only:
-            h = h[:, -1:]
-        return self.lm_head(self.model.norm(h))
+    def forward_layers(self, h: torch.Tensor, step: "StepInputs", cache: LatentCache, layer_ids=None) -> torch.Tensor:
+        for i in range(len(self.model.layers)) if layer_ids is None else layer_ids:
+            h = self.model.layers[i](h, step.cos, step.sin, step.mask, cache.layer(i), step.start)
+        return h
+
+    def logits(self, h: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        return self.lm_head(self.model.norm(h[:, -1:] if last_only else h))
+
+    def forward(self, tokens: torch.Tensor, cache: LatentCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only), appending to `cache`."""
+        cache = cache if cache is not None else self.new_cache(*tokens.shape)
+        step = self.step_inputs(tokens, cache)
+        h = self.forward_layers(self.model.embed_tokens(tokens), step, cache)
+        cache.length = step.start + tokens.shape[1]
+        return self.logits(h, last_only)
+
+
+@dataclass
+class StepInputs:
+    cos: torch.Tensor  # [B, T, rope_dim / 2]
+    sin: torch.Tensor
+    mask: torch.Tensor  # [B, T, S] bool
+    start: int  # cache slot of the first new token

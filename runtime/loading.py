@@ -49,8 +49,20 @@ def _materialize(model: nn.Module, name: str, dtype: torch.dtype, device) -> tor
     return current
 
 
+def _wanted(name: str, layer_ids: set[int] | None, embed: bool, head: bool) -> bool:
+    """Is this checkpoint tensor part of the slice of the model being loaded (a pipeline stage loads its own)?"""
+    if layer_ids is None:
+        return True
+    if name.startswith("model.layers."):
+        return int(name.split(".")[2]) in layer_ids
+    return embed if "embed_tokens" in name else head
+
+
 def load_model(folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               progress: bool = False) -> nn.Module:
+               progress: bool = False, layer_ids=None, embed: bool = True, head: bool = True) -> nn.Module:
+    """The model with weights from `folder`; with `layer_ids`, only those layers (plus the embedding and/or the head
+    when asked) are read, the rest stay on the meta device and take no memory."""
+    layer_ids = None if layer_ids is None else set(layer_ids)
     ckpt = Checkpoint.open(folder)
     method = _quant_method(ckpt.config)
     if method not in (None, "fp8"):
@@ -59,9 +71,11 @@ def load_model(folder: str | Path, dtype: torch.dtype | None = None, device: str
     model = models.build_on_meta(ckpt.config)
     args = model.args
     dtype = dtype or checkpoint_dtype(ckpt.config)
-    expected = model.checkpoint_shapes()
+    embed = embed or (head and args.tie_word_embeddings)  # a tied head is the embedding matrix
+    expected = {n: shape for n, shape in model.checkpoint_shapes().items() if _wanted(n, layer_ids, embed, head)}
 
-    names = sorted((n for n in ckpt.tensors if not n.endswith(SCALE_SUFFIX) and not model.skip_tensor(n)),
+    names = sorted((n for n in ckpt.tensors if not n.endswith(SCALE_SUFFIX) and not model.skip_tensor(n)
+                    and _wanted(n, layer_ids, embed, head)),
                    key=lambda n: (ckpt.tensors[n].shard, n))
     loaded = set()
     for name in tqdm(names, desc="loading", unit="tensor", disable=not progress):
@@ -78,10 +92,11 @@ def load_model(folder: str | Path, dtype: torch.dtype | None = None, device: str
         loaded.add(name)
     ckpt.close()
 
-    if args.tie_word_embeddings and "lm_head.weight" not in loaded:
+    if args.tie_word_embeddings and head and "lm_head.weight" not in loaded:
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
     missing = [n for n in expected if n not in loaded]
     if missing:
         raise K2Error(f"the checkpoint lacks {len(missing)} tensor(s) that config.json implies, first {missing[0]}")
-    return model.to(device).eval()
+    model.inv_freq = model.inv_freq.to(device)
+    return model.eval()

@@ -18,8 +18,7 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
 @torch.inference_mode()
 def greedy_steps(model, tokens: torch.Tensor, pad: torch.Tensor, max_new_tokens: int) -> Iterator[torch.Tensor]:
     """Yield the argmax next id of every row [B], one step at a time: one prefill, then one token per step."""
-    device = model.lm_head.weight.device
-    tokens = tokens.to(device)
+    tokens = tokens.to(model.device)
     cache = model.new_cache(tokens.shape[0], tokens.shape[1] + max_new_tokens, pad)
     logits = model(tokens, cache, last_only=True)
     for step in range(max_new_tokens):

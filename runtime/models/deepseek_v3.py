@@ -251,6 +251,11 @@ class DeepseekV3(nn.Module):
                 shapes[name] = tuple(tensor.shape)
         return shapes
 
+    @property
+    def device(self) -> torch.device:
+        """Where token ids go in: the embedding's device."""
+        return self.model.embed_tokens.weight.device
+
     def layer_device(self, i: int) -> torch.device:
         return self.model.layers[i].input_layernorm.weight.device
 

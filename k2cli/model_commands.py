@@ -76,7 +76,8 @@ def generate(model: str = typer.Argument("demo", help=MODEL_HELP),
 
     from runtime.checkpoint import eos_token_ids
     from runtime.generate import greedy_generate
-    from runtime.loading import TORCH_DTYPES, load_model
+    from runtime.loading import TORCH_DTYPES
+    from runtime.pipeline import PipelineModel, open_model
     from runtime.resolve import resolve_model
     from runtime.tokenizer import Tokenizer
 
@@ -93,15 +94,23 @@ def generate(model: str = typer.Argument("demo", help=MODEL_HELP),
         if tokenizer is None:
             raise K2Error(f"{folder} has no tiktoken.model tokenizer; pass --ids")
         prompt_ids = tokenizer.encode(prompt)
-    model_obj = load_model(folder, TORCH_DTYPES.get(DTYPES[dtype]), device, progress=sys.stderr.isatty())
-    if max(prompt_ids) >= model_obj.args.vocab_size or min(prompt_ids) < 0:
-        raise K2Error(f"prompt ids must lie in [0, {model_obj.args.vocab_size})")
-    start = time.perf_counter()
-    new_ids = greedy_generate(model_obj, [prompt_ids], max_tokens, stop_ids=eos_token_ids(folder))[0]
-    seconds = time.perf_counter() - start
+    model_obj = open_model(folder, TORCH_DTYPES.get(DTYPES[dtype]), device, progress=sys.stderr.isatty())
+    if model_obj is None:  # a pipeline rank other than 0: it served rank 0 until the end
+        return
+    pipeline = model_obj.layout if isinstance(model_obj, PipelineModel) else None
+    try:
+        if max(prompt_ids) >= model_obj.args.vocab_size or min(prompt_ids) < 0:
+            raise K2Error(f"prompt ids must lie in [0, {model_obj.args.vocab_size})")
+        start = time.perf_counter()
+        new_ids = greedy_generate(model_obj, [prompt_ids], max_tokens, stop_ids=eos_token_ids(folder))[0]
+        seconds = time.perf_counter() - start
+    finally:
+        if pipeline:
+            model_obj.close()  # releases the other ranks, also when rank 0 fails
     text = tokenizer.decode(new_ids) if tokenizer else None
     if as_json:
-        typer.echo(json.dumps({"prompt_ids": prompt_ids, "new_ids": new_ids, "text": text, "seconds": seconds}))
+        typer.echo(json.dumps({"prompt_ids": prompt_ids, "new_ids": new_ids, "text": text, "seconds": seconds,
+                               "pipeline": pipeline}))
         return
     if text is not None:
         typer.echo(f"{prompt}{text}" if not ids else text)

@@ -70,10 +70,10 @@ def rope_frequencies(dim: int, theta: float, scaling: dict | None) -> tuple[torc
     return inv_freq, magnitude
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, magnitude: float, dtype: torch.dtype):
-    """cos, sin [*positions.shape, dim // 2] for integer positions of any shape."""
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, magnitude: float):
+    """cos, sin [*positions.shape, dim // 2] in fp32 for integer positions of any shape."""
     angles = positions.float()[..., None] * inv_freq.to(positions.device)
-    return (angles.cos() * magnitude).to(dtype), (angles.sin() * magnitude).to(dtype)
+    return angles.cos() * magnitude, angles.sin() * magnitude
 
 
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,7 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     permuted alike, so their dot products are unchanged and no re-interleaving copy is needed.
     x: [..., T, heads, dim]; cos, sin: [..., T, dim // 2].
     """
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    cos, sin = cos.to(x.dtype).unsqueeze(-2), sin.to(x.dtype).unsqueeze(-2)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 

@@ -263,8 +263,9 @@ class DeepseekV3(nn.Module):
                   layer_ids: list[int] | None = None) -> LatentCache:
         """A cache for `layer_ids` (default: all layers), each layer's part on the device of its weights."""
         layer_ids = range(len(self.model.layers)) if layer_ids is None else layer_ids
+        dtype = self.model.layers[layer_ids[0]].input_layernorm.weight.dtype
         return LatentCache({i: self.layer_device(i) for i in layer_ids}, batch, max_len, self.args.kv_lora_rank,
-                           self.args.qk_rope_head_dim, self.model.embed_tokens.weight.dtype, pad)
+                           self.args.qk_rope_head_dim, dtype, pad)
 
     def step_inputs(self, tokens: torch.Tensor, cache: LatentCache) -> "StepInputs":
         """What every layer of one forward step needs: positions as rope cos/sin, the mask, the write slot."""
@@ -280,7 +281,7 @@ class DeepseekV3(nn.Module):
         # Causal over slots, and blind to each row's left padding; a padding query sees itself so no row is empty.
         mask = (key_slots <= slots[:, None]) & (key_slots >= pad[:, None, None])
         mask = mask | (key_slots == slots[:, None])  # [B, T, S]
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_magnitude, self.model.embed_tokens.weight.dtype)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_magnitude)
         return StepInputs(cos, sin, mask, start)
 
     def forward_layers(self, h: torch.Tensor, step: "StepInputs", cache: LatentCache, layer_ids=None) -> torch.Tensor:
@@ -302,7 +303,7 @@ class DeepseekV3(nn.Module):
 
 @dataclass
 class StepInputs:
-    cos: torch.Tensor  # [B, T, rope_dim / 2]
+    cos: torch.Tensor  # [B, T, rope_dim / 2] fp32
     sin: torch.Tensor
     mask: torch.Tensor  # [B, T, S] bool
     start: int  # cache slot of the first new token

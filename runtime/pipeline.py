@@ -1,0 +1,163 @@
+"""Pipeline parallelism over torch.distributed: each process (rank) holds one stage, a contiguous range of layers.
+
+Started by torchrun (`torchrun --nproc-per-node 2 -m k2cli generate MODEL`, or with --nnodes / --rdzv-endpoint
+across hosts). Rank 0 talks to the user and samples; it drives the other ranks with a small control message per
+step (broadcast), hidden states flow rank to rank (send / recv), and the last rank's logits come back to rank 0.
+On rank 0 a `PipelineModel` stands in for the model, so generation code runs unchanged.
+"""
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from runtime.cache import LatentCache
+from runtime.errors import K2Error
+from runtime.loading import load_model
+from runtime.placement import decode_bytes_per_token, model_cost, stage_layer_ranges
+
+OP_FORWARD, OP_NEW_CACHE, OP_STOP = 0, 1, 2
+DEFAULT_TIMEOUT_S = 300  # a rank that stops answering for this long fails the others instead of hanging them
+
+
+def in_pipeline() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class Stage:
+    """This rank's part of the model and the point-to-point traffic around it."""
+
+    def __init__(self, folder: Path, dtype, device: str, rank: int, world: int, backend: str):
+        self.rank, self.world = rank, world
+        # NCCL moves only GPU tensors, so control messages travel on the GPU there.
+        self.control_device = torch.device(device) if backend == "nccl" else torch.device("cpu")
+        ranges = stage_layer_ranges(decode_bytes_per_token(model_cost(folder), ctx=4096), world)
+        self.layer_ids = list(ranges[rank])
+        self.model = load_model(folder, dtype, device, layer_ids=self.layer_ids, embed=rank == 0, head=rank == world - 1)
+        self.device = torch.device(device)
+        self.cache: LatentCache | None = None
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.world - 1
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)
+
+    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor) -> LatentCache:
+        self.cache = self.model.new_cache(batch, max_len, pad, layer_ids=self.layer_ids)
+        return self.cache
+
+    def run(self, tokens: torch.Tensor, start: int, last_only: bool) -> torch.Tensor | None:
+        """This stage's layers for one step; returns logits on the last rank (sent to rank 0 by the caller)."""
+        self.cache.length = start
+        step = self.model.step_inputs(tokens, self.cache)
+        if self.rank == 0:
+            h = self.model.model.embed_tokens(tokens)
+        else:
+            dtype = self.model.model.layers[self.layer_ids[0]].input_layernorm.weight.dtype
+            h = torch.empty(*tokens.shape, self.model.args.hidden_size, dtype=dtype, device=self.device)
+            _checked(dist.recv, h, self.rank - 1)
+        h = self.model.forward_layers(h, step, self.cache, self.layer_ids)
+        self.cache.length = start + tokens.shape[1]
+        if not self.is_last:
+            _checked(dist.send, h.contiguous(), self.rank + 1)
+            return None
+        return self.model.logits(h, last_only)
+
+
+def _checked(op, tensor: torch.Tensor, peer: int):
+    try:
+        op(tensor, peer)
+    except (RuntimeError, dist.DistError) as e:
+        raise K2Error(f"pipeline rank {peer} stopped answering: {str(e).splitlines()[0]}") from None
+
+
+def _broadcast(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    tensor = tensor.to(device)
+    try:
+        dist.broadcast(tensor, src=0)
+    except (RuntimeError, dist.DistError) as e:
+        raise K2Error(f"pipeline rank 0 stopped answering: {str(e).splitlines()[0]}") from None
+    return tensor.cpu()
+
+
+class PipelineModel:
+    """Rank 0's handle on the whole pipeline, with the model's interface: new_cache() and __call__()."""
+
+    def __init__(self, stage: Stage, layout: list[dict]):
+        self.stage = stage
+        self.layout = layout  # per rank: its layers, weight bytes and resident memory after loading
+        self.args = stage.model.args
+        self.device = stage.device
+
+    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> LatentCache:
+        pad = torch.zeros(batch, dtype=torch.long) if pad is None else pad.cpu().long()
+        _broadcast(torch.tensor([OP_NEW_CACHE, batch, max_len, 0, 0]), self.stage.control_device)
+        _broadcast(pad, self.stage.control_device)
+        return self.stage.new_cache(batch, max_len, pad)
+
+    def __call__(self, tokens: torch.Tensor, cache: LatentCache, last_only: bool = False) -> torch.Tensor:
+        if cache is not self.stage.cache:
+            raise K2Error("a pipeline runs on the cache from its own new_cache()")
+        B, T = tokens.shape
+        _broadcast(torch.tensor([OP_FORWARD, B, T, cache.length, int(last_only)]), self.stage.control_device)
+        _broadcast(tokens, self.stage.control_device)
+        self.stage.run(tokens.to(self.device), cache.length, last_only)
+        dtype = self.stage.model.model.embed_tokens.weight.dtype
+        logits = torch.empty(B, 1 if last_only else T, self.args.vocab_size, dtype=dtype, device=self.device)
+        _checked(dist.recv, logits, self.stage.world - 1)
+        return logits
+
+    def close(self):
+        _broadcast(torch.tensor([OP_STOP, 0, 0, 0, 0]), self.stage.control_device)
+        dist.destroy_process_group()
+
+
+def serve(stage: Stage):
+    """The loop of every rank but 0: follow rank 0's control messages until it says stop."""
+    while True:
+        control = stage.control_device
+        op, batch, length, start, last_only = _broadcast(torch.zeros(5, dtype=torch.long), control).tolist()
+        if op == OP_STOP:
+            dist.destroy_process_group()
+            return
+        if op == OP_NEW_CACHE:
+            stage.new_cache(batch, length, _broadcast(torch.zeros(batch, dtype=torch.long), control))
+            continue
+        tokens = _broadcast(torch.zeros(batch, length, dtype=torch.long), control).to(stage.device)
+        logits = stage.run(tokens, start, bool(last_only))
+        if logits is not None:
+            _checked(dist.send, logits.contiguous(), 0)
+
+
+def open_model(folder: Path, dtype, device: str, progress: bool = False):
+    """The model to generate with: loaded whole in this process, or, under torchrun, this rank's stage. On rank 0
+    that is a PipelineModel; other ranks serve rank 0 until it is done and get None."""
+    if not in_pipeline():
+        return load_model(folder, dtype, device, progress=progress)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    timeout = timedelta(seconds=float(os.environ.get("K2_PIPELINE_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    try:
+        dist.init_process_group(backend, timeout=timeout)
+    except (RuntimeError, ValueError, dist.DistError) as e:
+        raise K2Error(f"pipeline: cannot form the process group of {world} ranks: {str(e).splitlines()[0]}") from None
+    stage = Stage(folder, dtype, device, rank, world, backend)
+    layout = [None] * world
+    dist.all_gather_object(layout, {"rank": rank, "layers": [stage.layer_ids[0], stage.layer_ids[-1]],
+                                    "weight_bytes": stage.weight_bytes(), "rss_bytes": _rss_bytes()})
+    if rank != 0:
+        serve(stage)
+        return None
+    return PipelineModel(stage, layout)

@@ -7,6 +7,7 @@ import sys
 import typer
 
 from k2cli import model_commands, plan
+from k2cli import quant_commands
 from runtime.errors import K2Error
 
 app = typer.Typer(help="Quantize, convert and run Kimi K2 and its relatives on the hardware you own.",
@@ -16,6 +17,8 @@ app.command()(model_commands.info)
 app.command("init-demo")(model_commands.init_demo)
 app.command()(model_commands.generate)
 app.command()(plan.plan)
+app.command()(quant_commands.quantize)
+app.command("eval")(quant_commands.eval)
 
 
 def main():

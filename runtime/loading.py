@@ -6,9 +6,11 @@ from torch import nn
 from tqdm import tqdm
 
 from quant.fp8 import dequantize_fp8_block
+from quant.int4 import group_size_of, stored_shapes
 from runtime import models
 from runtime.checkpoint import Checkpoint
 from runtime.errors import K2Error
+from runtime.int4 import COMPANION_SUFFIXES, PACKED_SUFFIX, packed_modules, swap_int4_modules
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FP32_TENSORS = ("e_score_correction_bias",)  # kept in fp32 whatever the model dtype: routing needs it
@@ -33,6 +35,26 @@ def _stored_to_weight(ckpt: Checkpoint, name: str, block: tuple[int, int]) -> to
             raise K2Error(f"FP8 tensor {name} has no {scale_name}")
         tensor = dequantize_fp8_block(tensor, ckpt.load(scale_name), block)
     return tensor
+
+
+def _stored_int4(ckpt: Checkpoint, name: str, group_size: int) -> tuple[tuple[int, ...], dict[str, torch.Tensor]]:
+    """INT4 weight `name` (`P.weight`) as the runtime holds it: (its [out, in], the packed words and scales as stored).
+
+    The one place that knows compressed-tensors' tensor names; the weight stays packed (runtime/int4.py computes with it).
+    """
+    stored = {}
+    for part in ("packed", "scale", "shape"):
+        stored_name = f"{name}_{part}"
+        if stored_name not in ckpt.tensors:
+            raise K2Error(f"INT4 weight {name} has no {stored_name}")
+        stored[part] = ckpt.load(stored_name)
+    shape = tuple(int(v) for v in stored.pop("shape").tolist())
+    expected = stored_shapes(*shape, group_size) if len(shape) == 2 else {}
+    for part, tensor in stored.items():
+        if tuple(tensor.shape) != expected.get(f"weight_{part}"):
+            raise K2Error(f"{name}_{part} has shape {list(tensor.shape)}, but weight_shape {list(shape)} and group size "
+                          f"{group_size} imply {list(expected.get(f'weight_{part}', ()))}")
+    return shape, stored
 
 
 def _materialize(model: nn.Module, name: str, dtype: torch.dtype, device) -> torch.Tensor:
@@ -65,30 +87,42 @@ def load_model(folder: str | Path, dtype: torch.dtype | None = None, device: str
     layer_ids = None if layer_ids is None else set(layer_ids)
     ckpt = Checkpoint.open(folder)
     method = _quant_method(ckpt.config)
-    if method not in (None, "fp8"):
-        raise K2Error(f"loading {method!r} quantized checkpoints is not supported yet (BF16/FP16/FP32 and FP8 are)")
+    if method not in (None, "fp8", "compressed-tensors"):
+        raise K2Error(f"loading {method!r} quantized checkpoints is not supported (BF16/FP16/FP32, FP8 and "
+                      "compressed-tensors INT4 are)")
     block = tuple((ckpt.config.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
     model = models.build_on_meta(ckpt.config)
     args = model.args
     dtype = dtype or checkpoint_dtype(ckpt.config)
     embed = embed or (head and args.tie_word_embeddings)  # a tied head is the embedding matrix
     expected = {n: shape for n, shape in model.checkpoint_shapes().items() if _wanted(n, layer_ids, embed, head)}
+    group_size = None
+    if method == "compressed-tensors":
+        group_size = group_size_of(ckpt.config["quantization_config"])
+        swap_int4_modules(model, packed_modules(ckpt.tensors), group_size)
 
-    names = sorted((n for n in ckpt.tensors if not n.endswith(SCALE_SUFFIX) and not model.skip_tensor(n)
-                    and _wanted(n, layer_ids, embed, head)),
+    names = sorted((n for n in ckpt.tensors if not n.endswith((SCALE_SUFFIX, *COMPANION_SUFFIXES))
+                    and not model.skip_tensor(n) and _wanted(n, layer_ids, embed, head)),
                    key=lambda n: (ckpt.tensors[n].shard, n))
     loaded = set()
-    for name in tqdm(names, desc="loading", unit="tensor", disable=not progress):
+    for stored_name in tqdm(names, desc="loading", unit="tensor", disable=not progress):
+        packed = stored_name.endswith(PACKED_SUFFIX)
+        name = stored_name.removesuffix("_packed") if packed else stored_name  # the weight it stands for
         if name not in expected:
-            raise K2Error(f"tensor {name} is in the checkpoint but not in the model config.json describes "
+            raise K2Error(f"tensor {stored_name} is in the checkpoint but not in the model config.json describes "
                           "(config and weights disagree)")
-        shape = ckpt.tensors[name].shape
+        shape, int4_parts = _stored_int4(ckpt, name, group_size) if packed else (ckpt.tensors[name].shape, None)
         if shape != expected[name]:
             raise K2Error(f"tensor {name} has shape {list(shape)} but config.json implies {list(expected[name])}")
         target_name, expert = model.locate(name)
-        target_dtype = torch.float32 if name.endswith(FP32_TENSORS) else dtype
-        target = _materialize(model, target_name, target_dtype, device)
-        (target if expert is None else target[expert]).copy_(_stored_to_weight(ckpt, name, block))
+        if packed:
+            for leaf, tensor in int4_parts.items():
+                target = _materialize(model, f"{target_name}.{leaf}", tensor.dtype, device)
+                (target if expert is None else target[expert]).copy_(tensor)
+        else:
+            target_dtype = torch.float32 if name.endswith(FP32_TENSORS) else dtype
+            target = _materialize(model, target_name, target_dtype, device)
+            (target if expert is None else target[expert]).copy_(_stored_to_weight(ckpt, name, block))
         loaded.add(name)
     ckpt.close()
 

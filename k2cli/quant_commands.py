@@ -1,0 +1,101 @@
+"""`k2 quantize` and `k2 eval`: make an INT4 checkpoint, then measure what it lost against the original."""
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from runtime.errors import K2Error
+
+MODEL_HELP = "Model folder, a Hugging Face repo id already downloaded, or 'demo' (a tiny K2 created on first use)."
+
+
+def quantize(model: str = typer.Argument(..., help=MODEL_HELP),
+             out: Path = typer.Argument(..., help="Output folder (new or empty; see --resume and --force)."),
+             int4: bool = typer.Option(False, "--int4", help="INT4 groups in Kimi K2-Thinking's compressed-tensors layout."),
+             method: str = typer.Option("rtn", help="rtn (round to nearest) or mse (per-group clipping search)."),
+             grid: str = typer.Option("k2", help="k2: levels -7..7, scale absmax/7 (K2-Thinking's QAT grid, lossless on "
+                                                 "its weights); ct: -8..7, absmax/7.5 (compressed-tensors' minmax)."),
+             group_size: int = typer.Option(32, "--group-size", help="Weights per scale: 16, 32, 64 or 128."),
+             scope: str = typer.Option("experts", help="experts (as K2-Thinking), experts+shared, or all-linear."),
+             max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
+             resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into OUT."),
+             force: bool = typer.Option(False, "--force", help="Overwrite the weights already in OUT."),
+             report: Path = typer.Option(None, "--report", help="Write per-tensor SQNR (dB) and max error as JSON here."),
+             workers: int = typer.Option(None, "--workers", min=1, help="Worker threads (default: every core)."),
+             as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
+    """Quantize a checkpoint tensor by tensor; memory stays near one input shard plus one output shard."""
+    from quant.quantize import QuantizeConfig, parse_size, quantize_checkpoint
+    from runtime.resolve import resolve_model
+
+    if not int4:
+        raise K2Error("name the format: --int4 (the only one so far)")
+    if resume and force:
+        raise K2Error("--resume and --force exclude each other")
+    config = QuantizeConfig(method=method, grid=grid, group_size=group_size, scope=scope,
+                            max_shard_bytes=parse_size(max_shard_size), report=report is not None)
+    result = quantize_checkpoint(resolve_model(model), out, config, resume=resume, force=force, workers=workers,
+                                 progress=sys.stderr.isatty())
+    if report is not None:
+        tmp = report.with_name(f".{report.name}.tmp")
+        tmp.write_text(json.dumps(result["report"], indent=2))
+        tmp.replace(report)
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in result.items() if k != "report"}))
+        return
+    typer.echo(f"wrote {out}: {result['quantized_tensors']} INT4 tensors, {result['shards']} shards "
+               f"({result['resumed_shards']} kept from the interrupted run), "
+               f"{result['input_bytes'] / 1e9:.3f} GB -> {result['output_bytes'] / 1e9:.3f} GB")
+    if report is not None:
+        summary = result["report"]["summary"]
+        median = summary["median_sqnr_db"]
+        typer.echo(f"report {report}: {summary['tensors']} tensors, {summary['lossless']} lossless, median SQNR "
+                   + (f"{median:.2f} dB" if median is not None else "n/a"))
+        for s in summary["worst"]:
+            typer.echo(f"  {s['sqnr_db']:7.2f} dB  max error {s['max_error']:.3e}  {s['name']}")
+
+
+def eval(model: str = typer.Argument("demo", help=MODEL_HELP),
+         text: Path = typer.Option(..., "--text", help="UTF-8 text file to score (e.g. a wikitext-2 test split)."),
+         ref: str = typer.Option(None, "--ref", help="Reference model (the original of a quantized one) for KL and agreement."),
+         ctx: int = typer.Option(512, "--ctx", min=2, help="Tokens per window."),
+         max_windows: int = typer.Option(None, "--max-windows", min=1, help="Score only the first N windows."),
+         dtype: str = typer.Option("float32", help="Compute dtype for both models: float32 (so differences are the "
+                                                    "weights', not arithmetic's), bfloat16 or float16."),
+         as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
+    """Perplexity over a text; with --ref, mean KL(ref || model), top-1 agreement and the worst window."""
+    from runtime.eval import evaluate
+    from runtime.loading import TORCH_DTYPES, load_model
+    from runtime.resolve import resolve_model
+    from runtime.tokenizer import Tokenizer
+
+    if dtype not in TORCH_DTYPES:
+        raise K2Error(f"--dtype must be one of {', '.join(TORCH_DTYPES)}")
+    try:
+        content = text.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise K2Error(f"{text} not found") from None
+    except UnicodeDecodeError as e:
+        raise K2Error(f"{text} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    folder = resolve_model(model)
+    ids = Tokenizer.from_folder(folder).encode(content)
+    progress = sys.stderr.isatty()
+    model_obj = load_model(folder, TORCH_DTYPES[dtype], progress=progress)
+    ref_obj = load_model(resolve_model(ref), TORCH_DTYPES[dtype], progress=progress) if ref else None
+    windows = None
+    if progress:
+        from tqdm import tqdm
+
+        def windows(chunks):
+            return tqdm(chunks, desc="scoring", unit="window")
+    result = evaluate(model_obj, ids, ctx, ref_obj, max_windows, windows)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"{result['tokens']:,} tokens in {result['windows']} windows of {ctx}: perplexity {result['perplexity']:.4f}")
+    if ref:
+        worst = result["worst_window"]
+        typer.echo(f"vs {ref} (perplexity {result['ref_perplexity']:.4f}): mean KL {result['kl_mean']:.5f} nats, "
+                   f"top-1 agreement {100 * result['top1_agreement']:.2f}%")
+        typer.echo(f"worst window #{worst['index']} (from token {worst['start_token']}): mean KL {worst['kl_mean']:.5f}, "
+                   f"agreement {100 * worst['top1_agreement']:.2f}%")

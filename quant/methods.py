@@ -1,0 +1,72 @@
+"""How the integers and scales of one weight are chosen. The format (grid, packing) is quant/int4.py's.
+
+A method turns rows of a weight into (q, scale) on the grid it is given. Rows are independent for every method here
+and for GPTQ (whose error feedback runs along a row's columns, with one Hessian shared by all rows), so the driver
+hands methods row blocks and never a whole trillion-parameter tensor. A calibration-based method is one more class
+with the same `quantize`, holding its statistics by tensor name.
+"""
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from quant.int4 import GRIDS, Grid, absmax_scale, dequantize_groups, grouped, quantize_groups
+
+# Clipping ratios the mse search tries, largest first: 1.0 is rtn, so mse can only match or beat it.
+MSE_CLIPS = tuple(1.0 - 0.01 * i for i in range(26))
+
+
+@dataclass(frozen=True)
+class Int4Spec:
+    group_size: int
+    grid: Grid
+
+    @classmethod
+    def of(cls, group_size: int, grid: str) -> "Int4Spec":
+        return cls(group_size, GRIDS[grid])
+
+
+class Method(Protocol):
+    name: str
+    observer: str  # what config.json's `observer` field says produced the scales (compressed-tensors' names)
+
+    def quantize(self, name: str, w: torch.Tensor, spec: Int4Spec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of tensor `name`, float32 [rows, in] -> (q int8 [rows, groups, group_size], scale BF16 [rows, groups])."""
+
+
+class RoundToNearest:
+    name, observer = "rtn", "minmax"
+
+    def quantize(self, name: str, w: torch.Tensor, spec: Int4Spec) -> tuple[torch.Tensor, torch.Tensor]:
+        w_groups = grouped(w, spec.group_size)
+        scale = absmax_scale(w_groups, spec.grid)
+        return quantize_groups(w_groups, scale, spec.grid), scale
+
+
+class ClipSearch:
+    """Per group, the clipping of the absmax scale that minimizes squared reconstruction error.
+
+    Only a strictly smaller error replaces the unclipped candidate, so weights already on the grid (error 0) keep
+    their exact scale and re-quantize losslessly.
+    """
+
+    name, observer = "mse", "mse"
+
+    def quantize(self, name: str, w: torch.Tensor, spec: Int4Spec) -> tuple[torch.Tensor, torch.Tensor]:
+        w_groups = grouped(w, spec.group_size)
+        best_scale = best_q = best_err = None
+        for clip in MSE_CLIPS:
+            scale = absmax_scale(w_groups, spec.grid, clip)
+            q = quantize_groups(w_groups, scale, spec.grid)
+            err = (dequantize_groups(q, scale) - w_groups).square_().sum(-1)  # [rows, groups]
+            if best_err is None:
+                best_scale, best_q, best_err = scale, q, err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_q = torch.where(better.unsqueeze(-1), q, best_q)
+        return best_q, best_scale
+
+
+METHODS: dict[str, type] = {"rtn": RoundToNearest, "mse": ClipSearch}

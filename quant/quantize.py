@@ -1,0 +1,430 @@
+"""`k2 quantize --int4`: a K2-layout checkpoint (BF16/FP16/FP32, FP8 blocks, or INT4) -> Kimi K2-Thinking's INT4 layout.
+
+Streaming: each logical tensor is read row block by row block from memory-mapped input shards and written straight
+into preallocated output shards, so what is resident is a row block per worker, not a shard or a model. Output
+shards are planned up front (their contents follow from the input headers), written under temporary names and
+renamed when complete; a manifest in the output folder lists finished shards, so `--resume` redoes only the rest.
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import statistics
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from quant import int4
+from quant.fp8 import DEFAULT_BLOCK, dequantize_fp8_block
+from quant.methods import METHODS, Int4Spec
+from quant.safetensors_io import TORCH_DTYPES, MappedShards, PlannedTensor, ShardWriter, shard_nbytes
+from runtime import models
+from runtime.checkpoint import INDEX_FILE, Checkpoint, TensorInfo, read_json
+from runtime.errors import K2Error
+from runtime.info import component_of, is_linear_weight
+
+MANIFEST = ".k2-quantize.json"
+FP32_TENSORS = ("e_score_correction_bias",)  # routing bias: fp32 in every K2 release
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+CHUNK_ELEMENTS = 1 << 20  # a row block of about 4 MB in float32: fits in cache, small per worker
+ROW_ALIGN = 128  # row blocks start on FP8 block rows
+COPY_BYTES = 64 << 20
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass(frozen=True)
+class Scope:
+    components: frozenset[str]  # runtime.info.component_of names whose linear weights become INT4
+    ignore: tuple[str, ...]  # compressed-tensors' ignore list that selects the same modules among `Linear`s
+
+
+# K2-Thinking's own ignore list is the `experts` one; `mlp.gate` (the router) is not a Linear in any loader.
+SCOPES = {
+    "experts": Scope(frozenset({"routed_experts"}),
+                     ("lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*")),
+    "experts+shared": Scope(frozenset({"routed_experts", "shared_experts"}),
+                            ("lm_head", "re:.*self_attn.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*")),
+    "all-linear": Scope(frozenset({"routed_experts", "shared_experts", "attention", "dense_mlp"}), ("lm_head",)),
+}
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    method: str = "rtn"
+    grid: str = int4.DEFAULT_GRID
+    group_size: int = int4.DEFAULT_GROUP_SIZE
+    scope: str = "experts"
+    max_shard_bytes: int = 5 * 10**9
+    report: bool = False  # measure each quantized tensor's error (costs a dequantization per block)
+
+    def __post_init__(self):
+        for value, allowed, what in ((self.method, METHODS, "--method"), (self.grid, int4.GRIDS, "--grid"),
+                                     (self.scope, SCOPES, "--scope"), (self.group_size, int4.GROUP_SIZES, "--group-size")):
+            if value not in allowed:
+                raise K2Error(f"{what} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+        if self.max_shard_bytes <= 0:
+            raise K2Error("--max-shard-size must be positive")
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MiB', '123' -> bytes (decimal units as Hugging Face's max_shard_size, binary with 'i')."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]I?B?|B?)\s*", text.upper())
+    if not match:
+        raise K2Error(f"cannot read size {text!r} (examples: 5GB, 500MB, 2GiB)")
+    unit = match[2] if match[2] in SIZE_UNITS else match[2] + "B"
+    return int(float(match[1]) * SIZE_UNITS[unit])
+
+
+@dataclass(frozen=True)
+class Source:
+    """One logical tensor of the input and the stored tensors it is made of."""
+
+    name: str
+    kind: str  # "plain"; "fp8": weight, weight_scale_inv; "int4": weight_packed, weight_scale, weight_shape
+    parts: tuple[TensorInfo, ...]
+    shape: tuple[int, ...]
+    fp8_block: tuple[int, int] = DEFAULT_BLOCK
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def dtype(self) -> str:
+        return self.parts[0].dtype if self.kind == "plain" else "BF16"
+
+
+@dataclass
+class ShardPlan:
+    file: str
+    sources: list[Source] = field(default_factory=list)
+    tensors: list[PlannedTensor] = field(default_factory=list)
+
+
+def _natural_key(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def collect_sources(ckpt: Checkpoint, reader: MappedShards) -> list[Source]:
+    """The input's logical tensors, in input-shard order (so input pages are read once, front to back)."""
+    tensors = ckpt.tensors
+    quant = ckpt.config.get("quantization_config") or {}
+    if quant.get("quant_method") == "compressed-tensors":
+        int4.group_size_of(quant)
+    elif quant.get("quant_method") not in (None, "fp8"):
+        raise K2Error(f"cannot quantize a {quant.get('quant_method')!r} checkpoint (BF16/FP16/FP32, FP8 and "
+                      "compressed-tensors INT4 inputs are supported)")
+    block = tuple(quant.get("weight_block_size", DEFAULT_BLOCK))
+    companions = set()
+    sources = []
+    for name, info in tensors.items():
+        if name.endswith(".weight_packed"):
+            prefix = name[: -len("_packed")]
+            parts = [info] + [_companion(tensors, f"{prefix}_{suffix}", name) for suffix in ("scale", "shape")]
+            shape = tuple(int(v) for v in reader.tensor(parts[2]).tolist())
+            if len(shape) != 2 or len(parts[1].shape) != 2 or parts[1].shape[0] != shape[0] \
+                    or parts[0].shape != int4.stored_shapes(*shape, int4.DEFAULT_GROUP_SIZE)["weight_packed"]:
+                raise K2Error(f"{prefix}: weight_packed {list(parts[0].shape)} and weight_scale "
+                              f"{list(parts[1].shape)} do not fit weight_shape {list(shape)}")
+            companions.update(p.name for p in parts[1:])
+            sources.append(Source(prefix, "int4", tuple(parts), shape))
+        elif info.dtype.startswith("F8_"):
+            scale = _companion(tensors, name + "_scale_inv", name)
+            companions.add(scale.name)
+            sources.append(Source(name, "fp8", (info, scale), info.shape, block))
+        else:
+            sources.append(Source(name, "plain", (info,), info.shape))
+    sources = [s for s in sources if s.name not in companions]
+    return sorted(sources, key=lambda s: (str(s.parts[0].shard), _natural_key(s.name)))
+
+
+def _companion(tensors: dict[str, TensorInfo], name: str, of: str) -> TensorInfo:
+    if name not in tensors:
+        raise K2Error(f"{of} is stored without its {name.rsplit('.', 1)[-1]} ({name} is missing)")
+    return tensors[name]
+
+
+def is_target(source: Source, scope: Scope) -> bool:
+    return (len(source.shape) == 2 and is_linear_weight(source.name) and source.name != "lm_head.weight"
+            and component_of(source.name) in scope.components)
+
+
+def output_dtype(source: Source) -> str:
+    if source.name.endswith(FP32_TENSORS):
+        return "F32"
+    return "BF16" if source.dtype in FLOAT_DTYPES else source.dtype
+
+
+def planned_outputs(source: Source, config: QuantizeConfig) -> list[PlannedTensor]:
+    if not is_target(source, SCOPES[config.scope]):
+        return [PlannedTensor(source.name, output_dtype(source), source.shape)]
+    prefix = source.name[: -len(".weight")]
+    shapes = int4.stored_shapes(*source.shape, config.group_size)
+    return [PlannedTensor(f"{prefix}.{spec.suffix}", spec.dtype, shapes[spec.suffix]) for spec in int4.FORMAT]
+
+
+def plan_shards(sources: list[Source], config: QuantizeConfig) -> list[ShardPlan]:
+    """Consecutive sources packed into shards of at most `max_shard_bytes` (a single larger tensor gets its own)."""
+    plans, size = [ShardPlan("")], 0
+    for source in sources:
+        outputs = planned_outputs(source, config)
+        nbytes = sum(t.nbytes for t in outputs)
+        if plans[-1].sources and size + nbytes > config.max_shard_bytes:
+            plans.append(ShardPlan(""))
+            size = 0
+        plans[-1].sources.append(source)
+        plans[-1].tensors.extend(outputs)
+        size += nbytes
+    for i, plan in enumerate(plans, 1):
+        plan.file = f"model-{i:05d}-of-{len(plans):05d}.safetensors"
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one logical tensor, row block by row block
+
+
+def _row_blocks(shape: tuple[int, ...]):
+    if len(shape) != 2:
+        yield None, None
+        return
+    rows = max(ROW_ALIGN, CHUNK_ELEMENTS // max(shape[1], 1) // ROW_ALIGN * ROW_ALIGN)
+    for r0 in range(0, shape[0], rows):
+        yield r0, min(r0 + rows, shape[0])
+
+
+def _read_rows(source: Source, reader: MappedShards, r0, r1) -> torch.Tensor:
+    """Rows [r0, r1) of the logical tensor in float32 (the whole tensor when it is not 2-D)."""
+    stored = reader.tensor(source.parts[0])
+    if r0 is not None:
+        stored = stored[r0:r1]
+    if source.kind == "fp8":
+        b0 = source.fp8_block[0]
+        scale = reader.tensor(source.parts[1])
+        if r0 is not None:
+            scale = scale[r0 // b0: -(-r1 // b0)]
+        return dequantize_fp8_block(stored, scale, source.fp8_block)
+    if source.kind == "int4":
+        scale = reader.tensor(source.parts[1])[r0:r1]
+        return int4.dequantize(stored, scale, source.shape[1])
+    return stored.float()
+
+
+def _release_rows(source: Source, reader: MappedShards, r0, r1):
+    info = source.parts[0]
+    if r0 is None:
+        reader.release(info)
+    else:
+        row_bytes = info.nbytes // max(info.shape[0], 1)
+        reader.release(info, r0 * row_bytes, r1 * row_bytes)
+
+
+class ErrorStats:
+    def __init__(self):
+        self.signal = self.noise = self.max_error = 0.0
+        self.count = 0
+
+    def add(self, w: torch.Tensor, dq: torch.Tensor):
+        diff = dq - w
+        self.signal += w.double().square().sum().item()
+        self.noise += diff.double().square().sum().item()
+        self.max_error = max(self.max_error, diff.abs().max().item() if diff.numel() else 0.0)
+        self.count += w.numel()
+
+    def as_dict(self, name: str) -> dict:
+        sqnr = 10 * torch.log10(torch.tensor(self.signal / self.noise)).item() if self.noise > 0 else None
+        return {"name": name, "sqnr_db": sqnr, "max_error": self.max_error,
+                "mean_sq_error": self.noise / max(self.count, 1)}
+
+
+def _quantize_source(source: Source, writer: ShardWriter, reader: MappedShards, method, spec: Int4Spec,
+                     measure: bool) -> dict | None:
+    out_features, in_features = source.shape
+    prefix = source.name[: -len(".weight")]
+    words, groups = -(-in_features // int4.PER_WORD), int4.n_groups(in_features, spec.group_size)
+    stats = ErrorStats() if measure else None
+    writer.write(f"{prefix}.weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64))
+    for r0, r1 in _row_blocks(source.shape):
+        w = _read_rows(source, reader, r0, r1)
+        q, scale = method.quantize(source.name, w, spec)
+        writer.write(f"{prefix}.weight_packed", int4.pack(int4.ungroup(q, in_features)), r0 * words * 4)
+        writer.write(f"{prefix}.weight_scale", scale, r0 * groups * int4.SCALE_DTYPE.itemsize)
+        if stats:
+            stats.add(w, int4.ungroup(int4.dequantize_groups(q, scale), in_features))
+        _release_rows(source, reader, r0, r1)
+    return stats.as_dict(source.name) if stats else None
+
+
+def _copy_source(source: Source, writer: ShardWriter, reader: MappedShards):
+    dtype = output_dtype(source)
+    info = source.parts[0]
+    if source.kind == "plain" and info.dtype == dtype:  # bytes as they are, no conversion
+        for start in range(0, info.nbytes, COPY_BYTES):
+            end = min(start + COPY_BYTES, info.nbytes)
+            writer.write(source.name, reader.raw(info, start, end), start)
+            reader.release(info, start, end)
+        return
+    target = TORCH_DTYPES[dtype]
+    row_bytes = target.itemsize * (source.shape[1] if len(source.shape) == 2 else 0)
+    for r0, r1 in _row_blocks(source.shape):
+        writer.write(source.name, _read_rows(source, reader, r0, r1).to(target), (r0 or 0) * row_bytes)
+        _release_rows(source, reader, r0, r1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def _fingerprint(ckpt: Checkpoint, config: QuantizeConfig) -> dict:
+    """What a resumed run must share with the interrupted one: settings and the exact input files."""
+    shards = sorted({info.shard for info in ckpt.tensors.values()})
+    return {"settings": asdict(config),
+            "config_sha256": hashlib.sha256((ckpt.folder / "config.json").read_bytes()).hexdigest(),
+            "input": {s.name: [s.stat().st_size, s.stat().st_mtime_ns] for s in shards}}
+
+
+def _write_json_atomic(path: Path, data: dict, **kwargs):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, **kwargs))
+    os.replace(tmp, path)
+
+
+def _prepare_output(out: Path, model_dir: Path, fingerprint: dict, resume: bool, force: bool) -> dict:
+    """The manifest to continue from: a fresh one, or the interrupted run's when resuming."""
+    if out.exists() and not out.is_dir():
+        raise K2Error(f"{out} is a file; OUT must be a folder")
+    if out.exists() and out.resolve() == model_dir.resolve():
+        raise K2Error("OUT must differ from MODEL")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST
+    if resume and manifest_path.exists():
+        manifest = read_json(manifest_path)
+        if manifest.get("fingerprint") != fingerprint:
+            raise K2Error(f"{out} was started from another input or with other settings; "
+                          "use the same ones to --resume, or --force to start over")
+        for tmp in out.glob(".*.tmp"):
+            tmp.unlink()
+        return manifest
+    existing = sorted(p.name for p in out.iterdir())
+    if existing and resume:
+        raise K2Error(f"{out} has no unfinished quantization to resume (no {MANIFEST}); --force overwrites it")
+    if existing and not force:
+        raise K2Error(f"{out} is not empty; --resume continues an interrupted run, --force overwrites")
+    for stale in [*out.glob("*.safetensors"), *out.glob(".*.tmp"), out / INDEX_FILE, manifest_path]:
+        stale.unlink(missing_ok=True)
+    manifest = {"version": 1, "fingerprint": fingerprint, "shards": {}}
+    _write_json_atomic(manifest_path, manifest)
+    return manifest
+
+
+def _finalize(ckpt: Checkpoint, out: Path, plans: list[ShardPlan], config: QuantizeConfig, observer: str):
+    weight_map = {t.name: plan.file for plan in plans for t in plan.tensors}
+    total = sum(t.nbytes for plan in plans for t in plan.tensors)
+    _write_json_atomic(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    for item in sorted(ckpt.folder.iterdir()):  # tokenizer, chat template, generation config, model card...
+        if item.is_file() and not item.name.startswith(".") and item.suffix != ".safetensors" \
+                and item.name not in (INDEX_FILE, "config.json"):
+            tmp = out / f".{item.name}.tmp"
+            shutil.copyfile(item, tmp)
+            os.replace(tmp, out / item.name)
+    model_config = dict(ckpt.config)
+    model_config["quantization_config"] = int4.compressed_tensors_config(
+        config.group_size, observer, list(SCOPES[config.scope].ignore))
+    for key in [k for k in ("torch_dtype", "dtype") if k in model_config] or ["torch_dtype"]:
+        model_config[key] = "bfloat16"
+    _write_json_atomic(out / "config.json", model_config, indent=2)
+
+
+def summarize(tensor_stats: list[dict], worst: int = 5) -> dict:
+    finite = [s for s in tensor_stats if s["sqnr_db"] is not None]
+    return {"tensors": len(tensor_stats), "lossless": len(tensor_stats) - len(finite),
+            "median_sqnr_db": statistics.median(s["sqnr_db"] for s in finite) if finite else None,
+            "worst": sorted(finite, key=lambda s: s["sqnr_db"])[:worst]}
+
+
+def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: QuantizeConfig, resume: bool = False,
+                        force: bool = False, workers: int | None = None, progress: bool = True) -> dict:
+    """Write the INT4 checkpoint; returns what was done (shards, bytes, and per-tensor errors with `config.report`)."""
+    ckpt = Checkpoint.open(model_dir)
+    models.build(ckpt.config)  # an architecture we know, or one clear error before any work
+    out = Path(out)
+    reader = MappedShards()
+    try:
+        sources = collect_sources(ckpt, reader)
+        plans = plan_shards(sources, config)
+        manifest = _prepare_output(out, ckpt.folder, _fingerprint(ckpt, config), resume, force)
+        done = {p.file for p in plans if p.file in manifest["shards"] and (out / p.file).exists()
+                and (out / p.file).stat().st_size == manifest["shards"][p.file]["bytes"]}
+        todo = [p for p in plans if p.file not in done]
+        need, free = sum(shard_nbytes(p.tensors) for p in todo), shutil.disk_usage(out).free
+        if need > free:
+            raise K2Error(f"{out} has {free / 1e9:.2f} GB free; the remaining shards need {need / 1e9:.2f} GB")
+        method = METHODS[config.method]()
+        _run(todo, out, manifest, reader, method, Int4Spec.of(config.group_size, config.grid), config,
+             workers or len(os.sched_getaffinity(0)), progress,
+             total_bytes=sum(s.nbytes for s in sources), done_bytes=sum(s.nbytes for p in plans if p.file in done
+                                                                       for s in p.sources))
+        _finalize(ckpt, out, plans, config, method.observer)
+    finally:
+        reader.close()
+        ckpt.close()
+    tensor_stats = [s for p in plans for s in manifest["shards"][p.file]["stats"]]
+    result = {"output": str(out), "shards": len(plans), "resumed_shards": len(done),
+              "input_bytes": sum(s.nbytes for s in sources),
+              "output_bytes": sum(manifest["shards"][p.file]["bytes"] for p in plans),
+              "quantized_tensors": sum(is_target(s, SCOPES[config.scope]) for s in sources)}
+    if config.report:
+        result["report"] = {"settings": asdict(config), "summary": summarize(tensor_stats), "tensors": tensor_stats}
+    (out / MANIFEST).unlink()
+    return result
+
+
+def _run(plans: list[ShardPlan], out: Path, manifest: dict, reader: MappedShards, method, spec: Int4Spec,
+         config: QuantizeConfig, workers: int, progress: bool, total_bytes: int, done_bytes: int):
+    scope = SCOPES[config.scope]
+    n_tensors = sum(len(p.sources) for p in plans)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # parallel over tensors, one core each: no oversubscription, no per-op sync
+    bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc="quantizing",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="k2-quantize") as pool:
+            finished = 0
+            for plan in plans:
+                writer = ShardWriter(out / plan.file, plan.tensors)
+
+                def convert(source: Source):
+                    if is_target(source, scope):
+                        return _quantize_source(source, writer, reader, method, spec, config.report)
+                    _copy_source(source, writer, reader)
+
+                futures = {pool.submit(convert, s): s for s in plan.sources}
+                stats = []
+                try:
+                    pending = set(futures)
+                    while pending:
+                        completed, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                        for future in completed:
+                            if (result := future.result()) is not None:
+                                stats.append(result)
+                            finished += 1
+                            bar.update(futures[future].nbytes)
+                            bar.set_postfix_str(f"{finished}/{n_tensors} tensors", refresh=False)
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    wait(futures)
+                    writer.abort()
+                    raise
+                writer.finish()
+                stats.sort(key=lambda s: _natural_key(s["name"]))
+                manifest["shards"][plan.file] = {"bytes": writer.nbytes, "stats": stats}
+                _write_json_atomic(out / MANIFEST, manifest)
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)

@@ -1,0 +1,76 @@
+"""How much a model (typically a quantized one) lost: perplexity over a text and, against a reference model,
+the KL divergence of its next-token distributions and how often its top choice agrees.
+
+The text is cut into non-overlapping windows of `ctx` tokens; each window is one forward pass from an empty cache,
+and every position but the first predicts the next token of its window.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from runtime.errors import K2Error
+
+
+@dataclass
+class WindowScore:
+    index: int
+    start_token: int
+    tokens: int  # predicted positions in the window
+    nll: float  # summed negative log-likelihood (nats)
+    kl: float = 0.0  # summed KL(ref || model) over positions
+    agree: int = 0  # positions where both models' argmax agree
+    ref_nll: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"index": self.index, "start_token": self.start_token, "tokens": self.tokens,
+                "perplexity": math.exp(self.nll / self.tokens), "kl_mean": self.kl / self.tokens,
+                "top1_agreement": self.agree / self.tokens}
+
+
+def windows(ids: list[int], ctx: int) -> list[tuple[int, list[int]]]:
+    """(start, ids) of each window; a last window shorter than 2 tokens predicts nothing and is dropped."""
+    if ctx < 2:
+        raise K2Error("--ctx must be at least 2 tokens")
+    return [(start, ids[start:start + ctx]) for start in range(0, len(ids), ctx) if len(ids[start:start + ctx]) >= 2]
+
+
+def _log_probs(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities float32 [T - 1, V] of positions 0..T-2 (each predicting the token after it)."""
+    return torch.log_softmax(model(tokens[None].to(model.device))[0, :-1].float().cpu(), dim=-1)
+
+
+@torch.inference_mode()
+def evaluate(model, ids: list[int], ctx: int = 512, ref=None, max_windows: int | None = None, progress=None) -> dict:
+    """Perplexity of `model` over `ids`; with `ref`, also mean KL(ref || model), top-1 agreement, the worst window."""
+    vocab = model.args.vocab_size
+    if ref is not None and ref.args.vocab_size != vocab:
+        raise K2Error(f"the reference model has a vocabulary of {ref.args.vocab_size}, the model {vocab}")
+    if ids and max(ids) >= vocab:
+        raise K2Error(f"the text has token id {max(ids)}, beyond the model's vocabulary of {vocab}")
+    chunks = windows(ids, ctx)[:max_windows]
+    if not chunks:
+        raise K2Error(f"the text has {len(ids)} token(s); at least 2 are needed")
+    scores = []
+    for index, (start, window) in enumerate(progress(chunks) if progress else chunks):
+        tokens = torch.tensor(window)
+        log_p = _log_probs(model, tokens)
+        target = tokens[1:, None]
+        score = WindowScore(index, start, len(window) - 1, -log_p.gather(1, target).sum().item())
+        if ref is not None:
+            ref_log_p = _log_probs(ref, tokens)
+            score.kl = (ref_log_p.exp() * (ref_log_p - log_p)).sum().item()
+            score.agree = (ref_log_p.argmax(-1) == log_p.argmax(-1)).sum().item()
+            score.ref_nll = -ref_log_p.gather(1, target).sum().item()
+        scores.append(score)
+
+    n = sum(s.tokens for s in scores)
+    result = {"tokens": n, "windows": len(scores), "ctx": ctx,
+              "perplexity": math.exp(sum(s.nll for s in scores) / n)}
+    if ref is not None:
+        worst = max(scores, key=lambda s: s.kl / s.tokens)
+        result |= {"ref_perplexity": math.exp(sum(s.ref_nll for s in scores) / n),
+                   "kl_mean": sum(s.kl for s in scores) / n,
+                   "top1_agreement": sum(s.agree for s in scores) / n,
+                   "worst_window": worst.as_dict()}
+    return result

@@ -1,0 +1,113 @@
+"""INT4 (compressed-tensors pack-quantized) weights in the runtime, held packed and swapped in from outside.
+
+The model file knows nothing of INT4: `swap_int4_modules` replaces, in a model built on the meta device, each
+routed-experts block and each Linear whose checkpoint tensors are packed with a module of the same name that holds
+the packed words and BF16 scales as stored (4.5 bits per weight at group 32). A forward dequantizes only the
+weights it uses: the experts the router picked, one at a time, so memory never holds a BF16 copy of every expert.
+"""
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant import int4
+from runtime.errors import K2Error
+
+PACKED_SUFFIX = ".weight_packed"
+COMPANION_SUFFIXES = (".weight_scale", ".weight_shape")
+_EXPERTS_MODULE = re.compile(r"(?P<layer>model\.layers\.\d+\.mlp\.experts)\.\d+\.(?:gate|up|down)_proj")
+
+
+class PackedInt4(nn.Module):
+    """Weights [*lead, out, in] as stored: `packed` int32 [*lead, out, ceil(in/8)], `scale` BF16 [*lead, out, groups]."""
+
+    def __init__(self, lead: tuple[int, ...], out_features: int, in_features: int, group_size: int):
+        super().__init__()
+        self.in_features = in_features
+        words, groups = -(-in_features // int4.PER_WORD), int4.n_groups(in_features, group_size)
+        self.register_buffer("packed", torch.empty(*lead, out_features, words, dtype=torch.int32))
+        self.register_buffer("scale", torch.empty(*lead, out_features, groups, dtype=int4.SCALE_DTYPE))
+
+    def dense(self, index: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight (or expert `index`'s slice of it) as a dense matrix [out, in] in `dtype`."""
+        packed, scale = (self.packed, self.scale) if index is None else (self.packed[index], self.scale[index])
+        return int4.dequantize(packed, scale, self.in_features, dtype)
+
+
+class Int4Linear(nn.Module):
+    """A bias-free Linear whose `weight` is packed; the checkpoint's `P.weight_*` tensors load into `P.weight`."""
+
+    def __init__(self, out_features: int, in_features: int, group_size: int):
+        super().__init__()
+        self.weight = PackedInt4((), out_features, in_features, group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.dense(dtype=x.dtype))
+
+
+class Int4Experts(nn.Module):
+    """Routed experts stacked [E, out, in], packed; same interface and math as the model's `Experts`."""
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int, group_size: int):
+        super().__init__()
+        self.gate_proj = PackedInt4((n_experts,), hidden_dim, dim, group_size)
+        self.up_proj = PackedInt4((n_experts,), hidden_dim, dim, group_size)
+        self.down_proj = PackedInt4((n_experts,), dim, hidden_dim, group_size)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [N, dim], weights and ids [N, k] -> sum_k weights * expert_k(x); unpacks only the experts hit."""
+        y = torch.zeros_like(x)
+        for e in torch.bincount(ids.flatten(), minlength=self.gate_proj.packed.shape[0]).nonzero().flatten().tolist():
+            token, slot = (ids == e).nonzero(as_tuple=True)
+            xe = x[token]
+            gate, up, down = (p.dense(e, x.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
+            out = F.linear(F.silu(F.linear(xe, gate)) * F.linear(xe, up), down)
+            y.index_add_(0, token, (out * weights[token, slot, None]).to(y.dtype))
+        return y
+
+
+def packed_modules(tensor_names) -> set[str]:
+    """Names of the linears a checkpoint stores packed (`P` for each `P.weight_packed`)."""
+    return {n[: -len(PACKED_SUFFIX)] for n in tensor_names if n.endswith(PACKED_SUFFIX)}
+
+
+def swap_int4_modules(model: nn.Module, packed: set[str], group_size: int) -> nn.Module:
+    """Replace the modules whose weights are stored packed, in place; experts of a layer go all packed or none."""
+    expert_blocks: dict[str, int] = {}
+    replacements: dict[str, tuple[type, tuple]] = {}
+    for name in packed:
+        match = _EXPERTS_MODULE.fullmatch(name)
+        if match:
+            expert_blocks[match["layer"]] = expert_blocks.get(match["layer"], 0) + 1
+            continue
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise K2Error(f"{name}.weight_packed does not belong to any layer of the model config.json describes") from None
+        if not isinstance(linear, nn.Linear) or linear.bias is not None:
+            raise K2Error(f"{name} is stored as INT4, but it is not a bias-free linear layer in this model")
+        replacements[name] = (Int4Linear, (linear.out_features, linear.in_features, group_size))
+    for block, count in expert_blocks.items():
+        try:
+            n_experts, hidden_dim, dim = model.get_submodule(block).gate_proj.shape
+        except AttributeError:
+            raise K2Error(f"{block} holds INT4 experts, but that layer has no routed experts in this model") from None
+        if count != 3 * n_experts:
+            raise K2Error(f"{block}: {count} of {3 * n_experts} expert weights are INT4; a layer's experts must all be")
+        replacements[block] = (Int4Experts, (n_experts, dim, hidden_dim, group_size))
+    with torch.device("meta"):  # shapes now, memory when the loader fills them, like the rest of the model
+        for name, (cls, args) in replacements.items():
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, cls(*args))
+    return model
+
+
+def held_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of weights held by INT4 modules, and how many weights they stand for."""
+    nbytes = weights = 0
+    for module in model.modules():
+        if isinstance(module, PackedInt4):
+            nbytes += module.packed.numel() * module.packed.element_size() + module.scale.numel() * module.scale.element_size()
+            weights += module.packed.shape[:-1].numel() * module.in_features
+    return {"int4_bytes": nbytes, "int4_weights": weights}

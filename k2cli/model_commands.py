@@ -68,6 +68,11 @@ def generate(model: str = typer.Argument("demo", help=MODEL_HELP),
              max_tokens: int = typer.Option(32, "--max-tokens", "-n", min=1, help="New tokens to generate."),
              device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps, ..."),
              dtype: str = typer.Option("auto", help="auto (the checkpoint's), float32, bfloat16 or float16."),
+             plan: Path = typer.Option(None, "--plan", help="Run placed as a `k2 plan --json` file says (layers on "
+                                                          "GPUs, experts on the CPU or streamed)."),
+             device_map: str = typer.Option(None, "--device-map", help="Rename the plan's devices: cuda:0=cuda:1,..."),
+             expert_stats: Path = typer.Option(None, "--expert-stats", help="Record how often each expert is chosen "
+                                                                            "into this file, for `k2 plan`."),
              as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
     """Greedy generation: the end-to-end check of the runtime (sampling and chat come with `k2 chat`)."""
     import time
@@ -77,6 +82,7 @@ def generate(model: str = typer.Argument("demo", help=MODEL_HELP),
     from runtime.checkpoint import eos_token_ids
     from runtime.generate import greedy_generate
     from runtime.loading import TORCH_DTYPES
+    from runtime.offload import ExpertStats, expert_cache_hit_rate, parse_device_map, read_plan
     from runtime.pipeline import PipelineModel, open_model
     from runtime.resolve import resolve_model
     from runtime.tokenizer import Tokenizer
@@ -94,9 +100,12 @@ def generate(model: str = typer.Argument("demo", help=MODEL_HELP),
         if tokenizer is None:
             raise K2Error(f"{folder} has no tiktoken.model tokenizer; pass --ids")
         prompt_ids = tokenizer.encode(prompt)
-    model_obj = open_model(folder, TORCH_DTYPES.get(DTYPES[dtype]), device, progress=sys.stderr.isatty())
+    model_obj = open_model(folder, TORCH_DTYPES.get(DTYPES[dtype]), device, progress=sys.stderr.isatty(),
+                           plan=read_plan(plan) if plan else None, device_map=parse_device_map(device_map))
     if model_obj is None:  # a pipeline rank other than 0: it served rank 0 until the end
         return
+    local_model = model_obj.stage.model if isinstance(model_obj, PipelineModel) else model_obj
+    stats = ExpertStats(local_model) if expert_stats else None
     pipeline = model_obj.layout if isinstance(model_obj, PipelineModel) else None
     try:
         if max(prompt_ids) >= model_obj.args.vocab_size or min(prompt_ids) < 0:
@@ -108,9 +117,11 @@ def generate(model: str = typer.Argument("demo", help=MODEL_HELP),
         if pipeline:
             model_obj.close()  # releases the other ranks, also when rank 0 fails
     text = tokenizer.decode(new_ids) if tokenizer else None
+    if stats:
+        stats.save(expert_stats)
     if as_json:
         typer.echo(json.dumps({"prompt_ids": prompt_ids, "new_ids": new_ids, "text": text, "seconds": seconds,
-                               "pipeline": pipeline}))
+                               "pipeline": pipeline, "expert_cache_hit_rate": expert_cache_hit_rate(local_model)}))
         return
     if text is not None:
         typer.echo(f"{prompt}{text}" if not ids else text)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from runtime.cache import LatentCache
 from runtime.errors import K2Error
 from runtime.loading import load_model
+from runtime.offload import apply_placement
 from runtime.placement import decode_bytes_per_token, model_cost, stage_layer_ranges
 
 OP_FORWARD, OP_NEW_CACHE, OP_STOP = 0, 1, 2
@@ -33,14 +34,20 @@ def _rss_bytes() -> int:
 class Stage:
     """This rank's part of the model and the point-to-point traffic around it."""
 
-    def __init__(self, folder: Path, dtype, device: str, rank: int, world: int, backend: str):
+    def __init__(self, folder: Path, dtype, device: str, rank: int, world: int, backend: str,
+                 plan: dict | None = None, device_map: dict | None = None):
         self.rank, self.world = rank, world
         # NCCL moves only GPU tensors, so control messages travel on the GPU there.
         self.control_device = torch.device(device) if backend == "nccl" else torch.device("cpu")
-        ranges = stage_layer_ranges(decode_bytes_per_token(model_cost(folder), ctx=4096), world)
-        self.layer_ids = list(ranges[rank])
-        self.model = load_model(folder, dtype, device, layer_ids=self.layer_ids, embed=rank == 0, head=rank == world - 1)
-        self.device = torch.device(device)
+        if plan is None:
+            self.layer_ids = list(stage_layer_ranges(decode_bytes_per_token(model_cost(folder), ctx=4096), world)[rank])
+        else:
+            self.layer_ids = [entry["layer"] for entry in plan["stages"][rank]["layers"]]
+        load_to = "cpu" if plan else device
+        self.model = load_model(folder, dtype, load_to, layer_ids=self.layer_ids, embed=rank == 0, head=rank == world - 1)
+        if plan:
+            apply_placement(self.model, plan["stages"][rank], device_map)
+        self.device = self.model.layer_device(self.layer_ids[0])  # where hidden states arrive
         self.cache: LatentCache | None = None
 
     @property
@@ -59,7 +66,7 @@ class Stage:
         self.cache.length = start
         step = self.model.step_inputs(tokens, self.cache)
         if self.rank == 0:
-            h = self.model.model.embed_tokens(tokens)
+            h = self.model.model.embed_tokens(tokens.to(self.model.device))
         else:
             dtype = self.model.model.layers[self.layer_ids[0]].input_layernorm.weight.dtype
             h = torch.empty(*tokens.shape, self.model.args.hidden_size, dtype=dtype, device=self.device)
@@ -137,12 +144,21 @@ def serve(stage: Stage):
             _checked(dist.send, logits.contiguous(), 0)
 
 
-def open_model(folder: Path, dtype, device: str, progress: bool = False):
-    """The model to generate with: loaded whole in this process, or, under torchrun, this rank's stage. On rank 0
-    that is a PipelineModel; other ranks serve rank 0 until it is done and get None."""
+def open_model(folder: Path, dtype, device: str, progress: bool = False, plan: dict | None = None,
+               device_map: dict | None = None):
+    """The model to generate with: loaded whole in this process, or, under torchrun, this rank's stage; placed as
+    `plan` (from `k2 plan --json`) says when given. On rank 0 under torchrun that is a PipelineModel; the other
+    ranks serve rank 0 until it is done and get None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if plan is not None and len(plan["stages"]) != world:
+        raise K2Error(f"the plan has {len(plan['stages'])} stage(s): run it with "
+                      f"torchrun --nproc-per-node {len(plan['stages'])} (this run has {world} process(es))")
     if not in_pipeline():
-        return load_model(folder, dtype, device, progress=progress)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        model = load_model(folder, dtype, "cpu" if plan else device, progress=progress)
+        if plan:
+            apply_placement(model, plan["stages"][0], device_map)
+        return model
+    rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
@@ -153,7 +169,7 @@ def open_model(folder: Path, dtype, device: str, progress: bool = False):
         dist.init_process_group(backend, timeout=timeout)
     except (RuntimeError, ValueError, dist.DistError) as e:
         raise K2Error(f"pipeline: cannot form the process group of {world} ranks: {str(e).splitlines()[0]}") from None
-    stage = Stage(folder, dtype, device, rank, world, backend)
+    stage = Stage(folder, dtype, device, rank, world, backend, plan, device_map)
     layout = [None] * world
     dist.all_gather_object(layout, {"rank": rank, "layers": [stage.layer_ids[0], stage.layer_ids[-1]],
                                     "weight_bytes": stage.weight_bytes(), "rss_bytes": _rss_bytes()})

@@ -61,3 +61,20 @@ def test_a_dead_rank_is_an_error_not_a_hang(demo_dir):
     finally:
         ranks[0].kill()
     assert_one_line_error(subprocess.CompletedProcess(command, ranks[0].returncode, "", stderr), "pipeline rank")
+
+
+def test_pipeline_follows_a_two_stage_plan(demo_dir, tmp_path):
+    planned = run_k2("plan", demo_dir, "--cpu-mem", "8G", "--stages", "2", "--json")
+    assert planned.returncode == 0, planned.stderr
+    plan = tmp_path / "plan.json"
+    plan.write_text(planned.stdout)
+    stages = json.loads(planned.stdout)["stages"]
+    single = run_k2("generate", demo_dir, "--ids", PROMPT, "-n", NEW_TOKENS, "--dtype", "float32", "--json")
+    result = torchrun(2, "generate", demo_dir, "--ids", PROMPT, "-n", NEW_TOKENS, "--dtype", "float32", "--json",
+                      "--plan", plan)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["new_ids"] == json.loads(single.stdout)["new_ids"]
+    assert [r["layers"] for r in out["pipeline"]] == [[s["first_layer"], s["last_layer"]] for s in stages]
+    wrong = run_k2("generate", demo_dir, "--ids", PROMPT, "--plan", plan)
+    assert_one_line_error(wrong, "torchrun --nproc-per-node 2")

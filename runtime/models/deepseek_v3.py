@@ -160,11 +160,22 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
 
+    def select(self, ids: list[int], device: torch.device | str) -> "Experts":
+        """Experts `ids`, renumbered 0..len(ids)-1, copied to `device`: a placement splits a layer's experts so."""
+        part = Experts.__new__(Experts)
+        nn.Module.__init__(part)
+        index = torch.tensor(ids, device=self.gate_proj.device)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(part, name, nn.Parameter(getattr(self, name).index_select(0, index).to(device), requires_grad=False))
+        return part
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [N, dim], weights and ids [N, k] -> sum_k weights * expert_k(x)."""
+        """x [N, dim], weights and ids [N, k] -> sum_k weights * expert_k(x). Ids < 0 are skipped: those slots'
+        experts live elsewhere (see runtime/offload.py)."""
         y = torch.zeros_like(x)
+        flat = ids.flatten()
         # Per-expert loop over the experts this batch hit: the obvious path, and the oracle for fused kernels.
-        for e in torch.bincount(ids.flatten(), minlength=self.gate_proj.shape[0]).nonzero().flatten().tolist():
+        for e in torch.bincount(flat[flat >= 0], minlength=self.gate_proj.shape[0]).nonzero().flatten().tolist():
             token, slot = (ids == e).nonzero(as_tuple=True)
             xe = x[token]
             out = F.linear(F.silu(F.linear(xe, self.gate_proj[e])) * F.linear(xe, self.up_proj[e]), self.down_proj[e])

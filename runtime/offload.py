@@ -1,0 +1,197 @@
+"""Running a placement (one stage of a `k2 plan`) in one process: layers on their devices, routed experts split.
+
+Applied to a built, loaded model from outside; the model code does not know where anything lives. Only hidden
+states (and the small per-step rope and mask tensors) cross devices: a forward pre-hook moves a layer's inputs to
+the layer's device. Routed experts are computed where they live (the KTransformers / llama.cpp `--cpu-moe` mode),
+or kept in host memory and copied on demand into a small per-layer cache on the GPU (`--offload stream`).
+"""
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runtime.errors import K2Error
+from runtime.models.deepseek_v3 import Experts, MoE
+
+
+def _inputs_to(device: torch.device):
+    def hook(module, args):
+        return tuple(a.to(device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in args)
+    return hook
+
+
+def _local_ids(n_experts: int, ids: list[int], device) -> torch.Tensor:
+    """Global expert id -> index within a group, -1 for experts of other groups (skipped by Experts.forward)."""
+    local = torch.full((n_experts,), -1, dtype=torch.long)
+    local[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
+    return local.to(device)
+
+
+class PlacedExperts(nn.Module):
+    """One layer's routed experts split over devices; every selection is computed on its expert's device."""
+
+    def __init__(self, experts: Experts, placement: dict[str, list[int]], home: torch.device):
+        super().__init__()
+        n_experts = experts.gate_proj.shape[0]
+        self.home = home
+        self.devices = [torch.device(d) for d in placement]
+        self.parts = nn.ModuleList(experts.select(ids, device) for device, ids in placement.items())
+        self.local_ids = [_local_ids(n_experts, ids, home) for ids in placement.values()]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        # Inputs for other devices are copied first, so their compute overlaps the home device's queued kernels.
+        remote = [(part, x.to(d), weights.to(d), local[ids].to(d))
+                  for d, part, local in zip(self.devices, self.parts, self.local_ids) if d != self.home]
+        y = torch.zeros_like(x)
+        for d, part, local in zip(self.devices, self.parts, self.local_ids):
+            if d == self.home:
+                y = y + part(x, weights, local[ids])
+        for part, xr, wr, lr in remote:
+            y = y + part(xr, wr, lr).to(self.home, non_blocking=True)
+        return y
+
+
+class StreamedExperts(nn.Module):
+    """All of a layer's experts in host memory (pinned for fast copies), and a cache of `slots` of them on the
+    compute device, filled on demand, least recently used out."""
+
+    def __init__(self, experts: Experts, slots: int, device: torch.device):
+        super().__init__()
+        n_experts, hidden_dim, dim = experts.gate_proj.shape
+        self.source = experts.select(list(range(n_experts)), "cpu")
+        if device.type == "cuda":
+            for p in self.source.parameters():
+                p.data = p.data.pin_memory()
+        with torch.device(device):
+            self.cache = Experts(slots, dim, hidden_dim).to(experts.gate_proj.dtype)
+        self.cache.requires_grad_(False)
+        self.n_experts, self.slots, self.device = n_experts, slots, device
+        self.slot_of: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recently used first
+        self.hits = self.misses = 0
+
+    def _fetch(self, expert: int, keep: set[int]) -> int:
+        if expert in self.slot_of:
+            self.hits += 1
+            self.slot_of.move_to_end(expert)
+            return self.slot_of[expert]
+        self.misses += 1
+        if len(self.slot_of) < self.slots:
+            slot = len(self.slot_of)
+        else:
+            victim = next(e for e in self.slot_of if e not in keep)
+            slot = self.slot_of.pop(victim)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(self.cache, name).data[slot].copy_(getattr(self.source, name).data[expert], non_blocking=True)
+        self.slot_of[expert] = slot
+        return slot
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        needed = torch.unique(ids).tolist()  # which experts to bring in: the one host sync of this mode
+        y = torch.zeros_like(x)
+        for start in range(0, len(needed), self.slots):  # more experts than slots: in rounds
+            chunk = needed[start:start + self.slots]
+            local = torch.full((self.n_experts,), -1, dtype=torch.long)
+            for e in chunk:
+                local[e] = self._fetch(e, set(chunk))
+            y = y + self.cache(x, weights, local.to(x.device)[ids])
+        return y
+
+
+class ExpertStats:
+    """How often each routed expert is chosen, per layer, counted on the device (no host sync per token)."""
+
+    def __init__(self, model):
+        self.counts: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(model.model.layers):
+            if isinstance(layer.mlp, MoE) and not layer.mlp.gate.weight.is_meta:
+                self.counts[i] = torch.zeros(layer.mlp.gate.weight.shape[0], dtype=torch.long,
+                                             device=layer.mlp.gate.weight.device)
+                layer.mlp.gate.register_forward_hook(self._hook(i))
+
+    def _hook(self, i: int):
+        def hook(module, args, output):
+            ids = output[1].flatten()
+            self.counts[i] += torch.bincount(ids, minlength=self.counts[i].numel())
+        return hook
+
+    def save(self, path: str | Path):
+        """The file `k2 plan --expert-stats` reads."""
+        layers = {str(i): c.tolist() for i, c in self.counts.items()}
+        Path(path).write_text(json.dumps({"layers": layers}))
+
+
+def _remap(device: str, device_map: dict[str, str]) -> torch.device:
+    # Experts a plan leaves on disk are read into host memory: the runtime holds no memory-mapped experts (yet).
+    name = device_map.get(device, "cpu" if device == "disk" else device)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise K2Error(f"the plan names device {device!r}, which torch does not know") from None
+
+
+def expert_cache_hit_rate(model) -> float | None:
+    """The share of streamed-expert uses served from the GPU cache, over all layers; None without streaming."""
+    streamed = [m for m in model.modules() if isinstance(m, StreamedExperts)]
+    uses = sum(m.hits + m.misses for m in streamed)
+    return sum(m.hits for m in streamed) / uses if uses else None
+
+
+def read_plan(path: str | Path) -> dict:
+    try:
+        plan = json.loads(Path(path).read_text())
+        plan["stages"][0]["layers"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise K2Error(f"{path} is not a plan written by `k2 plan --json` ({e})") from None
+    return plan
+
+
+def parse_device_map(text: str | None) -> dict[str, str]:
+    """'cuda:0=cuda:1,cuda:1=cpu' -> {'cuda:0': 'cuda:1', 'cuda:1': 'cpu'}"""
+    if not text:
+        return {}
+    try:
+        return dict(pair.split("=", 1) for pair in text.split(","))
+    except ValueError:
+        raise K2Error(f"--device-map takes PLAN_DEVICE=DEVICE pairs separated by commas, not {text!r}") from None
+
+
+def apply_placement(model, stage: dict, device_map: dict[str, str] | None = None) -> list[StreamedExperts]:
+    """Move a loaded model's parts where one stage of a plan (`k2 plan --json`'s stages[i]) puts them.
+
+    `device_map` renames the plan's devices (run a plan made for cuda:0 on cuda:1, or on the CPU for a test).
+    Returns the streamed expert caches, whose hit counts a run reports.
+    """
+    device_map = device_map or {}
+    streamed = []
+    for entry in stage["layers"]:
+        layer = model.model.layers[entry["layer"]]
+        home = _remap(entry["device"], device_map)
+        moe = isinstance(layer.mlp, MoE)
+        for name, child in layer.named_children():
+            if name != "mlp" or not moe:
+                child.to(home)
+        layer.register_forward_pre_hook(_inputs_to(home))
+        if not moe:
+            continue
+        layer.mlp.gate.to(home)
+        if layer.mlp.shared_experts is not None:
+            layer.mlp.shared_experts.to(home)
+        experts = layer.mlp.experts
+        if entry.get("expert_cache"):
+            layer.mlp.experts = StreamedExperts(experts, entry["expert_cache"], home)
+            streamed.append(layer.mlp.experts)
+        else:
+            placement: dict[str, list[int]] = {}
+            for device, ids in entry["experts"].items():
+                placement.setdefault(str(_remap(device, device_map)), []).extend(ids)
+            layer.mlp.experts = PlacedExperts(experts, placement, home)
+    if stage.get("embeddings"):
+        model.model.embed_tokens.to(_remap(stage["embeddings"], device_map))
+    if stage.get("lm_head"):
+        head = _remap(stage["lm_head"], device_map)
+        model.model.norm.to(head)
+        model.lm_head.to(head)
+        model.model.norm.register_forward_pre_hook(_inputs_to(head))
+    return streamed

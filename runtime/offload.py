@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from runtime.errors import K2Error
-from runtime.models.deepseek_v3 import Experts, MoE
+from runtime.models.deepseek_v3 import MoE
 
 
 def _inputs_to(device: torch.device):
@@ -32,9 +32,9 @@ def _local_ids(n_experts: int, ids: list[int], device) -> torch.Tensor:
 class PlacedExperts(nn.Module):
     """One layer's routed experts split over devices; every selection is computed on its expert's device."""
 
-    def __init__(self, experts: Experts, placement: dict[str, list[int]], home: torch.device):
+    def __init__(self, experts, placement: dict[str, list[int]], home: torch.device):
         super().__init__()
-        n_experts = experts.gate_proj.shape[0]
+        n_experts = experts.n_experts
         self.home = home
         self.devices = [torch.device(d) for d in placement]
         self.parts = nn.ModuleList(experts.select(ids, device) for device, ids in placement.items())
@@ -55,19 +55,20 @@ class PlacedExperts(nn.Module):
 
 class StreamedExperts(nn.Module):
     """All of a layer's experts in host memory (pinned for fast copies), and a cache of `slots` of them on the
-    compute device, filled on demand, least recently used out."""
+    compute device, filled on demand, least recently used out.
 
-    def __init__(self, experts: Experts, slots: int, device: torch.device):
+    Works for any experts module with `n_experts`, `select(ids, device)`, `load_slot(slot, source, expert)` and a
+    forward that skips ids < 0 (BF16 `Experts`, packed `Int4Experts`).
+    """
+
+    def __init__(self, experts, slots: int, device: torch.device):
         super().__init__()
-        n_experts, hidden_dim, dim = experts.gate_proj.shape
-        self.source = experts.select(list(range(n_experts)), "cpu")
+        self.n_experts, self.slots, self.device = experts.n_experts, slots, device
+        self.source = experts.select(list(range(self.n_experts)), "cpu")
         if device.type == "cuda":
-            for p in self.source.parameters():
-                p.data = p.data.pin_memory()
-        with torch.device(device):
-            self.cache = Experts(slots, dim, hidden_dim).to(experts.gate_proj.dtype)
-        self.cache.requires_grad_(False)
-        self.n_experts, self.slots, self.device = n_experts, slots, device
+            for tensor in [*self.source.parameters(), *self.source.buffers()]:
+                tensor.data = tensor.data.pin_memory()
+        self.cache = experts.select(list(range(slots)), device)  # its contents count as empty until fetched
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recently used first
         self.hits = self.misses = 0
 
@@ -82,8 +83,7 @@ class StreamedExperts(nn.Module):
         else:
             victim = next(e for e in self.slot_of if e not in keep)
             slot = self.slot_of.pop(victim)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(self.cache, name).data[slot].copy_(getattr(self.source, name).data[expert], non_blocking=True)
+        self.cache.load_slot(slot, self.source, expert)
         self.slot_of[expert] = slot
         return slot
 

@@ -160,6 +160,10 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
 
+    @property
+    def n_experts(self) -> int:
+        return self.gate_proj.shape[0]
+
     def select(self, ids: list[int], device: torch.device | str) -> "Experts":
         """Experts `ids`, renumbered 0..len(ids)-1, copied to `device`: a placement splits a layer's experts so."""
         part = Experts.__new__(Experts)
@@ -168,6 +172,11 @@ class Experts(nn.Module):
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(part, name, nn.Parameter(getattr(self, name).index_select(0, index).to(device), requires_grad=False))
         return part
+
+    def load_slot(self, slot: int, source: "Experts", expert: int):
+        """Overwrite expert `slot` with `source`'s expert `expert` (an expert cache refills itself so)."""
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(self, name).data[slot].copy_(getattr(source, name).data[expert], non_blocking=True)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [N, dim], weights and ids [N, k] -> sum_k weights * expert_k(x). Ids < 0 are skipped: those slots'

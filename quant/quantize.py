@@ -111,7 +111,8 @@ def _natural_key(name: str):
 
 
 def collect_sources(ckpt: Checkpoint, reader: MappedShards) -> list[Source]:
-    """The input's logical tensors, in input-shard order (so input pages are read once, front to back)."""
+    """The input's logical tensors in natural name order (layer 2 before layer 10): the output's layout then depends
+    on the model alone, not on how the input was sharded, and published checkpoints are stored in that order anyway."""
     tensors = ckpt.tensors
     quant = ckpt.config.get("quantization_config") or {}
     if quant.get("quant_method") == "compressed-tensors":
@@ -140,7 +141,7 @@ def collect_sources(ckpt: Checkpoint, reader: MappedShards) -> list[Source]:
         else:
             sources.append(Source(name, "plain", (info,), info.shape))
     sources = [s for s in sources if s.name not in companions]
-    return sorted(sources, key=lambda s: (str(s.parts[0].shard), _natural_key(s.name)))
+    return sorted(sources, key=lambda s: _natural_key(s.name))
 
 
 def _companion(tensors: dict[str, TensorInfo], name: str, of: str) -> TensorInfo:
@@ -280,6 +281,10 @@ def _copy_source(source: Source, writer: ShardWriter, reader: MappedShards):
 # the run
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
+
+
 def _fingerprint(ckpt: Checkpoint, config: QuantizeConfig) -> dict:
     """What a resumed run must share with the interrupted one: settings and the exact input files."""
     shards = sorted({info.shard for info in ckpt.tensors.values()})
@@ -363,7 +368,7 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: Quantize
         todo = [p for p in plans if p.file not in done]
         need, free = sum(shard_nbytes(p.tensors) for p in todo), shutil.disk_usage(out).free
         if need > free:
-            raise K2Error(f"{out} has {free / 1e9:.2f} GB free; the remaining shards need {need / 1e9:.2f} GB")
+            raise K2Error(f"{out} has {_size(free)} free; the remaining shards need {_size(need)}")
         method = METHODS[config.method]()
         _run(todo, out, manifest, reader, method, Int4Spec.of(config.group_size, config.grid), config,
              workers or len(os.sched_getaffinity(0)), progress,

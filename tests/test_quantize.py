@@ -214,6 +214,15 @@ def test_mse_is_never_worse_than_rtn(demo_dir, rtn_dir, tmp_path):
     sqnr = 10 * torch.log10(w.square().sum() / noise.square().sum()).item()
     assert sqnr == pytest.approx(mse[name + ".weight"]["sqnr_db"], abs=1e-3)
 
+    # Both judged against the original with k2 eval (its numbers are checked in test_eval.py).
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"Expert {i} of layer {i % 3} sees token {i * 7 % 11}." for i in range(40)))
+    for folder in (rtn_dir, tmp_path / "mse"):
+        result = run_k2("eval", folder, "--text", text, "--ref", demo_dir, "--ctx", "64", "--json")
+        assert result.returncode == 0, result.stderr
+        scores = json.loads(result.stdout)
+        assert 0 < scores["kl_mean"] < 0.01 and 0.5 < scores["top1_agreement"] <= 1
+
 
 def test_bad_invocations_give_one_error_line(demo_dir, rtn_dir, tmp_path):
     assert_one_line_error(run_k2("quantize", demo_dir, rtn_dir, "--int4"), "not empty", "--resume")

@@ -1,0 +1,85 @@
+"""`k2 eval`: perplexity, KL and agreement, recomputed from transformers' reference model with torch's distributions."""
+import codecs
+import json
+import this
+
+import pytest
+import torch
+import transformers
+from torch.distributions import Categorical, kl_divergence
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+from runtime.demo import write_demo
+from runtime.tokenizer import Tokenizer
+from tests.helpers import assert_one_line_error, run_k2
+
+transformers.logging.set_verbosity_error()
+CTX = 48
+# Larger weights than the demo's make next-token distributions peaked, so the two models below disagree clearly.
+PEAKED = {"initializer_range": 0.08}
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """Real English we did not write: the Zen of Python, as the standard library ships it (rot13)."""
+    path = tmp_path_factory.mktemp("text") / "zen.txt"
+    path.write_text(codecs.decode(this.s, "rot13"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    return write_demo(root / "a", config_overrides=PEAKED, seed=0), write_demo(root / "b", config_overrides=PEAKED, seed=1)
+
+
+def reference_log_probs(folder, ids: list[int]) -> list[torch.Tensor]:
+    """transformers' log-probabilities [T - 1, V] for each window of CTX tokens, as k2 eval cuts them."""
+    config = DeepseekV3Config.from_pretrained(folder)
+    config.model_type = "deepseek_v3"
+    model = DeepseekV3ForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32).eval()
+    windows = [ids[i:i + CTX] for i in range(0, len(ids), CTX) if len(ids[i:i + CTX]) >= 2]
+    with torch.no_grad():
+        return [model(torch.tensor([w])).logits[0, :-1].float().log_softmax(-1) for w in windows]
+
+
+def k2_eval(*args) -> dict:
+    result = run_k2("eval", *args, "--ctx", CTX, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_perplexity_kl_and_agreement_match_transformers(two_models, text_file):
+    model_dir, ref_dir = two_models
+    ours = k2_eval(model_dir, "--text", text_file, "--ref", ref_dir)
+    ids = Tokenizer.from_folder(model_dir).encode(text_file.read_text())
+    model_lp, ref_lp = reference_log_probs(model_dir, ids), reference_log_probs(ref_dir, ids)
+    targets = [torch.tensor(ids[i * CTX + 1:(i + 1) * CTX]) for i in range(len(model_lp))]
+
+    n = sum(len(t) for t in targets)
+    assert ours["tokens"] == n and ours["windows"] == len(model_lp) > 2
+    nll = sum(-lp.gather(1, t[:, None]).sum() for lp, t in zip(model_lp, targets)) / n
+    ref_nll = sum(-lp.gather(1, t[:, None]).sum() for lp, t in zip(ref_lp, targets)) / n
+    assert ours["perplexity"] == pytest.approx(torch.exp(nll).item(), rel=1e-4)
+    assert ours["ref_perplexity"] == pytest.approx(torch.exp(ref_nll).item(), rel=1e-4)
+
+    kl = [kl_divergence(Categorical(logits=r), Categorical(logits=m)) for r, m in zip(ref_lp, model_lp)]
+    assert ours["kl_mean"] == pytest.approx((sum(k.sum() for k in kl) / n).item(), rel=1e-3)
+    assert ours["kl_mean"] > 0.05  # two different models: the check above is not comparing zeros
+    agree = sum((r.argmax(-1) == m.argmax(-1)).sum() for r, m in zip(ref_lp, model_lp)).item() / n
+    assert ours["top1_agreement"] == pytest.approx(agree, abs=2 / n)  # a near-tie may flip at float noise
+    worst = max(range(len(kl)), key=lambda i: kl[i].mean())
+    assert ours["worst_window"]["index"] == worst and ours["worst_window"]["start_token"] == worst * CTX
+
+
+def test_a_model_against_itself(two_models, text_file):
+    model_dir, _ = two_models
+    result = k2_eval(model_dir, "--text", text_file, "--ref", model_dir, "--max-windows", "2")
+    assert result["windows"] == 2 and result["kl_mean"] == pytest.approx(0, abs=1e-6)
+    assert result["top1_agreement"] == 1.0 and result["perplexity"] == result["ref_perplexity"]
+
+
+def test_bad_text(two_models, tmp_path):
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)))
+    assert_one_line_error(run_k2("eval", two_models[0], "--text", binary), "not UTF-8")

@@ -141,7 +141,11 @@ def pack(q: torch.Tensor) -> torch.Tensor:
     else:
         nibbles = torch.zeros(rows, words * PER_WORD, dtype=torch.uint8)
         nibbles[:, :cols] = (q + OFFSET).view(torch.uint8)
-    # Two nibbles per byte, the even element low; four little-endian bytes per word give "low nibble first".
+    if sys.byteorder == "little":
+        # Each little-endian int16 holds elements (2k, 2k+1) as u0 + 256 u1; its low byte after `x | x >> 4` is
+        # u0 | u1 << 4: two nibbles per byte, the even element low, so four bytes make a word "low nibble first".
+        pairs = nibbles.view(torch.int16)
+        return (pairs | (pairs >> 4)).to(torch.uint8).view(torch.int32)
     packed_bytes = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
     return _bytes_as_words(packed_bytes.contiguous())
 

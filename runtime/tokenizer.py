@@ -1,6 +1,12 @@
-"""Kimi K2's tokenizer: a tiktoken rank file (`tiktoken.model`) plus special tokens from `tokenizer_config.json`."""
+"""Tokenizers of the model folder: Kimi K2's tiktoken rank file, or a Hugging Face `tokenizer.json` (Qwen3, DeepSeek-V3).
+
+Both keep one rule: `encode(text)` is ordinary text, never a special id, even where the text spells a special token.
+Only a chat template's own markers become special ids, through `encode_marked` (see runtime/chat_template.py).
+"""
 import base64
+import codecs
 import json
+import re
 from pathlib import Path
 
 from runtime.errors import K2Error
@@ -21,6 +27,10 @@ K2_SPLIT_PATTERN = "|".join([
 ])
 NUM_RESERVED_SPECIAL = 256
 
+# A control token that came from user text is wrapped in these private-use characters before the template renders it
+# (the convention of transformers' `sanitize_control_tokens`), so it can be told from the template's own markers.
+MARK_START, MARK_END = "\U000f0000", "\U000f0001"
+
 
 def read_ranks(path: Path) -> dict[bytes, int]:
     ranks = {}
@@ -38,27 +48,194 @@ def write_ranks(path: Path, ranks: dict[bytes, int]):
     path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items()))
 
 
-class Tokenizer:
-    def __init__(self, ranks: dict[bytes, int], special_tokens: dict[str, int], name: str = "k2"):
-        import tiktoken
+def _token_text(value) -> str | None:
+    """`tokenizer_config.json` writes a token as a string or as an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
 
-        self.special_tokens = special_tokens
-        self.encoding = tiktoken.Encoding(name, pat_str=K2_SPLIT_PATTERN, mergeable_ranks=ranks,
-                                          special_tokens=special_tokens)
+
+def read_tokenizer_config(folder: Path) -> dict:
+    path = folder / "tokenizer_config.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise K2Error(f"{path} is not valid JSON: {e}") from None
+
+
+def special_tokens_map(config: dict) -> dict[str, str]:
+    """`bos_token`, `eos_token`, ... as strings: chat templates read them (DeepSeek-V3's starts with `{{ bos_token }}`)."""
+    names = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+    return {name: text for name in names if (text := _token_text(config.get(name))) is not None}
+
+
+def marked_pieces(text: str, control_tokens: set[str]) -> list[tuple[str, bool]]:
+    """Split marked text into (piece, is_plain): a marked control token is plain text; the rest keeps its control
+    tokens. A lone marker (a template's string method cut a pair apart) is dropped but still separates its sides."""
+    pattern = "|".join(re.escape(t) for t in sorted(control_tokens, key=len, reverse=True)) or "(?!)"
+    parts = re.split(f"{MARK_START}({pattern}){MARK_END}|[{MARK_START}{MARK_END}]", text)
+    pieces = [(part, i % 2 == 1) for i, part in enumerate(parts) if part]
+    return pieces
+
+
+class Tokenizer:
+    """What generation and chat need from a tokenizer. `from_folder` picks the format the folder holds."""
+
+    special_tokens: dict[str, int]  # text -> id of every added (special or control) token
+    special_flags: dict[str, bool]  # text -> whether the tokenizer marks it special (the rest are plain added tokens)
+    config: dict  # tokenizer_config.json
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Tokenizer":
         folder = Path(folder)
-        if not (folder / "tiktoken.model").exists():
-            raise K2Error(f"{folder} has no tiktoken.model")
-        ranks = read_ranks(folder / "tiktoken.model")
-        config = json.loads((folder / "tokenizer_config.json").read_text())
-        special = {entry["content"]: int(i) for i, entry in config.get("added_tokens_decoder", {}).items()}
-        return cls(ranks, special, folder.name)
+        if (folder / "tiktoken.model").exists():
+            return TiktokenTokenizer.from_folder(folder)
+        if (folder / "tokenizer.json").exists():
+            return HFTokenizer.from_folder(folder)
+        raise K2Error(f"{folder} has no tokenizer (tiktoken.model or tokenizer.json)")
 
     def encode(self, text: str) -> list[int]:
         """Ordinary text: a user typing a special token's name gets its characters, never the special id."""
-        return self.encoding.encode(text, disallowed_special=())
+        raise NotImplementedError
+
+    def encode_with_added(self, text: str) -> list[int]:
+        """Text whose added tokens (special or not) become their ids: for text a chat template wrote."""
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def stream(self) -> "StreamDecoder":
+        raise NotImplementedError
+
+    def encode_marked(self, text: str, control_tokens: set[str]) -> list[int]:
+        """A rendered chat whose user strings had their control tokens marked: those become plain text, every other
+        added token in the text (the template's markers) its id."""
+        ids = []
+        for piece, plain in marked_pieces(text, control_tokens):
+            ids += self.encode(piece) if plain else self.encode_with_added(piece)
+        return ids
+
+    def token_id(self, text: str) -> int | None:
+        return self.special_tokens.get(text)
+
+
+class StreamDecoder:
+    """Ids in, text out as soon as it is whole: a character split across tokens is held until its last byte."""
+
+    def push(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def finish(self) -> str:
+        """What is still held: an incomplete trailing character comes out as U+FFFD, as a full decode would."""
+        raise NotImplementedError
+
+
+class TiktokenTokenizer(Tokenizer):
+    """K2's format: `tiktoken.model` (base64 token, rank) and 256 special ids right after the ranks, named by
+    `tokenizer_config.json` `added_tokens_decoder` (unnamed ones are `<|reserved_token_{id}|>`, as K2's own code does)."""
+
+    def __init__(self, ranks: dict[bytes, int], special_tokens: dict[str, int], name: str = "k2",
+                 pattern: str = K2_SPLIT_PATTERN, config: dict | None = None):
+        import tiktoken
+
+        self.special_tokens = special_tokens
+        self.special_flags = {text: True for text in special_tokens}
+        self.config = config or {}
+        self.encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "TiktokenTokenizer":
+        folder = Path(folder)
+        ranks = read_ranks(folder / "tiktoken.model")
+        config = read_tokenizer_config(folder)
+        named = {int(i): entry["content"] for i, entry in config.get("added_tokens_decoder", {}).items()}
+        first = len(ranks)
+        special = {named.get(i, f"<|reserved_token_{i}|>"): i for i in range(first, first + NUM_RESERVED_SPECIAL)}
+        special.update({text: i for i, text in named.items() if i >= first + NUM_RESERVED_SPECIAL})
+        return cls(ranks, special, folder.name, config=config)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_with_added(self, text: str) -> list[int]:
+        return self.encoding.encode(text, allowed_special="all")
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids, errors="replace")
+
+    def stream(self) -> StreamDecoder:
+        return _BytesStream(self.encoding.decode_single_token_bytes)
+
+
+class _BytesStream(StreamDecoder):
+    def __init__(self, token_bytes):
+        self.token_bytes = token_bytes
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self.utf8.decode(self.token_bytes(token_id))
+
+    def finish(self) -> str:
+        return self.utf8.decode(b"", final=True)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`, run by the `tokenizers` library (Qwen3, DeepSeek-V3)."""
+
+    def __init__(self, backend, config: dict | None = None):
+        self.backend = backend
+        self.config = config or {}
+        added = backend.get_added_tokens_decoder()  # id -> AddedToken
+        self.special_tokens = {token.content: i for i, token in added.items()}
+        self.special_flags = {token.content: token.special for token in added.values()}
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "HFTokenizer":
+        from tokenizers import Tokenizer as Backend
+
+        folder = Path(folder)
+        try:
+            backend = Backend.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the library raises a bare Exception for every parse error
+            raise K2Error(f"{folder / 'tokenizer.json'} cannot be read: {e}") from None
+        return cls(backend, read_tokenizer_config(folder))
+
+    def encode(self, text: str) -> list[int]:
+        # The library always matches added tokens, so run its stages without them: normalize, pre-tokenize, model.
+        backend = self.backend
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        splits = [s for s, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else [text]
+        return [token.id for split in splits for token in backend.model.tokenize(split)]
+
+    def encode_with_added(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    def stream(self) -> StreamDecoder:
+        return _HFStream(self)
+
+
+class _HFStream(StreamDecoder):
+    """The library's DecodeStream holds a partial character back; `finish` flushes what it still holds."""
+
+    def __init__(self, tokenizer: HFTokenizer):
+        from tokenizers.decoders import DecodeStream
+
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], []
+        self.decoder = DecodeStream(skip_special_tokens=False)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.decoder.step(self.tokenizer.backend, token_id) or ""
+        self.emitted.append(text)
+        return text
+
+    def finish(self) -> str:
+        full, emitted = self.tokenizer.decode(self.ids), "".join(self.emitted)
+        tail = full[len(emitted):] if full.startswith(emitted) else ""
+        self.emitted.append(tail)
+        return tail

@@ -7,6 +7,7 @@ import sys
 import typer
 
 from k2cli import model_commands, plan
+from k2cli import chat
 from k2cli import quant_commands
 from runtime.errors import K2Error
 
@@ -16,6 +17,7 @@ app = typer.Typer(help="Quantize, convert and run Kimi K2 and its relatives on t
 app.command()(model_commands.info)
 app.command("init-demo")(model_commands.init_demo)
 app.command()(model_commands.generate)
+app.command()(chat.chat)
 app.command()(plan.plan)
 app.command()(quant_commands.quantize)
 app.command("eval")(quant_commands.eval)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import typer
 
+from k2cli import sampling_options as so
 from runtime.errors import K2Error
 
 MODEL_HELP = "Model folder, a Hugging Face repo id already downloaded, or 'demo' (a tiny K2 created on first use)."
@@ -73,20 +74,26 @@ def generate(model: str = typer.Argument("demo", help=MODEL_HELP),
              device_map: str = typer.Option(None, "--device-map", help="Rename the plan's devices: cuda:0=cuda:1,..."),
              expert_stats: Path = typer.Option(None, "--expert-stats", help="Record how often each expert is chosen "
                                                                             "into this file, for `k2 plan`."),
+             temperature: float = so.TEMPERATURE, top_k: int = so.TOP_K, top_p: float = so.TOP_P,
+             min_p: float = so.MIN_P, repetition_penalty: float = so.REPETITION_PENALTY, seed: int = so.SEED,
              as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
-    """Greedy generation: the end-to-end check of the runtime (sampling and chat come with `k2 chat`)."""
+    """Raw completion without a chat template: greedy unless --temperature is above 0 (or a repetition penalty is
+    set). For a conversation use `k2 chat`."""
     import time
 
     import torch
 
     from runtime.checkpoint import eos_token_ids
-    from runtime.generate import greedy_generate
+    from runtime.generate import greedy_generate, sample_generate
     from runtime.loading import TORCH_DTYPES
     from runtime.offload import ExpertStats, expert_cache_hit_rate, parse_device_map, read_plan
     from runtime.pipeline import PipelineModel, open_model
     from runtime.resolve import resolve_model
+    from runtime.sampling import Sampler, SamplingParams
     from runtime.tokenizer import Tokenizer
 
+    overrides = so.sampling_overrides(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    params = SamplingParams(**{"temperature": 0.0} | {k: v for k, v in overrides.items() if v is not None})
     if dtype not in DTYPES:
         raise K2Error(f"--dtype must be one of {', '.join(DTYPES)}")
     if ids:
@@ -95,10 +102,11 @@ def generate(model: str = typer.Argument("demo", help=MODEL_HELP),
         except ValueError:
             raise K2Error(f"--ids must be comma-separated integers, got {ids!r}") from None
     folder = resolve_model(model)
-    tokenizer = Tokenizer.from_folder(folder) if (folder / "tiktoken.model").exists() else None
+    has_tokenizer = (folder / "tiktoken.model").exists() or (folder / "tokenizer.json").exists()
+    tokenizer = Tokenizer.from_folder(folder) if has_tokenizer else None
     if not ids:
         if tokenizer is None:
-            raise K2Error(f"{folder} has no tiktoken.model tokenizer; pass --ids")
+            raise K2Error(f"{folder} has no tokenizer (tiktoken.model or tokenizer.json); pass --ids")
         prompt_ids = tokenizer.encode(prompt)
     model_obj = open_model(folder, TORCH_DTYPES.get(DTYPES[dtype]), device, progress=sys.stderr.isatty(),
                            plan=read_plan(plan) if plan else None, device_map=parse_device_map(device_map))
@@ -111,7 +119,11 @@ def generate(model: str = typer.Argument("demo", help=MODEL_HELP),
         if max(prompt_ids) >= model_obj.args.vocab_size or min(prompt_ids) < 0:
             raise K2Error(f"prompt ids must lie in [0, {model_obj.args.vocab_size})")
         start = time.perf_counter()
-        new_ids = greedy_generate(model_obj, [prompt_ids], max_tokens, stop_ids=eos_token_ids(folder))[0]
+        if params.greedy and params.repetition_penalty == 1:
+            new_ids = greedy_generate(model_obj, [prompt_ids], max_tokens, stop_ids=eos_token_ids(folder))[0]
+        else:
+            sampler = Sampler(params, model_obj.args.vocab_size, device=model_obj.device)
+            new_ids = sample_generate(model_obj, prompt_ids, sampler, max_tokens, stop_ids=eos_token_ids(folder))
         seconds = time.perf_counter() - start
     finally:
         if pipeline:

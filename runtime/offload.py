@@ -71,31 +71,52 @@ class StreamedExperts(nn.Module):
         self.cache = experts.select(list(range(slots)), device)  # its contents count as empty until fetched
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recently used first
         self.hits = self.misses = 0
+        # Copies run on their own stream, so cached experts compute while missing ones are still arriving.
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def _fetch(self, expert: int, keep: set[int]) -> int:
+        """The slot holding `expert`, copying it in (on the copy stream) if it is not cached."""
         if expert in self.slot_of:
-            self.hits += 1
             self.slot_of.move_to_end(expert)
             return self.slot_of[expert]
-        self.misses += 1
         if len(self.slot_of) < self.slots:
             slot = len(self.slot_of)
         else:
             victim = next(e for e in self.slot_of if e not in keep)
             slot = self.slot_of.pop(victim)
-        self.cache.load_slot(slot, self.source, expert)
+        if self.copy_stream is None:
+            self.cache.load_slot(slot, self.source, expert)
+        else:
+            with torch.cuda.stream(self.copy_stream):
+                self.cache.load_slot(slot, self.source, expert)
         self.slot_of[expert] = slot
         return slot
+
+    def _compute(self, x, weights, ids, experts: list[int], slots: list[int]) -> torch.Tensor:
+        local = torch.full((self.n_experts,), -1, dtype=torch.long)
+        local[experts] = torch.tensor(slots, dtype=torch.long)
+        return self.cache(x, weights, local.to(x.device)[ids])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         needed = torch.unique(ids).tolist()  # which experts to bring in: the one host sync of this mode
         y = torch.zeros_like(x)
         for start in range(0, len(needed), self.slots):  # more experts than slots: in rounds
             chunk = needed[start:start + self.slots]
-            local = torch.full((self.n_experts,), -1, dtype=torch.long)
-            for e in chunk:
-                local[e] = self._fetch(e, set(chunk))
-            y = y + self.cache(x, weights, local.to(x.device)[ids])
+            cached = [e for e in chunk if e in self.slot_of]
+            missing = [e for e in chunk if e not in self.slot_of]
+            self.hits += len(cached)
+            self.misses += len(missing)
+            keep = set(chunk)
+            if self.copy_stream is not None and missing:  # a slot about to be refilled may still be read
+                self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            cached_slots = [self._fetch(e, keep) for e in cached]
+            missing_slots = [self._fetch(e, keep) for e in missing]  # queued on the copy stream
+            if cached:
+                y = y + self._compute(x, weights, ids, cached, cached_slots)
+            if missing:
+                if self.copy_stream is not None:
+                    torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+                y = y + self._compute(x, weights, ids, missing, missing_slots)
         return y
 
 

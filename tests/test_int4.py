@@ -170,3 +170,17 @@ def test_int4_model_holds_packed_weights_only(int4_demo):
     expected_weights = len(layers) * n_experts * 3 * model.args.hidden_size * model.args.moe_intermediate_size
     assert held["int4_weights"] == expected_weights
     assert held["int4_bytes"] == expected_weights // 2 + expected_weights // 32 * 2  # 4 bits + a BF16 per 32
+
+
+def test_int32_weight_shape_as_in_some_k2_thinking_shards(int4_demo, tmp_path):
+    """weight_shape may be stored as int32: the loader reads its values, not its dtype."""
+    folder = tmp_path / "i32"
+    folder.mkdir()
+    for item in int4_demo.iterdir():
+        if item.suffix == ".safetensors":
+            tensors = load_file(item)
+            save_file({n: t.int() if n.endswith("weight_shape") else t for n, t in tensors.items()}, folder / item.name)
+        else:
+            (folder / item.name).write_bytes(item.read_bytes())
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(load_model(folder, dtype=torch.float32)(ids), load_model(int4_demo, dtype=torch.float32)(ids))

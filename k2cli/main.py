@@ -9,6 +9,7 @@ import typer
 from k2cli import model_commands, plan
 from k2cli import chat
 from k2cli import quant_commands
+from k2cli import convert
 from runtime.errors import K2Error
 
 app = typer.Typer(help="Quantize, convert and run Kimi K2 and its relatives on the hardware you own.",
@@ -21,6 +22,7 @@ app.command()(chat.chat)
 app.command()(plan.plan)
 app.command()(quant_commands.quantize)
 app.command("eval")(quant_commands.eval)
+app.command()(convert.convert)
 
 
 def main():

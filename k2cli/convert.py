@@ -1,0 +1,52 @@
+"""`k2 convert`: a checkpoint in another runtime's format (llama.cpp's GGUF)."""
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from runtime.errors import K2Error
+
+MODEL_HELP = "Model folder, a Hugging Face repo id already downloaded, or 'demo' (a tiny K2 created on first use)."
+FORMATS = ("gguf",)
+
+
+def convert(model: str = typer.Argument(..., help=MODEL_HELP),
+            out: Path = typer.Argument(..., help="The .gguf file to write; a split conversion writes "
+                                                 "OUT-00001-of-0000N.gguf files next to it instead."),
+            to: str = typer.Option(..., "--to", help="Output format: gguf (llama.cpp's deepseek2 architecture)."),
+            weights_type: str = typer.Option("bf16", "--type", help="Embeddings, attention, dense and shared-expert weights: "
+                                                            "bf16, f16, f32, q8_0 or q4_0 (norms and the router "
+                                                            "stay f32)."),
+            experts_type: str = typer.Option("auto", "--experts-type",
+                                             help="Routed experts: auto (INT4 experts copied into Q4_0 with no "
+                                                  "rounding, others as --type), bf16, f16, f32, q8_0 or q4_0."),
+            split_max_size: str = typer.Option(None, "--split-max-size",
+                                               help="Largest file, e.g. 50G: llama.cpp's split files past it."),
+            force: bool = typer.Option(False, "--force", help="Overwrite OUT (and its earlier split files)."),
+            workers: int = typer.Option(None, "--workers", min=1, help="Worker threads (default: every core)."),
+            as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
+    """Convert a DeepSeek-V3-architecture checkpoint (Kimi K2, DeepSeek-V3) for llama.cpp, tensor by tensor."""
+    if to not in FORMATS:
+        raise K2Error(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
+    from quant.gguf.export import ConvertConfig, convert_checkpoint
+    from quant.quantize import parse_size
+    from runtime.resolve import resolve_model
+
+    config = ConvertConfig(type=weights_type, experts_type=experts_type,
+                           split_max_bytes=parse_size(split_max_size) if split_max_size else 0)
+    result = convert_checkpoint(resolve_model(model), out, config, force=force, workers=workers,
+                                progress=sys.stderr.isatty())
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    types = ", ".join(f"{n} {name}" for name, n in result["types"].items())
+    typer.echo(f"wrote {', '.join(result['output'])}: {result['tensors']} tensors ({types}), "
+               f"{result['input_bytes'] / 1e9:.3f} GB -> {result['bytes'] / 1e9:.3f} GB in {result['seconds']:.1f} s")
+    if result["int4_copied_tensors"]:
+        typer.echo(f"INT4 -> Q4_0 without rounding: {result['int4_copied_tensors']} tensors, {result['int4_groups']:,} "
+                   f"groups, {result['inexact_scale_groups']:,} with a scale fp16 cannot hold exactly"
+                   + (f" (largest weight change {result['max_int4_weight_error']:.3e})"
+                      if result["inexact_scale_groups"] else ""))
+    for note in result["notes"]:
+        typer.echo(f"note: {note}", err=True)

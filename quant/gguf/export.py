@@ -1,0 +1,325 @@
+"""`k2 convert --to gguf`: a checkpoint streamed into llama.cpp GGUF files, tensor by tensor, through gguf-py's writer.
+
+All that precedes the tensor data (metadata, vocabulary, every tensor's name, type and shape) follows from config.json,
+the tokenizer and the safetensors headers, so it is planned and written first. Tensors are then produced one row block
+at a time (workers encode blocks in parallel; they are written in order) from memory-mapped input shards whose pages
+are dropped once used: memory holds a few row blocks, never a layer's stacked experts. The files are written in a
+temporary folder next to OUT and renamed into place when all are complete.
+"""
+import os
+import re
+import shutil
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from quant.gguf import blocks, names
+from quant.gguf.vocab import add_vocab, read_vocab
+# The quantizer's row-block reader: FP8 and INT4 inputs are dequantized in one place for both commands.
+from quant.quantize import Source, _read_rows, _release_rows, _row_blocks, collect_sources
+from quant.safetensors_io import MappedShards
+from runtime import models
+from runtime.checkpoint import Checkpoint
+from runtime.errors import K2Error
+from runtime.models.deepseek_v3 import ModelArgs
+
+Q = gguf.GGMLQuantizationType
+TYPES = {"f32": Q.F32, "bf16": Q.BF16, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
+FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+              Q.F16: gguf.LlamaFileType.MOSTLY_F16, Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+              Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0}
+AUTO = "auto"  # --experts-type: INT4 experts copied into Q4_0, other experts as --type
+_EXPERT = re.compile(r"(?P<layer>model\.layers\.\d+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight")
+_KV_B = "kv_b_proj"
+WINDOW_PER_WORKER = 4  # row blocks in flight per worker: enough to keep workers busy while one is written
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    type: str = "bf16"  # linear weights and embeddings
+    experts_type: str = AUTO  # routed experts
+    split_max_bytes: int = 0  # 0: one file
+
+    def __post_init__(self):
+        if self.type not in TYPES:
+            raise K2Error(f"--type must be one of {', '.join(TYPES)}, not {self.type!r}")
+        if self.experts_type not in (AUTO, *TYPES):
+            raise K2Error(f"--experts-type must be one of {', '.join((AUTO, *TYPES))}, not {self.experts_type!r}")
+        if self.split_max_bytes < 0:
+            raise K2Error("--split-max-size must be positive")
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str  # GGUF name, e.g. blk.3.ffn_down_exps.weight
+    shape: tuple[int, ...]  # numpy order, rows last: [experts, out, in] for stacked experts
+    qtype: Q
+    sources: tuple[Source, ...]  # one, or a layer's experts in expert order
+    part: str = "whole"  # or "k_b" / "v_b": a half of kv_b_proj, per head
+    int4_copy: bool = False  # INT4 groups copied into Q4_0 blocks, no rounding
+    note: str | None = None  # why the type is not the one asked for
+
+    @property
+    def nbytes(self) -> int:
+        return blocks.nbytes(self.qtype, self.shape)
+
+
+def _choose_type(kind, shape: tuple[int, ...], sources: tuple[Source, ...], part: str,
+                 config: ConvertConfig) -> tuple[Q, bool, str | None]:
+    """(type, INT4 copied as is, note) of one output tensor."""
+    if len(shape) == 1 or kind in names.F32_KINDS:
+        return Q.F32, False, None
+    int4 = [s for s in sources if s.kind == "int4"]
+    copyable = part == "whole" and len(int4) == len(sources) and all(
+        blocks.int4_groups(s.shape[1], s.parts[1].shape[1]) for s in sources)
+    wanted = config.experts_type if kind in names.EXPERT_KINDS else AUTO
+    if copyable and wanted in (AUTO, "q4_0"):
+        return Q.Q4_0, True, None  # an INT4 weight stays the INT4 weight it is
+    qtype = TYPES[config.type if wanted == AUTO else wanted]
+    note = f"INT4 weights dequantized and written as {qtype.name}" if int4 else None
+    if shape[-1] % blocks.block_size(qtype):
+        note, qtype = f"rows of {shape[-1]} are not whole {qtype.name} blocks: written as BF16", Q.BF16
+    return qtype, False, note
+
+
+def plan_tensors(ckpt: Checkpoint, sources: list[Source], args: ModelArgs, config: ConvertConfig) -> list[OutputTensor]:
+    """The GGUF tensors of a checkpoint in writing order, after checking its tensors against config.json."""
+    model = models.build_on_meta(ckpt.config)
+    expected = model.checkpoint_shapes()
+    if args.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)  # llama.cpp reads a missing output.weight as token_embd
+    # (checkpoint name, its sources, shape, part); a stacked tensor's sources are its experts by id, filled as found
+    jobs: list[tuple[str, tuple[Source, ...] | dict[int, Source], tuple[int, ...], str]] = []
+    stacks: dict[str, dict[int, Source]] = {}
+    seen = set()
+    for s in sources:
+        if model.skip_tensor(s.name) or (args.tie_word_embeddings and s.name == "lm_head.weight"):
+            continue
+        if s.name not in expected:
+            raise K2Error(f"tensor {s.name} is in the checkpoint but not in the model config.json describes")
+        if s.shape != expected[s.name]:
+            raise K2Error(f"tensor {s.name} has shape {list(s.shape)} but config.json implies {list(expected[s.name])}")
+        seen.add(s.name)
+        if match := _EXPERT.fullmatch(s.name):
+            stacked = f"{match['layer']}.{match['proj']}.weight"
+            if stacked not in stacks:
+                stacks[stacked] = {}
+                jobs.append((stacked, stacks[stacked], (args.n_routed_experts, *s.shape), "whole"))
+            stacks[stacked][int(match["expert"])] = s
+        elif _KV_B in s.name:
+            heads, rank = args.num_attention_heads, args.kv_lora_rank
+            jobs.append((s.name.replace(_KV_B, "k_b_proj"), (s,), (heads, rank, args.qk_nope_head_dim), "k_b"))
+            jobs.append((s.name.replace(_KV_B, "v_b_proj"), (s,), (heads, args.v_head_dim, rank), "v_b"))
+        else:
+            jobs.append((s.name, (s,), s.shape, "whole"))
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        raise K2Error(f"the checkpoint lacks {len(missing)} tensor(s) that config.json implies, first {missing[0]}")
+
+    name_map = names.tensor_name_map(args.num_hidden_layers)
+    planned = []
+    for hf_name, parts, shape, part in jobs:
+        parts = tuple(parts[e] for e in sorted(parts)) if isinstance(parts, dict) else parts
+        kind, gguf_name = names.gguf_tensor(name_map, hf_name)
+        qtype, int4_copy, note = _choose_type(kind, shape, parts, part, config)
+        planned.append(OutputTensor(gguf_name, shape, qtype, parts, part, int4_copy, note))
+    return planned
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# producing a tensor's bytes, row block by row block
+
+
+def _encode_rows(tensor: OutputTensor, source: Source, reader: MappedShards, r0, r1):
+    """Rows [r0, r1) of one source in the tensor's encoding: (uint8 bytes, INT4 scale report or None)."""
+    report = None
+    if tensor.int4_copy:
+        packed_info, scale_info = source.parts[:2]
+        packed, scale = reader.tensor(packed_info)[r0:r1], reader.tensor(scale_info)[r0:r1]
+        data, report = blocks.int4_to_q4_0(packed, scale, source.shape[1])
+        row_bytes = scale_info.nbytes // scale_info.shape[0]
+        reader.release(scale_info, r0 * row_bytes, r1 * row_bytes)
+    elif tensor.qtype == Q.BF16 and source.kind == "plain" and source.parts[0].dtype == "BF16":
+        stored = reader.tensor(source.parts[0])
+        data = (stored if r0 is None else stored[r0:r1]).view(torch.uint8).numpy().copy()  # the bytes as they are
+    else:
+        rows = _read_rows(source, reader, r0, r1)
+        data = blocks.encode(rows.reshape(-1, tensor.shape[-1]).numpy(), tensor.qtype)
+    _release_rows(source, reader, r0, r1)
+    return data, report
+
+
+def _encode_kv_half(tensor: OutputTensor, reader: MappedShards):
+    """attn_k_b [heads, kv_lora_rank, nope] (transposed, as llama.cpp multiplies by it) or attn_v_b [heads, v, rank]."""
+    source = tensor.sources[0]
+    heads = _read_rows(source, reader, None, None).view(tensor.shape[0], -1, source.shape[1])  # [H, nope + v, rank]
+    if tensor.part == "k_b":
+        half = heads[:, :tensor.shape[2]].transpose(1, 2)
+    else:
+        half = heads[:, heads.shape[1] - tensor.shape[1]:]
+    _release_rows(source, reader, None, None)
+    return blocks.encode(half.contiguous().view(-1, tensor.shape[-1]).numpy(), tensor.qtype), None
+
+
+def _tasks(tensor: OutputTensor, reader: MappedShards):
+    if tensor.part != "whole":
+        yield partial(_encode_kv_half, tensor, reader)
+        return
+    for source in tensor.sources:
+        for r0, r1 in _row_blocks(source.shape):
+            yield partial(_encode_rows, tensor, source, reader, r0, r1)
+
+
+def _in_order(pool: ThreadPoolExecutor, tasks, window: int):
+    """Results of `tasks` run by `pool`, in order, with at most `window` of them computed ahead."""
+    pending = deque()
+    for task in tasks:
+        pending.append(pool.submit(task))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+class _StreamedTensor:
+    """What GGUFWriter.write_tensor_data reads of a tensor (`nbytes`, `tofile`), produced one row block at a time."""
+
+    def __init__(self, nbytes: int, chunks, on_chunk):
+        self.nbytes, self._chunks, self._on_chunk = nbytes, chunks, on_chunk
+
+    def tofile(self, fp):
+        written = 0
+        for data, report in self._chunks:
+            fp.write(memoryview(data).cast("B"))
+            written += data.nbytes
+            self._on_chunk(data.nbytes, report)
+        if written != self.nbytes:
+            raise RuntimeError(f"wrote {written} bytes of a tensor planned as {self.nbytes}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def _model_name(folder: Path) -> str:
+    # A Hugging Face cache snapshot is .../models--org--name/snapshots/<hash>: the repo names the model, not the hash.
+    if folder.parent.name == "snapshots":
+        return folder.parent.parent.name.split("--")[-1]
+    return folder.resolve().name
+
+
+def _file_type(tensors: list[OutputTensor]):
+    """The type most bytes of the weight matrices are in (llama.cpp shows it as the file's type)."""
+    weights = Counter()
+    for t in tensors:
+        if len(t.shape) > 1:
+            weights[t.qtype] += t.nbytes
+    return FILE_TYPES.get(weights.most_common(1)[0][0], gguf.LlamaFileType.GUESSED) if weights else gguf.LlamaFileType.ALL_F32
+
+
+def _existing_outputs(out: Path) -> list[Path]:
+    """OUT, and files of an earlier split conversion to OUT (llama.cpp's `stem-0000i-of-0000N.gguf`)."""
+    split = re.compile(rf"{re.escape(out.stem)}-\d{{5}}-of-\d{{5}}\.gguf")
+    found = [out] if out.exists() else []
+    if out.parent.is_dir():
+        found += sorted(p for p in out.parent.iterdir() if split.fullmatch(p.name))
+    return found
+
+
+def convert_checkpoint(model_dir: str | Path, out: str | Path, config: ConvertConfig, force: bool = False,
+                       workers: int | None = None, progress: bool = True) -> dict:
+    """Write the GGUF file(s); returns what was written and how (files, bytes, types, INT4 scale report, notes)."""
+    out = Path(out)
+    if out.is_dir():
+        raise K2Error(f"{out} is a folder; OUT is the .gguf file to write")
+    stale = _existing_outputs(out)
+    if stale and not force:
+        raise K2Error(f"{stale[0]} exists; --force overwrites it")
+    ckpt = Checkpoint.open(model_dir)
+    _, args = models.build(ckpt.config)
+    names.check_supported(ckpt.config, args)
+    reader = MappedShards()
+    try:
+        sources = collect_sources(ckpt, reader)
+        tensors = plan_tensors(ckpt, sources, args, config)
+        vocab = read_vocab(ckpt.folder, args.vocab_size)
+        total = sum(t.nbytes for t in tensors)
+        # gguf-py splits when a file would pass the limit (and warns when asked to split what fits in one).
+        split = config.split_max_bytes if config.split_max_bytes and total > config.split_max_bytes else 0
+        writer = gguf.GGUFWriter(None, names.ARCH_NAME, split_max_size=split)
+        writer.add_name(_model_name(ckpt.folder))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_file_type(_file_type(tensors))
+        names.add_hparams(writer, args)
+        add_vocab(writer, ckpt.folder, vocab, names.PRE_TOKENIZERS[ckpt.config["model_type"]])
+        for t in tensors:
+            writer.add_tensor_info(t.name, blocks.byte_shape(t.qtype, t.shape), np.dtype(np.uint8), t.nbytes,
+                                   raw_dtype=t.qtype)
+        files = writer.format_shard_names(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out.parent).free
+        if total > free:
+            raise K2Error(f"{out.parent} has {free / 1e9:.2f} GB free; the GGUF needs {total / 1e9:.2f} GB")
+        started = time.perf_counter()
+        scale_report = _write(writer, tensors, out, files, reader, workers or len(os.sched_getaffinity(0)), progress)
+        seconds = time.perf_counter() - started
+    finally:
+        reader.close()
+        ckpt.close()
+    for path in stale:
+        if path not in files:
+            path.unlink()  # an earlier conversion's split files this one does not replace
+    types = Counter(t.qtype.name for t in tensors)
+    return {"output": [str(f) for f in files], "files": len(files), "bytes": sum(f.stat().st_size for f in files),
+            "tensors": len(tensors), "input_bytes": sum(s.nbytes for s in sources), "seconds": seconds,
+            "types": dict(sorted(types.items())), "int4_copied_tensors": sum(t.int4_copy for t in tensors),
+            "int4_groups": scale_report.groups, "inexact_scale_groups": scale_report.inexact,
+            "max_int4_weight_error": scale_report.max_weight_error,
+            "notes": [f"{t.name}: {t.note}" for t in tensors if t.note]}
+
+
+def _write(writer: gguf.GGUFWriter, tensors: list[OutputTensor], out: Path, files: list[Path], reader: MappedShards,
+           workers: int, progress: bool) -> blocks.ScaleReport:
+    tmp = out.parent / f".{out.name}.k2-convert.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # an interrupted run's leftovers
+    tmp.mkdir()
+    report = blocks.ScaleReport()
+    bar = tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="converting",
+               disable=not progress, dynamic_ncols=True)
+
+    def on_chunk(nbytes: int, chunk_report: blocks.ScaleReport | None):
+        bar.update(nbytes)
+        if chunk_report:
+            report.add(chunk_report)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # parallel over row blocks, one core each
+    try:
+        writer.write_header_to_file(tmp / out.name)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with ThreadPoolExecutor(workers, thread_name_prefix="k2-convert") as pool:
+            for i, t in enumerate(tensors, 1):
+                bar.set_postfix_str(f"{i}/{len(tensors)} tensors", refresh=False)
+                chunks = _in_order(pool, _tasks(t, reader), workers * WINDOW_PER_WORKER)
+                writer.write_tensor_data(_StreamedTensor(t.nbytes, chunks, on_chunk))
+        writer.flush()
+        for f in writer.fout:
+            os.fsync(f.fileno())
+        writer.close()
+        for path in files:
+            os.replace(tmp / path.name, path)
+    finally:
+        writer.close()
+        bar.close()
+        torch.set_num_threads(threads)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report

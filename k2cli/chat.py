@@ -23,6 +23,7 @@ HELP = """commands:
   /save FILE         write the conversation as JSON messages (OpenAI shape)
   /load FILE         continue a conversation saved by /save (a JSON list of messages)
   /think on|off      turn the model's reasoning on or off, where its template has the switch
+  /set NAME VALUE    change temperature, top-k, top-p, min-p, repetition-penalty, seed or max-tokens
   /stats             context use, sampling, the last turn's numbers
   /exit              leave (Ctrl-D does too)
 Ctrl-C stops a reply; a line ending in \\ continues on the next line; start a message with // to send a leading /."""
@@ -148,7 +149,8 @@ class Repl:
         self.history_file = history_file
         self.readline = None
         self.commands = {"/help": self.help, "/reset": self.reset, "/system": self.system, "/save": self.save,
-                         "/load": self.load, "/think": self.think, "/stats": self.stats, "/exit": None, "/quit": None}
+                         "/load": self.load, "/think": self.think, "/set": self.set_option, "/stats": self.stats,
+                         "/exit": None, "/quit": None}
 
     def _setup_readline(self):
         try:
@@ -266,6 +268,25 @@ class Repl:
             return
         self.session.set_thinking(argument == "on")
         typer.echo(f"thinking {argument}")
+
+    def set_option(self, argument):
+        name, _, value = argument.partition(" ")
+        field = name.replace("-", "_")
+        kinds = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, "repetition_penalty": float,
+                 "seed": int, "max_tokens": int}
+        if field not in kinds or not value.strip():
+            raise K2Error(f"/set NAME VALUE, NAME one of {', '.join(k.replace('_', '-') for k in kinds)}")
+        try:
+            number = kinds[field](value)
+        except ValueError:
+            raise K2Error(f"/set {name}: {value!r} is not a number") from None
+        if field == "max_tokens":
+            if number < 1:
+                raise K2Error("/set max-tokens: at least 1")
+            self.max_tokens = number
+        else:
+            self.params = dataclasses.replace(self.params, **{field: number})
+        typer.echo(f"{name} = {number}")
 
     def stats(self, _):
         s = self.session

@@ -103,27 +103,28 @@ class ChatSession:
             raise K2Error("this model's chat template has no thinking switch")
         self.template_kwargs[switch] = on
 
-    def prompt_ids(self) -> list[int]:
-        return self.template.encode(self.tokenizer, self.messages, self.tools, add_generation_prompt=True,
-                                    **self.template_kwargs)
+    def prompt_ids(self, messages: list[dict] | None = None) -> list[int]:
+        return self.template.encode(self.tokenizer, self.messages if messages is None else messages, self.tools,
+                                    add_generation_prompt=True, **self.template_kwargs)
 
     # A turn -----------------------------------------------------------------------------------------------------
 
     def _fit(self, reserve: int) -> tuple[list[int], int]:
         """Prompt ids with room for `reserve` new tokens, dropping the oldest turns (a user message and what
-        answered it) but never the system prompt nor the newest user message."""
-        dropped = 0
+        answered it) but never the system prompt nor the newest user message. Nothing is dropped if it cannot fit."""
+        messages, dropped = list(self.messages), 0
+        first = 1 if self.system is not None else 0
         while True:
-            ids = self.prompt_ids()
+            ids = self.prompt_ids(messages)
             if len(ids) + reserve <= self.max_context:
+                self.messages = messages
                 return ids, dropped
-            first = 1 if self.system is not None else 0
-            next_user = next((i for i in range(first + 1, len(self.messages)) if self.messages[i]["role"] == "user"), None)
+            next_user = next((i for i in range(first + 1, len(messages)) if messages[i]["role"] == "user"), None)
             if next_user is None:
                 raise K2Error(f"the message needs {len(ids)} tokens plus {reserve} for the reply, but the context holds "
                               f"{self.max_context} (shorten it, lower --max-tokens or raise --ctx)")
             dropped += next_user - first
-            del self.messages[first:next_user]
+            del messages[first:next_user]
 
     def send(self, text: str, params: SamplingParams, max_new_tokens: int) -> Iterator[Event | Notice]:
         """Add a user message and stream the reply: reasoning and content deltas, finished tool calls, notices.

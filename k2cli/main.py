@@ -10,11 +10,13 @@ from k2cli import model_commands, plan
 from k2cli import chat
 from k2cli import quant_commands
 from k2cli import convert
+from k2cli import download
 from runtime.errors import K2Error
 
 app = typer.Typer(help="Quantize, convert and run Kimi K2 and its relatives on the hardware you own.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
+app.command()(download.download)
 app.command()(model_commands.info)
 app.command("init-demo")(model_commands.init_demo)
 app.command()(model_commands.generate)

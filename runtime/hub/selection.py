@@ -1,0 +1,85 @@
+"""Which files of a repo `k2 download` fetches: what k2 reads by default, the user's globs, and one pipeline stage's
+shards."""
+import json
+import re
+import tempfile
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from runtime.errors import K2Error
+
+# What k2 reads from a model folder: weights and their index, the configs, the tokenizer and the chat template.
+DEFAULT_INCLUDE = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+                   "tokenizer*", "tiktoken.model", "*.tiktoken", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json")
+# Remote code (tokenization_kimi.py, modeling_deepseek.py) is never executed by k2, so it is not even fetched.
+DEFAULT_EXCLUDE = ("*.py",)
+# The context pipeline stages are costed at when no plan is given: runtime/pipeline.py and `k2 plan`'s default --ctx.
+PIPELINE_CTX = 4096
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _matches(path: str, globs) -> bool:
+    return any(fnmatchcase(path, glob) for glob in globs)
+
+
+def select_paths(paths, include: list[str] | None = None, exclude: list[str] | None = None) -> list[str]:
+    """The repo files to fetch. By default the top-level files k2 reads; --include globs replace that set (matched
+    against the whole path, as huggingface_hub's allow_patterns), --exclude globs remove from it."""
+    if include:
+        chosen = [p for p in paths if _matches(p, include)]
+    else:
+        chosen = [p for p in paths if "/" not in p and _matches(p, DEFAULT_INCLUDE) and not _matches(p, DEFAULT_EXCLUDE)]
+    return sorted(p for p in chosen if not _matches(p, exclude or ()))
+
+
+def parse_stage(text: str) -> tuple[int, int]:
+    """'2/4' -> (1, 4): the 0-based stage index and the number of stages."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise K2Error(f"--stage takes I/N with 1 <= I <= N (e.g. 1/2), got {text!r}")
+    return int(match[1]) - 1, int(match[2])
+
+
+def parse_layers(text: str) -> range:
+    """'0-29' -> range(0, 30); '7' -> range(7, 8). Both ends are included, as layers are numbered in config.json."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    if not match or (match[2] is not None and int(match[2]) < int(match[1])):
+        raise K2Error(f"--layers takes A-B with A <= B (e.g. 0-29), got {text!r}")
+    return range(int(match[1]), int(match[2] if match[2] is not None else match[1]) + 1)
+
+
+def stage_layers(config: dict, stage: int, n_stages: int) -> range:
+    """The layers pipeline stage `stage` (0-based) of `n_stages` runs.
+
+    The one rule of runtime/pipeline.py and `k2 plan --stages N`: placement.stage_layer_ranges over each layer's
+    decode cost at PIPELINE_CTX. The cost comes from config.json alone (the bytes its format stores, the same the
+    safetensors headers give), so every machine of a pipeline can decide its part before any shard is on disk.
+    """
+    from runtime.placement import decode_bytes_per_token, model_cost, stage_layer_ranges
+
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "config.json").write_text(json.dumps(config))
+        cost = model_cost(folder)
+    return stage_layer_ranges(decode_bytes_per_token(cost, PIPELINE_CTX), n_stages)[stage]
+
+
+def tensor_needed(name: str, layers: range, n_layers: int) -> bool:
+    """Whether a run of `layers` reads tensor `name`: their own tensors, the embeddings with the first layer, the
+    final norm and lm_head with the last. Layers past num_hidden_layers (DeepSeek-V3's MTP) are never loaded."""
+    match = _LAYER.match(name)
+    if match:
+        return int(match[1]) in layers
+    if name.startswith("model.embed_tokens."):
+        return 0 in layers
+    if name.startswith(("model.norm.", "lm_head.")):
+        return n_layers - 1 in layers
+    return True  # a tensor of no known part: every stage fetches it rather than miss it
+
+
+def shards_for_layers(weight_map: dict[str, str], layers: range, n_layers: int) -> set[str]:
+    """The shards (as the index names them) holding any tensor a run of `layers` reads."""
+    if layers.start < 0 or layers.stop > n_layers:
+        raise K2Error(f"--layers {layers.start}-{layers.stop - 1} is outside the model's layers 0-{n_layers - 1}")
+    return {shard for name, shard in weight_map.items() if tensor_needed(name, layers, n_layers)}

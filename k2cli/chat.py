@@ -78,7 +78,11 @@ class ReplyView:
             text = event.text
             if self.mode == "reasoning":
                 self._close_reasoning()
-                text = text.lstrip("\n")  # the answer starts on a fresh line; the stored text is unchanged
+                self.mode = "answer start"
+            if self.mode == "answer start":  # the answer starts on a fresh line; the stored text is unchanged
+                text = text.lstrip("\n")
+                if not text:
+                    return
             self.mode = "content"
             self._write(self.out, self.clean(text))
         elif event.kind == "tool_call":

@@ -9,6 +9,7 @@ import typer
 from k2cli import model_commands, plan
 from k2cli import chat
 from k2cli import quant_commands
+from k2cli import bench
 from k2cli import convert
 from k2cli import download
 from runtime.errors import K2Error
@@ -24,6 +25,7 @@ app.command()(chat.chat)
 app.command()(plan.plan)
 app.command()(quant_commands.quantize)
 app.command("eval")(quant_commands.eval)
+app.command()(bench.bench)
 app.command()(convert.convert)
 
 

@@ -102,15 +102,23 @@ class Attention(nn.Module):
         self.kv_b_proj = nn.Linear(args.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, args.hidden_size, bias=args.attention_bias)
 
-    def forward(self, x, cos, sin, mask, layer_cache: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, layer_cache: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """`start` is the cache slot of x's first token, or the slots [T] as a tensor: then the shapes stay fixed (a
+        captured decode step), attention reads the whole buffer, and the mask hides the slots not yet written."""
         B, T, _ = x.shape
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rope_interleaved(q_pe, cos, sin)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_pe = apply_rope_interleaved(k_pe.unsqueeze(2), cos, sin).squeeze(2)
-        layer_cache[:, start:start + T] = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
-        latent = layer_cache[:, :start + T]  # [B, S, kv_lora_rank + rope_dim]
+        # The query's and the shared key's rope parts rotate in one call. [B, T, H + 1, rope_dim]
+        rotated = apply_rope_interleaved(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), cos, sin)
+        q_pe, k_pe = rotated.split([self.n_heads, 1], dim=2)
+        new = torch.cat([self.kv_a_layernorm(c_kv), k_pe.squeeze(2)], dim=-1)  # [B, T, kv_lora_rank + rope_dim]
+        if isinstance(start, int):
+            layer_cache[:, start:start + T] = new
+            latent = layer_cache[:, :start + T]  # [B, S, kv_lora_rank + rope_dim]
+        else:
+            layer_cache.index_copy_(1, start, new)
+            latent = layer_cache
         attend = self.attend_absorbed if T == 1 else self.attend_naive
         return self.o_proj(attend(q_nope, q_pe, latent, mask).flatten(2))
 
@@ -126,15 +134,22 @@ class Attention(nn.Module):
         return out.transpose(1, 2)  # [B, T, H, v_dim]
 
     def attend_absorbed(self, q_nope, q_pe, latent, mask):
-        """Fold kv_b_proj into the query and the output so attention reads only the cached latent."""
-        w_uk, w_uv = self.kv_b_proj.weight.view(self.n_heads, -1, self.kv_lora_rank).split([self.nope_dim, self.v_dim], dim=1)
-        c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
-        scores = torch.einsum("bthr,bsr->bhts", q_latent, c_kv) + torch.einsum("bthp,bsp->bhts", q_pe, k_pe)
-        scores = (scores * self.scale).masked_fill(~mask.unsqueeze(1), float("-inf"))
+        """Fold kv_b_proj into the query and the output so attention reads only the cached latent.
+
+        Written as batched matmuls over views (no einsum): at decode every op is tiny, and its count is the cost.
+        """
+        B, T, H, _ = q_nope.shape
+        r = self.kv_lora_rank
+        w_uk, w_uv = self.kv_b_proj.weight.view(H, -1, r).split([self.nope_dim, self.v_dim], dim=1)
+        q_latent = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)  # [H, B*T, r]
+        # Query in the latent's own layout [c_kv | k_pe]: one matmul scores the cached rows. [B, T*H, r + rope_dim]
+        q_full = torch.cat([q_latent.transpose(0, 1).reshape(B, T * H, r), q_pe.reshape(B, T * H, -1)], dim=-1)
+        scores = torch.bmm(q_full, latent.transpose(1, 2)).view(B, T, H, -1) * self.scale  # [B, T, H, S]
+        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_nope.dtype)
-        out_latent = torch.einsum("bhts,bsr->bthr", probs, c_kv)
-        return torch.einsum("bthr,hvr->bthv", out_latent, w_uv)
+        out_latent = torch.bmm(probs.view(B, T * H, -1), latent[..., :r])  # [B, T*H, r]
+        out = torch.bmm(out_latent.view(B * T, H, r).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*T, v_dim]
+        return out.transpose(0, 1).view(B, T, H, self.v_dim)
 
 
 class Router(nn.Module):
@@ -181,15 +196,62 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [N, dim], weights and ids [N, k] -> sum_k weights * expert_k(x). Ids < 0 are skipped: those slots'
         experts live elsewhere (see runtime/offload.py)."""
+        return grouped_experts(x, weights, ids, self.n_experts, self.expert_weights)
+
+    def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.gate_proj[e], self.up_proj[e], self.down_proj[e]
+
+    def forward_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """`forward` as the obvious loop over the experts hit: the oracle of the grouped and fused paths."""
         y = torch.zeros_like(x)
         flat = ids.flatten()
-        # Per-expert loop over the experts this batch hit: the obvious path, and the oracle for fused kernels.
         for e in torch.bincount(flat[flat >= 0], minlength=self.gate_proj.shape[0]).nonzero().flatten().tolist():
             token, slot = (ids == e).nonzero(as_tuple=True)
             xe = x[token]
             out = F.linear(F.silu(F.linear(xe, self.gate_proj[e])) * F.linear(xe, self.up_proj[e]), self.down_proj[e])
             y.index_add_(0, token, (out * weights[token, slot, None]).to(y.dtype))
         return y
+
+
+def grouped_experts(x, weights, ids, n_experts: int, expert_weights) -> torch.Tensor:
+    """Routed experts with the (token, slot) pairs sorted by expert: each expert runs its rows as one contiguous
+    slice, so its matmuls batch its tokens (prefill) and no per-expert search or scatter runs (decode).
+    `expert_weights(e)` gives expert e's (gate, up, down) [out, in] matrices; ids < 0 are skipped."""
+    if ids.shape[0] == 1:
+        return _one_token_experts(x, weights, ids, expert_weights)
+    k = ids.shape[1]
+    flat = ids.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat + 1, minlength=n_experts + 1).tolist()  # the one host sync; [0]: skipped slots
+    pairs = order[counts[0]:]
+    token = pairs // k
+    xs = x[token]  # [pairs, dim], grouped by expert
+    outs, start = [], 0
+    for e, n in enumerate(counts[1:]):
+        if n:
+            gate, up, down = expert_weights(e)
+            xe = xs[start:start + n]
+            outs.append(F.linear(F.silu(F.linear(xe, gate)) * F.linear(xe, up), down))
+            start += n
+    y = torch.zeros_like(x)
+    if not outs:
+        return y
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return y.index_add_(0, token, (out * weights.flatten()[pairs, None]).to(y.dtype))
+
+
+def _one_token_experts(x, weights, ids, expert_weights) -> torch.Tensor:
+    """One token (decode at batch 1): its k experts in turn, mixed by one matmul with the routing weights."""
+    outs, kept = [], []
+    for slot, e in enumerate(ids[0].tolist()):  # the one host sync
+        if e >= 0:
+            gate, up, down = expert_weights(e)
+            outs.append(F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down))
+            kept.append(slot)
+    if not outs:
+        return torch.zeros_like(x)
+    mix = weights[:, kept] if len(kept) < ids.shape[1] else weights
+    return (mix @ torch.cat(outs).to(weights.dtype)).to(x.dtype)
 
 
 class MoE(nn.Module):
@@ -287,15 +349,21 @@ class DeepseekV3(nn.Module):
         return LatentCache({i: self.layer_device(i) for i in layer_ids}, batch, max_len, self.args.kv_lora_rank,
                            self.args.qk_rope_head_dim, dtype, pad)
 
-    def step_inputs(self, tokens: torch.Tensor, cache: LatentCache) -> "StepInputs":
-        """What every layer of one forward step needs: positions as rope cos/sin, the mask, the write slot."""
+    def step_inputs(self, tokens: torch.Tensor, cache: LatentCache, slots: torch.Tensor | None = None) -> "StepInputs":
+        """What every layer of one forward step needs: positions as rope cos/sin, the mask, the write slot.
+
+        With `slots` (the cache slots [T] of `tokens`, a tensor) nothing is read on the host and every shape is
+        fixed by the cache: the form a decode step captured in a CUDA graph needs."""
         B, T = tokens.shape
-        start = cache.length
-        if start + T > cache.max_len:
-            raise K2Error(f"the cache holds {cache.max_len} tokens; {start} are used and {T} more were given")
         device = tokens.device
-        slots = torch.arange(start, start + T, device=device)
-        key_slots = torch.arange(start + T, device=device)
+        if slots is None:
+            start = cache.length
+            if start + T > cache.max_len:
+                raise K2Error(f"the cache holds {cache.max_len} tokens; {start} are used and {T} more were given")
+            slots = torch.arange(start, start + T, device=device)
+            key_slots = torch.arange(start + T, device=device)
+        else:
+            start, key_slots = slots, torch.arange(cache.max_len, device=device)
         pad = cache.pad.to(device)
         positions = (slots.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # [B, T]
         # Causal over slots, and blind to each row's left padding; a padding query sees itself so no row is empty.
@@ -326,4 +394,4 @@ class StepInputs:
     cos: torch.Tensor  # [B, T, rope_dim / 2] fp32
     sin: torch.Tensor
     mask: torch.Tensor  # [B, T, S] bool
-    start: int  # cache slot of the first new token
+    start: int | torch.Tensor  # cache slot of the first new token, or the slots [T] as a tensor

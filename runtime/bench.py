@@ -1,0 +1,221 @@
+"""`k2 bench`: prefill and decode speed, time to first token, memory, and decode against the bandwidth roofline.
+
+Every number comes from this run: prompts are random ids with end-of-sequence suppressed so every rep decodes the
+full length; decode tok/s excludes the first token (it comes out of the prefill); the bandwidth is a copy measured
+on the device, and weight bytes per token count what a decode step reads: every non-expert weight, one embedding
+row per token, and the routed experts the router actually picked (distinct per step, counted on a probe run).
+With a reference engine (transformers), reps of both alternate so background load hits both rows alike.
+"""
+import math
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from runtime.decoding import EagerDecoder, make_decoder, suppress_bias
+from runtime.errors import K2Error
+from runtime.models.deepseek_v3 import MoE
+
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}  # past every cache level, small enough for any test machine
+PROBE_STEPS = 16  # decode steps whose routing is recorded to count the experts a step reads
+
+
+@dataclass
+class BenchSettings:
+    prompt_len: int = 512
+    gen: int = 128
+    batch: int = 1
+    reps: int = 5
+    warmup: int = 1
+    seed: int = 0
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, reps: int = 5) -> float:
+    """Bytes per second that `dst.copy_(src)` moves on `device` (read + write counted), best of `reps`."""
+    nbytes = COPY_BYTES.get(device.type, COPY_BYTES["cpu"])
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(reps + 1):  # the first copy faults the destination's pages in
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def _tensor_bytes(module) -> dict[int, int]:
+    """Bytes of the module's weights (its state dict: no derived buffers such as rope frequencies), by storage."""
+    return {t.data_ptr(): t.numel() * t.element_size() for t in module.state_dict(keep_vars=True).values()
+            if not t.is_meta}
+
+
+def weight_bytes_per_step(model, batch: int, experts_per_step: dict[int, float]) -> int:
+    """Weight bytes one decode step reads: all but the embedding and the routed experts, `batch` embedding rows,
+    and per MoE layer the distinct experts a step picked (on average) times one expert's bytes."""
+    every = _tensor_bytes(model)
+    embed = model.model.embed_tokens.weight
+    row_bytes = embed.shape[1] * embed.element_size()
+    total = batch * row_bytes
+    skip = {embed.data_ptr()}
+    for i, layer in enumerate(model.model.layers):
+        if isinstance(layer.mlp, MoE):
+            experts = _tensor_bytes(layer.mlp.experts)
+            skip |= experts.keys()
+            total += experts_per_step.get(i, 0.0) * sum(experts.values()) / layer.mlp.experts.n_experts
+    return int(total + sum(n for ptr, n in every.items() if ptr not in skip))
+
+
+def distinct_experts_per_step(model, prompts: torch.Tensor, max_len: int, bias: torch.Tensor, steps: int) -> dict[int, float]:
+    """Per MoE layer: the distinct routed experts a decode step of this batch picks, averaged over `steps` steps."""
+    seen: dict[int, list[int]] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        if isinstance(layer.mlp, MoE):
+            def record(module, args, output, i=i):
+                seen.setdefault(i, []).append(torch.unique(output[1]).numel())
+            hooks.append(layer.mlp.gate.register_forward_hook(record))
+    try:
+        decoder = EagerDecoder(model, prompts.shape[0], max_len, bias)
+        decoder.prefill(prompts)
+        seen.clear()  # the prefill's routing is not a decode step's
+        decoder.decode(steps)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {i: statistics.fmean(counts) for i, counts in seen.items()}
+
+
+class TransformersEngine:
+    """transformers' DeepseekV3ForCausalLM on the same folder, driven like our decoders (same sampling)."""
+
+    kind = "transformers"
+
+    def __init__(self, folder, dtype: torch.dtype, device: torch.device, bias: torch.Tensor):
+        try:
+            import transformers
+            from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+        except ImportError:
+            raise K2Error("--compare transformers needs transformers (pip install 'k2[test]')") from None
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        config = DeepseekV3Config.from_pretrained(folder)
+        # model_type kimi_k2 must be overridden, or transformers skips its per-expert -> stacked weight conversion.
+        config.model_type = "deepseek_v3"
+        self.model = DeepseekV3ForCausalLM.from_pretrained(folder, config=config, dtype=dtype).to(device).eval()
+        self.device, self.bias = device, bias.to(device)
+
+    def prefill(self, tokens: torch.Tensor, pad=None) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        from runtime.decoding import sample
+
+        self.cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=tokens.to(self.device), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.next_ids = sample(out.logits[:, -1], self.bias)
+        return self.next_ids
+
+    def decode(self, n: int) -> torch.Tensor:
+        from runtime.decoding import sample
+
+        out = []
+        for _ in range(n):
+            logits = self.model(input_ids=self.next_ids[:, None], past_key_values=self.cache, use_cache=True).logits
+            self.next_ids = sample(logits[:, -1], self.bias)
+            out.append(self.next_ids)
+        return torch.stack(out, dim=1)
+
+
+def _time_rep(engine, prompts: torch.Tensor, gen: int, device: torch.device) -> dict[str, float]:
+    _sync(device)
+    start = time.perf_counter()
+    engine.prefill(prompts)
+    _sync(device)
+    first = time.perf_counter()
+    engine.decode(gen - 1)
+    _sync(device)
+    end = time.perf_counter()
+    batch, prompt_len = prompts.shape
+    return {"prefill_tok_s": batch * prompt_len / (first - start), "ttft_s": first - start,
+            "decode_tok_s": batch * (gen - 1) / (end - first)}
+
+
+def _summary(reps: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {key: {"mean": statistics.fmean(r[key] for r in reps),
+                  "std": statistics.stdev(r[key] for r in reps) if len(reps) > 1 else 0.0} for key in reps[0]}
+
+
+def time_reps(engines, prompts: torch.Tensor, settings: BenchSettings, device: torch.device) -> dict[str, dict]:
+    """Per engine kind: mean and stddev of prefill tok/s, decode tok/s and time to first token over the reps."""
+    rows = {engine.kind: [] for engine in engines}
+    for rep in range(settings.warmup + settings.reps):
+        for engine in engines:  # alternate, so load from other processes falls on every row alike
+            result = _time_rep(engine, prompts, settings.gen, device)
+            if rep >= settings.warmup:
+                rows[engine.kind].append(result)
+    return {kind: _summary(reps) for kind, reps in rows.items()}
+
+
+def random_prompts(vocab_size: int, bias: torch.Tensor, settings: BenchSettings) -> torch.Tensor:
+    """[batch, prompt_len] ids drawn from the ids `bias` allows (no end-of-sequence in the prompt either)."""
+    allowed = torch.isfinite(bias.cpu()).nonzero().flatten()
+    generator = torch.Generator().manual_seed(settings.seed)
+    return allowed[torch.randint(0, allowed.numel(), (settings.batch, settings.prompt_len), generator=generator)]
+
+
+def _peak_host_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_bench(model, folder, settings: BenchSettings, device: torch.device, eos_ids, compare: str | None = None,
+              dtype: torch.dtype | None = None, fast: bool = True) -> dict:
+    """Bench `model` (loaded from `folder`) on `device`; with compare="transformers" also transformers' model."""
+    s = settings
+    if s.gen < 2:
+        raise K2Error("--gen must be at least 2: decode speed excludes the first token")
+    vocab = model.args.vocab_size
+    bias = suppress_bias(vocab, [i for i in eos_ids if 0 <= i < vocab], device)
+    prompts = random_prompts(vocab, bias, s)
+    max_len = s.prompt_len + s.gen
+
+    with torch.inference_mode():
+        experts = distinct_experts_per_step(model, prompts, max_len, bias, min(PROBE_STEPS, s.gen - 1))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        engines = [make_decoder(model, s.batch, max_len, bias, fast=fast)]
+        if compare == "transformers":
+            engines.append(TransformersEngine(folder, dtype or model.model.embed_tokens.weight.dtype, device, bias))
+        elif compare is not None:
+            raise K2Error(f"--compare takes 'transformers', not {compare!r}")
+        rows = time_reps(engines, prompts, s, device)
+        peak_device = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_host_bytes()
+
+    bandwidth = copy_bandwidth(device)
+    per_step = weight_bytes_per_step(model, s.batch, experts)
+    ours = rows[engines[0].kind]
+    roofline = bandwidth / per_step * s.batch
+    result = {
+        "model": str(folder), "device": str(device), "dtype": str(model.model.embed_tokens.weight.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "decoder": engines[0].kind, **asdict(s),
+        **ours,
+        "peak_device_bytes": peak_device, "peak_host_bytes": _peak_host_bytes(),
+        "weight_bytes_per_step": per_step, "weight_bytes_per_token": per_step // s.batch,
+        "experts_read_per_step": sum(experts.values()),
+        "copy_bandwidth_bytes_s": bandwidth, "roofline_decode_tok_s": roofline,
+        "bandwidth_fraction": ours["decode_tok_s"]["mean"] / roofline,
+    }
+    if compare:
+        theirs = rows["transformers"]
+        result["compare"] = {"transformers": theirs,
+                             "decode_ratio": ours["decode_tok_s"]["mean"] / theirs["decode_tok_s"]["mean"],
+                             "prefill_ratio": ours["prefill_tok_s"]["mean"] / theirs["prefill_tok_s"]["mean"]}
+    return result
+

@@ -113,12 +113,12 @@ def demo_model(demo_dir):
 
 def test_sampled_generation_on_the_demo(demo_model):
     prompt, vocab = [5, 6, 7, 8, 9], demo_model.args.vocab_size
-    greedy = greedy_generate(demo_model, [prompt], 12)[0]
-    assert sample_generate(demo_model, prompt, Sampler(SamplingParams(temperature=0), vocab), 12) == greedy
+    greedy = greedy_generate(demo_model, [prompt], 8)[0]
+    assert sample_generate(demo_model, prompt, Sampler(SamplingParams(temperature=0), vocab), 8) == greedy
     params = SamplingParams(temperature=1.0, top_k=50, seed=11)
-    first = sample_generate(demo_model, prompt, Sampler(params, vocab), 16)
-    assert sample_generate(demo_model, prompt, Sampler(params, vocab), 16) == first and len(first) == 16
-    stopped = sample_generate(demo_model, prompt, Sampler(params, vocab), 16, stop_ids={first[3]})
+    first = sample_generate(demo_model, prompt, Sampler(params, vocab), 10)
+    assert sample_generate(demo_model, prompt, Sampler(params, vocab), 10) == first and len(first) == 10
+    stopped = sample_generate(demo_model, prompt, Sampler(params, vocab), 10, stop_ids={first[3]})
     assert stopped == first[:first.index(first[3]) + 1]  # ends at, and includes, the first stop id
 
 

@@ -123,6 +123,7 @@ class ReplyView:
 def run_turn(session, text: str, params, max_tokens: int, out, thoughts=None) -> bool:
     """One user message and its streamed reply; Ctrl-C stops the reply and keeps what was said. False on an error."""
     view = ReplyView(out, thoughts)
+    turns_before = len(session.turns)
     turn = session.send(text, params, max_tokens)
     interrupted = False
     try:
@@ -137,11 +138,12 @@ def run_turn(session, text: str, params, max_tokens: int, out, thoughts=None) ->
     finally:
         turn.close()
     view.finish(interrupted)
-    if session.turns:
-        style = Style(sys.stderr if thoughts is sys.stderr else out)
-        stream = sys.stderr if thoughts is sys.stderr else out
-        stream.write(f"{style.dim}{session.turns[-1].line()}{style.reset}\n")
-        stream.flush()
+    if len(session.turns) == turns_before:  # stopped before the turn began
+        return True
+    stream = thoughts or out  # the stats line goes with the reasoning: off stdout when answering once
+    style = Style(stream)
+    stream.write(f"{style.dim}{session.turns[-1].line()}{style.reset}\n")
+    stream.flush()
     return True
 
 

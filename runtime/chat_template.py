@@ -200,8 +200,3 @@ class ChatTemplate:
         control = self.control_tokens(tokenizer)
         found = [(tail.find(t), t) for t in control if t in tail]
         return tokenizer.special_tokens[min(found)[1]] if found else None
-
-    def generation_prompt_opens_reasoning(self, messages: list[dict], **kwargs) -> bool:
-        """Templates that end the generation prompt with `<think>` make the reply start inside the reasoning."""
-        prompt = self.render(messages, add_generation_prompt=True, **kwargs)
-        return prompt.rstrip().endswith("<think>")

@@ -133,15 +133,12 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         try:
             ids, dropped = self._fit(min(max_new_tokens, self.max_context // 2))
-        except K2Error:
+        except BaseException:  # a message that cannot be sent (or Ctrl-C while rendering) is not kept
             self.messages.pop()
             raise
-        if dropped:
-            yield Notice(f"the conversation outgrew the context of {self.max_context} tokens: dropped the {dropped} "
-                         f"oldest message(s){', kept the system prompt' if self.system is not None else ''}")
         # At least one token is computed again: its logits start the reply.
         reused = min(common_prefix(self.cache_ids, ids), len(ids) - 1)
-        self.cache.length, self.cache_ids = reused, ids
+        self.cache.length, self.cache_ids = reused, ids[:reused]
         stats = TurnStats(len(ids), reused, len(ids) - reused)
         self.turns.append(stats)
         parser = ReplyParser(in_reasoning=self.tokenizer.decode(ids[-4:]).rstrip().endswith("<think>"))
@@ -149,6 +146,9 @@ class ChatSession:
         generated: list[int] = []
         finished = False
         try:
+            if dropped:
+                yield Notice(f"the conversation outgrew the context of {self.max_context} tokens: dropped the "
+                             f"{dropped} oldest message(s){', kept the system prompt' if self.system is not None else ''}")
             sampler = Sampler(params, self.model.args.vocab_size, device=self.model.device)
             sampler.observe(torch.tensor([ids], device=self.model.device))
             budget = min(max_new_tokens, self.max_context - len(ids))

@@ -74,8 +74,7 @@ def marked_pieces(text: str, control_tokens: set[str]) -> list[tuple[str, bool]]
     tokens. A lone marker (a template's string method cut a pair apart) is dropped but still separates its sides."""
     pattern = "|".join(re.escape(t) for t in sorted(control_tokens, key=len, reverse=True)) or "(?!)"
     parts = re.split(f"{MARK_START}({pattern}){MARK_END}|[{MARK_START}{MARK_END}]", text)
-    pieces = [(part, i % 2 == 1) for i, part in enumerate(parts) if part]
-    return pieces
+    return [(part, i % 2 == 1) for i, part in enumerate(parts) if part]
 
 
 class Tokenizer:
@@ -83,7 +82,6 @@ class Tokenizer:
 
     special_tokens: dict[str, int]  # text -> id of every added (special or control) token
     special_flags: dict[str, bool]  # text -> whether the tokenizer marks it special (the rest are plain added tokens)
-    config: dict  # tokenizer_config.json
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Tokenizer":
@@ -116,9 +114,6 @@ class Tokenizer:
             ids += self.encode(piece) if plain else self.encode_with_added(piece)
         return ids
 
-    def token_id(self, text: str) -> int | None:
-        return self.special_tokens.get(text)
-
 
 class StreamDecoder:
     """Ids in, text out as soon as it is whole: a character split across tokens is held until its last byte."""
@@ -136,12 +131,11 @@ class TiktokenTokenizer(Tokenizer):
     `tokenizer_config.json` `added_tokens_decoder` (unnamed ones are `<|reserved_token_{id}|>`, as K2's own code does)."""
 
     def __init__(self, ranks: dict[bytes, int], special_tokens: dict[str, int], name: str = "k2",
-                 pattern: str = K2_SPLIT_PATTERN, config: dict | None = None):
+                 pattern: str = K2_SPLIT_PATTERN):
         import tiktoken
 
         self.special_tokens = special_tokens
         self.special_flags = {text: True for text in special_tokens}
-        self.config = config or {}
         self.encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
 
     @classmethod
@@ -153,7 +147,7 @@ class TiktokenTokenizer(Tokenizer):
         first = len(ranks)
         special = {named.get(i, f"<|reserved_token_{i}|>"): i for i in range(first, first + NUM_RESERVED_SPECIAL)}
         special.update({text: i for i, text in named.items() if i >= first + NUM_RESERVED_SPECIAL})
-        return cls(ranks, special, folder.name, config=config)
+        return cls(ranks, special, folder.name)
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
@@ -183,9 +177,8 @@ class _BytesStream(StreamDecoder):
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json`, run by the `tokenizers` library (Qwen3, DeepSeek-V3)."""
 
-    def __init__(self, backend, config: dict | None = None):
+    def __init__(self, backend):
         self.backend = backend
-        self.config = config or {}
         added = backend.get_added_tokens_decoder()  # id -> AddedToken
         self.special_tokens = {token.content: i for i, token in added.items()}
         self.special_flags = {token.content: token.special for token in added.values()}
@@ -199,7 +192,7 @@ class HFTokenizer(Tokenizer):
             backend = Backend.from_file(str(folder / "tokenizer.json"))
         except Exception as e:  # the library raises a bare Exception for every parse error
             raise K2Error(f"{folder / 'tokenizer.json'} cannot be read: {e}") from None
-        return cls(backend, read_tokenizer_config(folder))
+        return cls(backend)
 
     def encode(self, text: str) -> list[int]:
         # The library always matches added tokens, so run its stages without them: normalize, pre-tokenize, model.

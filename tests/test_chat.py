@@ -17,6 +17,7 @@ from runtime.sampling import SamplingParams
 from runtime.session import ChatSession, Notice
 from runtime.tokenizer import Tokenizer
 from tests.helpers import assert_one_line_error, run_k2
+from tests.test_chat_template import QWEN3_TEMPLATE
 
 GREEDY = SamplingParams(temperature=0)
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -168,10 +169,15 @@ def test_overflowing_context_drops_oldest_turns_but_keeps_the_system_prompt(demo
     assert session.messages[-2]["content"].startswith("Question number 4")  # the long message was not kept
 
 
-def test_thinking_switch_needs_the_template_to_have_one(demo, demo_dir):
+def test_thinking_switch_reaches_the_template(demo, demo_dir):
     session, _ = _session(demo, demo_dir)
-    with pytest.raises(K2Error, match="no thinking switch"):
+    with pytest.raises(K2Error, match="no thinking switch"):  # K2-Thinking always thinks
         session.set_thinking(False)
+    qwen, _ = _session(demo, demo_dir, template=ChatTemplate(QWEN3_TEMPLATE))
+    qwen.messages.append({"role": "user", "content": "hi"})
+    assert not qwen.tokenizer.decode(qwen.prompt_ids()).endswith("</think>\n\n")
+    qwen.set_thinking(False)
+    assert qwen.tokenizer.decode(qwen.prompt_ids()).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
 # The real command ----------------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def eval(model: str = typer.Argument("demo", help=MODEL_HELP),
          as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
     """Perplexity over a text; with --ref, mean KL(ref || model), top-1 agreement and the worst window."""
     from runtime.eval import evaluate
+    from runtime.int4 import held_bytes
     from runtime.loading import TORCH_DTYPES, load_model
     from runtime.resolve import resolve_model
     from runtime.tokenizer import Tokenizer
@@ -89,10 +90,15 @@ def eval(model: str = typer.Argument("demo", help=MODEL_HELP),
         def windows(chunks):
             return tqdm(chunks, desc="scoring", unit="window")
     result = evaluate(model_obj, ids, ctx, ref_obj, max_windows, windows)
+    held = held_bytes(model_obj)
+    if held["int4_weights"]:
+        result["int4_bytes_per_weight"] = held["int4_bytes"] / held["int4_weights"]
     if as_json:
         typer.echo(json.dumps(result))
         return
     typer.echo(f"{result['tokens']:,} tokens in {result['windows']} windows of {ctx}: perplexity {result['perplexity']:.4f}")
+    if "int4_bytes_per_weight" in result:
+        typer.echo(f"INT4 weights held packed: {result['int4_bytes_per_weight']:.4f} bytes per weight")
     if ref:
         worst = result["worst_window"]
         typer.echo(f"vs {ref} (perplexity {result['ref_perplexity']:.4f}): mean KL {result['kl_mean']:.5f} nats, "

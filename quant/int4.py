@@ -171,12 +171,12 @@ def _words_as_bytes(packed: torch.Tensor) -> torch.Tensor:
     return packed_bytes
 
 
-def dequantize(packed: torch.Tensor, scale: torch.Tensor, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, in_features: int, group_size: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Stored tensors -> weight [..., out, in]: what every consumer of the checkpoint computes."""
     q = unpack(packed, in_features)
-    groups = scale.shape[-1]
-    group_size = -(-in_features // groups)
-    assert n_groups(in_features, group_size) == groups, (scale.shape, in_features)
+    groups = n_groups(in_features, group_size)
+    assert scale.shape == (*packed.shape[:-1], groups), (scale.shape, packed.shape, in_features, group_size)
     pad = groups * group_size - in_features
     q = torch.nn.functional.pad(q, (0, pad)) if pad else q
     w = q.view(*q.shape[:-1], groups, group_size).to(dtype) * scale.to(dtype).unsqueeze(-1)

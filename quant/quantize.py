@@ -91,6 +91,7 @@ class Source:
     parts: tuple[TensorInfo, ...]
     shape: tuple[int, ...]
     fp8_block: tuple[int, int] = DEFAULT_BLOCK
+    int4_group_size: int = int4.DEFAULT_GROUP_SIZE
 
     @property
     def nbytes(self) -> int:
@@ -117,8 +118,9 @@ def collect_sources(ckpt: Checkpoint, reader: MappedShards) -> list[Source]:
     on the model alone, not on how the input was sharded, and published checkpoints are stored in that order anyway."""
     tensors = ckpt.tensors
     quant = ckpt.config.get("quantization_config") or {}
+    group_size = int4.DEFAULT_GROUP_SIZE
     if quant.get("quant_method") == "compressed-tensors":
-        int4.group_size_of(quant)
+        group_size = int4.group_size_of(quant)
     elif quant.get("quant_method") not in (None, "fp8"):
         raise K2Error(f"cannot quantize a {quant.get('quant_method')!r} checkpoint (BF16/FP16/FP32, FP8 and "
                       "compressed-tensors INT4 inputs are supported)")
@@ -130,12 +132,12 @@ def collect_sources(ckpt: Checkpoint, reader: MappedShards) -> list[Source]:
             prefix = name[: -len("_packed")]
             parts = [info] + [_companion(tensors, f"{prefix}_{suffix}", name) for suffix in ("scale", "shape")]
             shape = tuple(int(v) for v in reader.tensor(parts[2]).tolist())
-            if len(shape) != 2 or len(parts[1].shape) != 2 or parts[1].shape[0] != shape[0] \
-                    or parts[0].shape != int4.stored_shapes(*shape, int4.DEFAULT_GROUP_SIZE)["weight_packed"]:
+            expected = int4.stored_shapes(*shape, group_size) if len(shape) == 2 else {}
+            if (parts[0].shape, parts[1].shape) != (expected.get("weight_packed"), expected.get("weight_scale")):
                 raise K2Error(f"{prefix}: weight_packed {list(parts[0].shape)} and weight_scale "
                               f"{list(parts[1].shape)} do not fit weight_shape {list(shape)}")
             companions.update(p.name for p in parts[1:])
-            sources.append(Source(prefix, "int4", tuple(parts), shape))
+            sources.append(Source(prefix, "int4", tuple(parts), shape, int4_group_size=group_size))
         elif info.dtype.startswith("F8_"):
             scale = _companion(tensors, name + "_scale_inv", name)
             companions.add(scale.name)
@@ -167,6 +169,10 @@ def planned_outputs(source: Source, config: QuantizeConfig) -> list[PlannedTenso
     if not is_target(source, SCOPES[config.scope]):
         return [PlannedTensor(source.name, output_dtype(source), source.shape)]
     prefix = source.name[: -len(".weight")]
+    if source.shape[1] % config.group_size:
+        # compressed-tensors (and so vLLM and SGLang) cannot read a partial last group.
+        raise K2Error(f"{source.name} has {source.shape[1]} input features, not a multiple of --group-size "
+                      f"{config.group_size}")
     shapes = int4.stored_shapes(*source.shape, config.group_size)
     return [PlannedTensor(f"{prefix}.{spec.suffix}", spec.dtype, shapes[spec.suffix]) for spec in int4.FORMAT]
 
@@ -214,7 +220,7 @@ def _read_rows(source: Source, reader: MappedShards, r0, r1) -> torch.Tensor:
         return dequantize_fp8_block(stored, scale, source.fp8_block)
     if source.kind == "int4":
         scale = reader.tensor(source.parts[1])[r0:r1]
-        return int4.dequantize(stored, scale, source.shape[1])
+        return int4.dequantize(stored, scale, source.shape[1], source.int4_group_size)
     return stored.float()
 
 

@@ -24,7 +24,7 @@ class PackedInt4(nn.Module):
 
     def __init__(self, lead: tuple[int, ...], out_features: int, in_features: int, group_size: int):
         super().__init__()
-        self.in_features = in_features
+        self.in_features, self.group_size = in_features, group_size
         words, groups = -(-in_features // int4.PER_WORD), int4.n_groups(in_features, group_size)
         self.register_buffer("packed", torch.empty(*lead, out_features, words, dtype=torch.int32))
         self.register_buffer("scale", torch.empty(*lead, out_features, groups, dtype=int4.SCALE_DTYPE))
@@ -32,7 +32,7 @@ class PackedInt4(nn.Module):
     def dense(self, index: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight (or expert `index`'s slice of it) as a dense matrix [out, in] in `dtype`."""
         packed, scale = (self.packed, self.scale) if index is None else (self.packed[index], self.scale[index])
-        return int4.dequantize(packed, scale, self.in_features, dtype)
+        return int4.dequantize(packed, scale, self.in_features, self.group_size, dtype)
 
 
 class Int4Linear(nn.Module):

@@ -83,7 +83,7 @@ def test_k2_grid_weights_requantize_bit_exact(group_size):
         q, scale = method.quantize("w", on_grid, spec)
         assert torch.equal(q, q_first) and torch.equal(scale, scale_first), method.name
         assert q.abs().max() <= 7
-        assert torch.equal(dequantize(pack(q.view(w.shape)), scale, w.shape[1]), on_grid)
+        assert torch.equal(dequantize(pack(q.view(w.shape)), scale, w.shape[1], group_size), on_grid)
     # Every group of a QAT weight reaches +-7: absmax / 7 is exactly the scale it was trained with.
     assert (q_first.abs().amax(-1) == 7).all()
 
@@ -111,7 +111,7 @@ def test_zero_groups_quantize_to_zero():
     w[0, 40] = 7 * 2.0**-4  # scale 2^-4, exact in BF16
     q, scale = RoundToNearest().quantize("w", w, Int4Spec.of(32, "k2"))
     assert scale[1:].eq(0).all() and scale[0, 0] == 0
-    w_back = dequantize(pack(q.view(4, 64)), scale, 64)
+    w_back = dequantize(pack(q.view(4, 64)), scale, 64, 32)
     assert not w_back.isnan().any() and torch.equal(w_back, w)
 
 
@@ -135,7 +135,7 @@ def dequantized_twin(int4_dir, twin_dir):
         for name in [n for n in tensors if n.endswith(".weight_packed")]:
             prefix = name[: -len("_packed")]
             out_features, in_features = tensors.pop(prefix + "_shape").tolist()
-            tensors[prefix] = dequantize(tensors.pop(name), tensors.pop(prefix + "_scale"), in_features)
+            tensors[prefix] = dequantize(tensors.pop(name), tensors.pop(prefix + "_scale"), in_features, 32)
         save_file(tensors, twin_dir / shard.name)
     index = json.loads((int4_dir / "model.safetensors.index.json").read_text())
     index["weight_map"] = {n.removesuffix("_packed"): f for n, f in index["weight_map"].items()

@@ -150,7 +150,7 @@ def test_compressed_tensors_selects_and_decompresses_our_weights(demo_dir, rtn_d
     ModelCompressor(quantization_config=config).decompress_model(model)
     for name in packed:
         ours = dequantize(stored[f"{name}.weight_packed"], stored[f"{name}.weight_scale"],
-                          int(stored[f"{name}.weight_shape"][1]), torch.bfloat16)
+                          int(stored[f"{name}.weight_shape"][1]), 32, torch.bfloat16)
         assert torch.equal(model.get_submodule(name).weight, ours), name
 
 
@@ -168,7 +168,7 @@ def test_transformers_loads_our_checkpoint(rtn_dir):
         for e in range(config.n_routed_experts):
             prefix = f"model.layers.{layer}.mlp.experts.{e}"
             ours = {p: dequantize(stored[f"{prefix}.{p}.weight_packed"], stored[f"{prefix}.{p}.weight_scale"],
-                                  int(stored[f"{prefix}.{p}.weight_shape"][1]), torch.bfloat16)
+                                  int(stored[f"{prefix}.{p}.weight_shape"][1]), 32, torch.bfloat16)
                     for p in ("gate_proj", "up_proj", "down_proj")}
             gate_up = state[f"model.layers.{layer}.mlp.experts.gate_up_proj"][e]
             assert torch.equal(gate_up, torch.cat([ours["gate_proj"], ours["up_proj"]]))
@@ -193,7 +193,7 @@ def test_fp8_input(demo_fp8_dir, tmp_path):
     assert not [n for n in stored if n.endswith("_scale_inv")]
     prefix = "model.layers.3.mlp.experts.7.down_proj"
     expert = dequantize_fp8_block(fp8[prefix + ".weight"], fp8[prefix + ".weight_scale_inv"])
-    int4 = dequantize(stored[prefix + ".weight_packed"], stored[prefix + ".weight_scale"], expert.shape[1])
+    int4 = dequantize(stored[prefix + ".weight_packed"], stored[prefix + ".weight_scale"], expert.shape[1], 32)
     assert ((int4 - expert).norm() / expert.norm()).item() < 0.15  # 4-bit noise: SQNR about 20 dB
 
 
@@ -210,7 +210,7 @@ def test_mse_is_never_worse_than_rtn(demo_dir, rtn_dir, tmp_path):
     original = stored_tensors(demo_dir)
     name = "model.layers.2.mlp.experts.4.up_proj"
     w = original[name + ".weight"].float()
-    noise = dequantize(stored[name + ".weight_packed"], stored[name + ".weight_scale"], w.shape[1]) - w
+    noise = dequantize(stored[name + ".weight_packed"], stored[name + ".weight_scale"], w.shape[1], 32) - w
     sqnr = 10 * torch.log10(w.square().sum() / noise.square().sum()).item()
     assert sqnr == pytest.approx(mse[name + ".weight"]["sqnr_db"], abs=1e-3)
 
@@ -222,6 +222,7 @@ def test_mse_is_never_worse_than_rtn(demo_dir, rtn_dir, tmp_path):
         assert result.returncode == 0, result.stderr
         scores = json.loads(result.stdout)
         assert 0 < scores["kl_mean"] < 0.01 and 0.5 < scores["top1_agreement"] <= 1
+        assert scores["int4_bytes_per_weight"] == 4.5 / 8  # 4 bits + one BF16 scale per 32 weights
 
 
 def test_bad_invocations_give_one_error_line(demo_dir, rtn_dir, tmp_path):
@@ -236,6 +237,9 @@ def test_bad_invocations_give_one_error_line(demo_dir, rtn_dir, tmp_path):
     with pytest.raises(K2Error, match="cannot read size"):
         parse_size("lots")
     assert parse_size("5GB") == 5 * 10**9 and parse_size("512MiB") == 512 * 2**20
+    with pytest.raises(K2Error, match="down_proj.weight has 96 input features, not a multiple of --group-size 64"):
+        quantize_checkpoint(demo_dir, tmp_path / "g64", QuantizeConfig(group_size=64), progress=False)
+    assert not (tmp_path / "g64").exists()
     broken = copy_checkpoint(demo_dir, tmp_path / "broken")
     shard = broken / "model-00002-of-00003.safetensors"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])

@@ -54,13 +54,13 @@ def test_a_dead_rank_is_an_error_not_a_hang(demo_dir):
     command = [sys.executable, "-m", "k2cli", "generate", demo_dir, "--ids", PROMPT, "-n", "4000", "--dtype", "float32"]
     ranks = [subprocess.Popen(command, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
-    time.sleep(8)  # past loading, into generation
+    time.sleep(8)  # usually into generation; on a loaded machine maybe still forming the group: an error either way
     ranks[1].send_signal(signal.SIGKILL)
     try:
-        _, stderr = ranks[0].communicate(timeout=60)
+        _, stderr = ranks[0].communicate(timeout=90)
     finally:
         ranks[0].kill()
-    assert_one_line_error(subprocess.CompletedProcess(command, ranks[0].returncode, "", stderr), "pipeline rank")
+    assert_one_line_error(subprocess.CompletedProcess(command, ranks[0].returncode, "", stderr), "pipeline")
 
 
 def test_pipeline_follows_a_two_stage_plan(demo_dir, tmp_path):

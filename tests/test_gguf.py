@@ -20,10 +20,11 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from quant.fp8 import dequantize_fp8_block
 from quant.gguf.export import ConvertConfig, convert_checkpoint
-from quant.int4 import dequantize as int4_dequantize
 from quant.quantize import QuantizeConfig, quantize_checkpoint
 from runtime.demo import write_demo
 from runtime.errors import K2Error
+from runtime.int4 import PackedInt4
+from runtime.loading import load_model
 from runtime.tokenizer import K2_SPLIT_PATTERN
 from runtime.tokenizer import Tokenizer as K2Tokenizer
 from tests.helpers import assert_one_line_error, run_k2
@@ -231,10 +232,9 @@ def test_int4_experts_are_copied_bit_exactly(int4_dir, tmp_path):
     _, tensors = read_gguf(tmp_path / "int4.gguf")
     c = config_of(int4_dir)
     moe_layers = c["num_hidden_layers"] - c["first_k_dense_replace"]
-    group_size = c["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"]
     assert result["int4_copied_tensors"] == 3 * moe_layers and result["inexact_scale_groups"] == 0
-    stored = stored_tensors(int4_dir)
     reference = reference_weights(int4_dir)
+    runtime_model = load_model(int4_dir, torch.float32)  # holds the experts packed, dequantizes them per use
     for n, t in tensors.items():
         if "_exps." not in n:
             assert t.tensor_type in (Q.F32, Q.BF16)  # the BF16 tensors follow --type
@@ -242,11 +242,8 @@ def test_int4_experts_are_copied_bit_exactly(int4_dir, tmp_path):
             continue
         assert t.tensor_type == Q.Q4_0
         layer, kind = int(n.split(".")[1]), n.split(".")[2].removeprefix("ffn_").removesuffix("_exps")
-        prefix = f"model.layers.{layer}.mlp.experts"
-        ours = torch.stack([int4_dequantize(stored[f"{prefix}.{e}.{kind}_proj.weight_packed"],
-                                            stored[f"{prefix}.{e}.{kind}_proj.weight_scale"],
-                                            int(stored[f"{prefix}.{e}.{kind}_proj.weight_shape"][1]), group_size)
-                            for e in range(c["n_routed_experts"])])
+        packed = getattr(runtime_model.model.layers[layer].mlp.experts, f"{kind}_proj")
+        ours = torch.stack([packed.dense(e) for e in range(c["n_routed_experts"])])
         gguf_weights = torch.from_numpy(dequantized(t))
         assert torch.equal(gguf_weights, ours), n  # bit-exact against k2's INT4 dequantization
         assert torch.equal(gguf_weights, reference[n]), n  # and compressed-tensors' unpacking
@@ -268,7 +265,11 @@ def test_scales_fp16_cannot_hold_are_reported(int4_dir, tmp_path):
     _, gguf_tensors = read_gguf(tmp_path / "odd.gguf")
     gate = torch.from_numpy(dequantized(gguf_tensors["blk.1.ffn_gate_exps.weight"]))[0]
     in_features = int(tensors[scale_name.replace("scale", "shape")][1])
-    ours = int4_dequantize(tensors[scale_name.replace("scale", "packed")], scale, in_features, 32)
+    packed = tensors[scale_name.replace("scale", "packed")]
+    weight = PackedInt4((), packed.shape[0], in_features, in_features // scale.shape[1])
+    weight.packed.copy_(packed)
+    weight.scale.copy_(scale)
+    ours = weight.dense()
     differs = (gate != ours).view(gate.shape[0], -1, 32).any(dim=-1).nonzero().tolist()
     assert set(map(tuple, differs)) <= {(0, 0), (1, 2), (2, 1)} and (2, 1) in map(tuple, differs)
     assert gate.isfinite().all() and result["max_int4_weight_error"] > 0  # the huge scale saturates, not inf
@@ -413,7 +414,6 @@ def test_llama_cpp_runs_the_conversion_as_our_runtime_does(demo_dir, int4_dir, t
     Q4_0 weights activations rounded to Q8_0 by its CPU kernels; logits within `tolerance` of their largest."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from runtime.generate import greedy_generate
-    from runtime.loading import load_model
 
     folder = demo_dir if model == "demo" else int4_dir
     convert(folder, tmp_path / "model.gguf", type="f32")

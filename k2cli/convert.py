@@ -48,5 +48,5 @@ def convert(model: str = typer.Argument(..., help=MODEL_HELP),
                    f"groups, {result['inexact_scale_groups']:,} with a scale fp16 cannot hold exactly"
                    + (f" (largest weight change {result['max_int4_weight_error']:.3e})"
                       if result["inexact_scale_groups"] else ""))
-    for note in result["notes"]:
-        typer.echo(f"note: {note}", err=True)
+    for note, tensors in result["notes"].items():
+        typer.echo(f"note: {note} ({len(tensors)} tensors, e.g. {tensors[0]})", err=True)

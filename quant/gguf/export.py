@@ -236,7 +236,8 @@ def _existing_outputs(out: Path) -> list[Path]:
 
 def convert_checkpoint(model_dir: str | Path, out: str | Path, config: ConvertConfig, force: bool = False,
                        workers: int | None = None, progress: bool = True) -> dict:
-    """Write the GGUF file(s); returns what was written and how (files, bytes, types, INT4 scale report, notes)."""
+    """Write the GGUF file(s); returns what was written and how (files, bytes, types, INT4 scale report, notes
+    with the tensors each applies to)."""
     out = Path(out)
     if out.is_dir():
         raise K2Error(f"{out} is a folder; OUT is the .gguf file to write")
@@ -283,7 +284,16 @@ def convert_checkpoint(model_dir: str | Path, out: str | Path, config: ConvertCo
             "types": dict(sorted(types.items())), "int4_copied_tensors": sum(t.int4_copy for t in tensors),
             "int4_groups": scale_report.groups, "inexact_scale_groups": scale_report.inexact,
             "max_int4_weight_error": scale_report.max_weight_error,
-            "notes": [f"{t.name}: {t.note}" for t in tensors if t.note]}
+            "notes": _grouped_notes(tensors)}
+
+
+def _grouped_notes(tensors: list[OutputTensor]) -> dict[str, list[str]]:
+    """Each note once, with the tensors it applies to (a real model repeats one for every layer)."""
+    notes: dict[str, list[str]] = {}
+    for t in tensors:
+        if t.note:
+            notes.setdefault(t.note, []).append(t.name)
+    return notes
 
 
 def _write(writer: gguf.GGUFWriter, tensors: list[OutputTensor], out: Path, files: list[Path], reader: MappedShards,

@@ -59,14 +59,16 @@ def download(repo_id: str = typer.Argument(..., help="Repo id on the hub, e.g. m
     if dry_run:
         _print_files(result)
         _print_part(result["part"])
-        typer.echo(f"{len(result['files'])} files, {size_text(result['total_bytes'])}; {size_text(result['missing_bytes'])} to "
-                   f"fetch into {result['folder']} ({size_text(result['free_bytes'])} free)")
+        typer.echo(f"{len(result['files'])} files, {size_text(result['total_bytes'])}; "
+                   f"{size_text(result['missing_bytes'])} to fetch into {result['folder']} "
+                   f"({size_text(result['free_bytes'])} free)")
         return
     _print_part(result["part"])
     fetched, seconds = result["fetched_bytes"], result["seconds"]
     if fetched:
-        resumed = f", resumed from {size_text(result['resumed_bytes'])} already on disk" if result["resumed_bytes"] else ""
-        done = f"fetched {size_text(fetched)} in {seconds:.1f} s ({fetched / seconds / 1e6:,.1f} MB/s){resumed}"
+        done = f"fetched {size_text(fetched)} in {seconds:.1f} s ({fetched / seconds / 1e6:,.1f} MB/s)"
+        if result["resumed_bytes"]:
+            done += f", resumed from {size_text(result['resumed_bytes'])} already on disk"
     else:
         done = "all already on disk"
     typer.echo(f"{result['folder']}: {len(result['files'])} files, {size_text(result['total_bytes'])}; {done}")

@@ -24,6 +24,7 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -42,15 +43,15 @@ class HubFile:
     data: bytes
     lfs: bool
 
-    @property
+    @cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
-    @property
+    @cached_property
     def lfs_pointer(self) -> bytes:
         return f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\nsize {len(self.data)}\n".encode()
 
-    @property
+    @cached_property
     def oid(self) -> str:
         """The git blob id the tree lists: of the content, or of the LFS pointer that git stores instead."""
         return git_blob_id(self.lfs_pointer if self.lfs else self.data)
@@ -100,6 +101,7 @@ class FakeHub:
         self.valid_tokens = set(valid_tokens)
         self.tree_page_size = tree_page_size
         self.faults: dict[str, Fault] = {}  # by file path
+        self.honour_range = True  # False: answer Range requests with the whole file, as some CDNs and proxies do
         self.sent: dict[str, int] = {}  # body bytes of each file sent, all requests together
         self.requests: list[dict] = []
         self.lock = threading.Lock()
@@ -252,7 +254,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_file(self, file: HubFile, headers: dict, body: bool):
         total = len(file.data)
         start, status = 0, 200
-        requested = self.headers.get("range")
+        requested = self.headers.get("range") if self.hub.honour_range else None
         if requested:
             first, _, last = requested.removeprefix("bytes=").partition("-")
             start, end = int(first), int(last) if last else total - 1

@@ -244,6 +244,16 @@ def test_a_connection_lost_mid_file_is_resumed(hub, big_source, env, reset):
     assert same_files(Path(result["folder"]), big_source, [shard])
 
 
+def test_a_server_that_ignores_range_gets_the_file_again_from_the_start(hub, big_source, env, monkeypatch):
+    shard = "model-00001-of-00001.safetensors"
+    size = (big_source / shard).stat().st_size
+    hub.faults[shard] = Fault(after_bytes=HOLD_AT)
+    monkeypatch.setattr(hub, "honour_range", False)
+    result = fetch(hub, BIG)  # the client rewinds its partial file; the hash must start over with it
+    assert len(hub.data_requests(shard)) == 2 and hub.sent[shard] == HOLD_AT + size
+    assert same_files(Path(result["folder"]), big_source, [shard])
+
+
 def test_a_connection_that_keeps_failing_ends_in_one_line_and_the_next_run_completes(hub, source, env):
     shard = "model-00002-of-00004.safetensors"
     hub.faults[shard] = Fault(after_bytes=100_000, reset=True, times=100)

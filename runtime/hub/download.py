@@ -29,8 +29,7 @@ class DownloadRequest:
     revision: str = "main"
     include: list[str] | None = None  # replaces the default selection
     exclude: list[str] | None = None
-    local_dir: Path | None = None  # default: the Hugging Face cache
-    cache_dir: Path | None = None  # default: HF_HUB_CACHE
+    local_dir: Path | None = None  # default: the Hugging Face cache (HF_HUB_CACHE)
     endpoint: str | None = None  # default: HF_ENDPOINT
     workers: int = 8
     stage: str | None = None  # "I/N"
@@ -132,7 +131,7 @@ def download(req: DownloadRequest, free_bytes=disk_free) -> dict:
     hub = None if offline else Hub(req.repo_id, req.endpoint)
     listing = saved_listing(req.repo_id, req.revision) if offline else hub.listing(req.revision)
     store = LocalDirStore(req.local_dir, listing.commit) if req.local_dir is not None else \
-        CacheStore(req.cache_dir or constants.HF_HUB_CACHE, req.repo_id, listing.commit)
+        CacheStore(constants.HF_HUB_CACHE, req.repo_id, listing.commit)
     paths, part = choose_files(req, listing, hub, store)
     if not paths:
         raise K2Error(f"no file of {req.repo_id} matches --include / --exclude")
@@ -151,7 +150,8 @@ def download(req: DownloadRequest, free_bytes=disk_free) -> dict:
     if req.dry_run:
         return result
     if offline and missing:
-        names = ", ".join(s.file.path for s in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        names = ", ".join(s.file.path for s in missing[:4])
+        names += f" and {len(missing) - 4} more" if len(missing) > 4 else ""
         raise K2Error(f"HF_HUB_OFFLINE=1 and {len(missing)} file(s) of {req.repo_id} are not in {store.folder}: "
                       f"{names}; unset HF_HUB_OFFLINE to download them")
     if result["free_bytes"] < result["missing_bytes"]:

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 import httpx2
 from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url
-from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RemoteEntryNotFoundError,
-                                    RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError,
+                                    RevisionNotFoundError)
 from huggingface_hub.file_download import http_get, repo_folder_name
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers
@@ -95,7 +95,8 @@ class Hub:
         except RemoteEntryNotFoundError:
             raise K2Error(f"{path} not found in {self.repo_id} at revision {revision!r}") from None
         except RepositoryNotFoundError:
-            raise K2Error(f"{self.repo_id} not found on {self.endpoint} (if it is private or gated, {LOGIN_HINT})") from None
+            raise K2Error(f"{self.repo_id} not found on {self.endpoint} (if it is private or gated, "
+                          f"{LOGIN_HINT})") from None
         except HfHubHTTPError as e:
             status = e.response.status_code
             message = e.response.headers.get("X-Error-Message") or e.response.reason_phrase
@@ -112,8 +113,6 @@ class Hub:
         except httpx2.TransportError as e:  # dropped or reset, beyond the library's own retries
             raise ConnectionLost(f"connection to {self.endpoint} lost for {where}: {_reason(e)}; run the same command "
                                  "again to resume") from None
-        except OfflineModeIsEnabled:
-            raise K2Error("HF_HUB_OFFLINE=1: the hub cannot be reached") from None
 
     def listing(self, revision: str) -> Listing:
         with self.errors(revision):
@@ -171,10 +170,17 @@ def _saved_path(repo_id: str) -> Path:
     return k2_cache_dir() / "hub" / f"{repo_folder_name(repo_id=repo_id, repo_type='model')}.json"
 
 
+def _read_saved(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):  # none yet, or cut short: the next online run writes it anew
+        return {"revisions": {}, "commits": {}}
+
+
 def save_listing(listing: Listing):
     """Keep the listing in k2's cache, so HF_HUB_OFFLINE=1 can still tell which files a download lacks."""
     path = _saved_path(listing.repo_id)
-    saved = json.loads(path.read_text()) if path.exists() else {"revisions": {}, "commits": {}}
+    saved = _read_saved(path)
     saved["revisions"][listing.revision] = listing.commit
     saved["commits"][listing.commit] = [asdict(f) for f in listing.files.values()]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,8 +190,7 @@ def save_listing(listing: Listing):
 
 
 def saved_listing(repo_id: str, revision: str) -> Listing:
-    path = _saved_path(repo_id)
-    saved = json.loads(path.read_text()) if path.exists() else {"revisions": {}, "commits": {}}
+    saved = _read_saved(_saved_path(repo_id))
     commit = saved["revisions"].get(revision, revision)
     if commit not in saved["commits"]:
         raise K2Error(f"HF_HUB_OFFLINE=1 and no earlier `k2 download {repo_id}` listed revision {revision!r}, so the "

@@ -6,7 +6,6 @@ verified the moment its last byte lands: no re-read of a 16 GB shard at 99 %.
 import errno
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from tqdm import tqdm
@@ -119,7 +118,8 @@ def _fetch_once(hub: Hub, listing: Listing, file: RemoteFile, partial: Path, met
         if e.errno in NO_SPACE:
             kept = partial.stat().st_size if partial.exists() else 0
             raise K2Error(f"cannot write {file.path} in {partial.parent} ({e.strerror}): {kept:,} of its "
-                          f"{file.size:,} bytes are kept; free some space and run the same command again to resume") from None
+                          f"{file.size:,} bytes are kept; free some space and run the same command again to "
+                          "resume") from None
         raise
     digest = writer.hasher.hexdigest()
     if digest != file.etag:
@@ -129,18 +129,31 @@ def _fetch_once(hub: Hub, listing: Listing, file: RemoteFile, partial: Path, met
 
 
 def run_all(tasks: list, work, workers: int, meter: Meter):
-    """work(task) for every task on `workers` threads; the first failure (or Ctrl-C) stops the others at their next
-    write, leaving their partial files to resume from, and is raised."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(work, task) for task in tasks]
-        try:
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in futures if f.done() and not f.cancelled() and f.exception()]
-            if failed:
-                raise next((f.exception() for f in failed if not isinstance(f.exception(), Stopped)),
-                           failed[0].exception())
-        except BaseException:
-            meter.stop.set()
-            for future in futures:
-                future.cancel()
-            raise
+    """work(task) for every task on `workers` threads. The first failure stops the others at their next write and is
+    raised; so is Ctrl-C, at once: the threads are daemons, since what they leave on disk is always a prefix of the
+    file to resume from."""
+    queue, lock, failures = list(reversed(tasks)), threading.Lock(), []
+
+    def worker():
+        while not meter.stop.is_set():
+            with lock:
+                if not queue:
+                    return
+                task = queue.pop()
+            try:
+                work(task)
+            except BaseException as e:  # handed to the main thread, which raises it
+                failures.append(e)
+                meter.stop.set()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(max(1, workers), len(tasks)))]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException:
+        meter.stop.set()
+        raise
+    if failures:
+        raise next((e for e in failures if not isinstance(e, Stopped)), failures[0])

@@ -96,12 +96,13 @@ def eval(model: str = typer.Argument("demo", help=MODEL_HELP),
     if as_json:
         typer.echo(json.dumps(result))
         return
-    typer.echo(f"{result['tokens']:,} tokens in {result['windows']} windows of {ctx}: perplexity {result['perplexity']:.4f}")
+    typer.echo(f"{result['tokens']:,} tokens in {result['windows']} windows of {ctx}: "
+               f"perplexity {result['perplexity']:.4f}")
     if "int4_bytes_per_weight" in result:
         typer.echo(f"INT4 weights held packed: {result['int4_bytes_per_weight']:.4f} bytes per weight")
     if ref:
         worst = result["worst_window"]
         typer.echo(f"vs {ref} (perplexity {result['ref_perplexity']:.4f}): mean KL {result['kl_mean']:.5f} nats, "
                    f"top-1 agreement {100 * result['top1_agreement']:.2f}%")
-        typer.echo(f"worst window #{worst['index']} (from token {worst['start_token']}): mean KL {worst['kl_mean']:.5f}, "
-                   f"agreement {100 * worst['top1_agreement']:.2f}%")
+        typer.echo(f"worst window #{worst['index']} (from token {worst['start_token']}): "
+                   f"mean KL {worst['kl_mean']:.5f}, agreement {100 * worst['top1_agreement']:.2f}%")

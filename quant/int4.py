@@ -55,7 +55,7 @@ FORMAT = (
 
 
 def compressed_tensors_config(group_size: int, observer: str, ignore: list[str]) -> dict:
-    """config.json's `quantization_config`, key for key the structure Kimi K2-Thinking ships (vLLM and SGLang read it)."""
+    """config.json's `quantization_config`, key for key as Kimi K2-Thinking ships it (what vLLM and SGLang read)."""
     weights = {"num_bits": BITS, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size,
                "dynamic": False, "actorder": None, "block_structure": None, "observer": observer, "observer_kwargs": {}}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
@@ -132,7 +132,7 @@ def ungroup(x_groups: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 def pack(q: torch.Tensor) -> torch.Tensor:
-    """int8 [rows, in] in [-8, 7] -> int32 [rows, ceil(in / 8)]; padding nibbles are 0, as compressed-tensors writes them."""
+    """int8 [rows, in] in [-8, 7] -> int32 [rows, ceil(in / 8)]; padding nibbles are 0, as compressed-tensors pads."""
     assert q.dim() == 2 and q.dtype == torch.int8, (q.shape, q.dtype)
     rows, cols = q.shape
     words = -(-cols // PER_WORD)

@@ -31,7 +31,7 @@ class Method(Protocol):
     observer: str  # what config.json's `observer` field says produced the scales (compressed-tensors' names)
 
     def quantize(self, name: str, w: torch.Tensor, spec: Int4Spec) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of tensor `name`, float32 [rows, in] -> (q int8 [rows, groups, group_size], scale BF16 [rows, groups])."""
+        """Rows of tensor `name`, float32 [rows, in] -> (q int8 [rows, groups, group_size], BF16 scale [rows, groups])."""
 
 
 class RoundToNearest:

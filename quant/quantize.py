@@ -48,7 +48,8 @@ class Scope:
 # K2-Thinking's own ignore list is the `experts` one; `mlp.gate` (the router) is not a Linear in any loader.
 SCOPES = {
     "experts": Scope(frozenset({"routed_experts"}),
-                     ("lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*")),
+                     ("lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                      r"re:.*mlp\.(gate|up|gate_up|down)_proj.*")),
     "experts+shared": Scope(frozenset({"routed_experts", "shared_experts"}),
                             ("lm_head", "re:.*self_attn.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*")),
     "all-linear": Scope(frozenset({"routed_experts", "shared_experts", "attention", "dense_mlp"}), ("lm_head",)),
@@ -66,7 +67,8 @@ class QuantizeConfig:
 
     def __post_init__(self):
         for value, allowed, what in ((self.method, METHODS, "--method"), (self.grid, int4.GRIDS, "--grid"),
-                                     (self.scope, SCOPES, "--scope"), (self.group_size, int4.GROUP_SIZES, "--group-size")):
+                                     (self.scope, SCOPES, "--scope"),
+                                     (self.group_size, int4.GROUP_SIZES, "--group-size")):
             if value not in allowed:
                 raise K2Error(f"{what} must be one of {', '.join(map(str, allowed))}, not {value!r}")
         if self.max_shard_bytes <= 0:
@@ -428,7 +430,8 @@ def _run(plans: list[ShardPlan], out: Path, manifest: dict, reader: MappedShards
     def commit(writer: ShardWriter, plan: ShardPlan, stats: list[dict]):
         # fsync, rename, then the manifest entry: a shard the manifest lists is complete on disk.
         writer.finish()
-        manifest["shards"][plan.file] = {"bytes": writer.nbytes, "stats": sorted(stats, key=lambda s: _natural_key(s["name"]))}
+        stats = sorted(stats, key=lambda s: _natural_key(s["name"]))
+        manifest["shards"][plan.file] = {"bytes": writer.nbytes, "stats": stats}
         _write_json_atomic(out / MANIFEST, manifest)
 
     committing = None

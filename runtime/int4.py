@@ -20,7 +20,7 @@ _EXPERTS_MODULE = re.compile(r"(?P<layer>model\.layers\.\d+\.mlp\.experts)\.\d+\
 
 
 class PackedInt4(nn.Module):
-    """Weights [*lead, out, in] as stored: `packed` int32 [*lead, out, ceil(in/8)], `scale` BF16 [*lead, out, groups]."""
+    """Weights [*lead, out, in] as stored: `packed` int32 [*lead, out, ceil(in/8)], BF16 `scale` [*lead, out, groups]."""
 
     def __init__(self, lead: tuple[int, ...], out_features: int, in_features: int, group_size: int):
         super().__init__()
@@ -84,7 +84,7 @@ def swap_int4_modules(model: nn.Module, packed: set[str], group_size: int) -> nn
         try:
             linear = model.get_submodule(name)
         except AttributeError:
-            raise K2Error(f"{name}.weight_packed does not belong to any layer of the model config.json describes") from None
+            raise K2Error(f"{name}.weight_packed belongs to no layer of the model config.json describes") from None
         if not isinstance(linear, nn.Linear) or linear.bias is not None:
             raise K2Error(f"{name} is stored as INT4, but it is not a bias-free linear layer in this model")
         replacements[name] = (Int4Linear, (linear.out_features, linear.in_features, group_size))
@@ -108,6 +108,6 @@ def held_bytes(model: nn.Module) -> dict[str, int]:
     nbytes = weights = 0
     for module in model.modules():
         if isinstance(module, PackedInt4):
-            nbytes += module.packed.numel() * module.packed.element_size() + module.scale.numel() * module.scale.element_size()
+            nbytes += sum(t.numel() * t.element_size() for t in (module.packed, module.scale))
             weights += module.packed.shape[:-1].numel() * module.in_features
     return {"int4_bytes": nbytes, "int4_weights": weights}

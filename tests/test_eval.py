@@ -30,7 +30,7 @@ def text_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    return write_demo(root / "a", config_overrides=PEAKED, seed=0), write_demo(root / "b", config_overrides=PEAKED, seed=1)
+    return tuple(write_demo(root / name, config_overrides=PEAKED, seed=seed) for name, seed in (("a", 0), ("b", 1)))
 
 
 def reference_log_probs(folder, ids: list[int]) -> list[torch.Tensor]:

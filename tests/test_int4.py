@@ -69,12 +69,13 @@ def test_ct_grid_equals_compressed_tensors_minmax_quantizer(group_size):
     assert torch.equal(ct_scale.to(torch.bfloat16), scale)
     q = quantize_groups(w_groups, scale, GRIDS["ct"])
     assert torch.equal(ct_quantize(w, scale, zero_point, args, dtype=torch.int8), q.view(w.shape))
-    assert torch.equal(ct_dequantize(q.view(w.shape), scale, None, args), dequantize_groups(q, scale).view(w.shape).bfloat16())
+    ours = dequantize_groups(q, scale).view(w.shape).bfloat16()
+    assert torch.equal(ct_dequantize(q.view(w.shape), scale, None, args), ours)
 
 
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 def test_k2_grid_weights_requantize_bit_exact(group_size):
-    """Weights made by fake_quant_int4 (as QAT leaves them) give back the same integers and scales, with either method."""
+    """Weights made by fake_quant_int4 (as QAT leaves them) give back the same integers and scales, by either method."""
     w = random_weight((48, 7168 // 4), seed=group_size)
     on_grid = fake_quant_int4(w, group_size, "k2")
     spec = Int4Spec.of(group_size, "k2")
@@ -165,7 +166,8 @@ def test_int4_model_holds_packed_weights_only(int4_demo):
     n_experts = model.args.n_routed_experts
     layers = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
     assert layers and all(isinstance(e, Int4Experts) for e in layers)
-    assert not [n for n, t in model.state_dict().items() if ".experts." in n and t.dtype not in (torch.int32, torch.bfloat16)]
+    dense = [n for n, t in model.state_dict().items() if ".experts." in n and t.dtype not in (torch.int32, torch.bfloat16)]
+    assert not dense
     held = held_bytes(model)
     expected_weights = len(layers) * n_experts * 3 * model.args.hidden_size * model.args.moe_intermediate_size
     assert held["int4_weights"] == expected_weights

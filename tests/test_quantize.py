@@ -113,7 +113,8 @@ def _header_bytes(shard: Path) -> int:
 def linear_stand_in(demo_dir: Path) -> nn.Module:
     """A module tree with one nn.Linear per linear weight of the demo, named as in the checkpoint."""
     root = nn.Module()
-    for name, shape in models.build_on_meta(json.loads((demo_dir / "config.json").read_text())).checkpoint_shapes().items():
+    config = json.loads((demo_dir / "config.json").read_text())
+    for name, shape in models.build_on_meta(config).checkpoint_shapes().items():
         if not is_linear_weight(name):
             continue
         *path, leaf = name.removesuffix(".weight").split(".")

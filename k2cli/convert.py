@@ -24,6 +24,7 @@ def convert(model: str = typer.Argument(..., help=MODEL_HELP),
             split_max_size: str = typer.Option(None, "--split-max-size",
                                                help="Largest file, e.g. 50G: llama.cpp's split files past it."),
             force: bool = typer.Option(False, "--force", help="Overwrite OUT (and its earlier split files)."),
+            resume: bool = typer.Option(False, "--resume", help="Continue an interrupted conversion to OUT."),
             workers: int = typer.Option(None, "--workers", min=1, help="Worker threads (default: every core)."),
             as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
     """Convert a DeepSeek-V3-architecture checkpoint (Kimi K2, DeepSeek-V3) for llama.cpp, tensor by tensor."""
@@ -35,13 +36,14 @@ def convert(model: str = typer.Argument(..., help=MODEL_HELP),
 
     config = ConvertConfig(type=weights_type, experts_type=experts_type,
                            split_max_bytes=parse_size(split_max_size) if split_max_size else 0)
-    result = convert_checkpoint(resolve_model(model), out, config, force=force, workers=workers,
+    result = convert_checkpoint(resolve_model(model), out, config, force=force, resume=resume, workers=workers,
                                 progress=sys.stderr.isatty())
     if as_json:
         typer.echo(json.dumps(result))
         return
     types = ", ".join(f"{n} {name}" for name, n in result["types"].items())
-    typer.echo(f"wrote {', '.join(result['output'])}: {result['tensors']} tensors ({types}), "
+    resumed = f", {result['resumed_tensors']} kept from the interrupted run" if result["resumed_tensors"] else ""
+    typer.echo(f"wrote {', '.join(result['output'])}: {result['tensors']} tensors ({types}{resumed}), "
                f"{result['input_bytes'] / 1e9:.3f} GB -> {result['bytes'] / 1e9:.3f} GB in {result['seconds']:.1f} s")
     if result["int4_copied_tensors"]:
         typer.echo(f"INT4 -> Q4_0 without rounding: {result['int4_copied_tensors']} tensors, {result['int4_groups']:,} "

@@ -35,8 +35,8 @@ Q = gguf.GGMLQuantizationType
 T = gguf.MODEL_TENSOR
 
 
-def convert(model, out, **settings) -> dict:
-    return convert_checkpoint(model, out, ConvertConfig(**settings), progress=False, workers=2)
+def convert(model, out, resume: bool = False, **settings) -> dict:
+    return convert_checkpoint(model, out, ConvertConfig(**settings), resume=resume, progress=False, workers=2)
 
 
 def config_of(folder) -> dict:
@@ -309,6 +309,33 @@ def test_split_files_reassemble_to_the_same_tensors(demo_dir, converted, tmp_pat
     for k, f in whole_reader.fields.items():
         if not k.startswith(("GGUF.", "split.")):
             assert first.fields[k].contents() == f.contents(), k
+
+
+def test_interrupted_conversion_resumes_in_place(demo_dir, converted, tmp_path, monkeypatch):
+    from quant.gguf import export
+
+    out = tmp_path / "demo-bf16.gguf"
+    encode_rows, calls = export._encode_rows, []
+
+    def full_disk_at_the_30th_block(*args):
+        calls.append(args)
+        if len(calls) == 30:
+            raise OSError(28, "No space left on device")
+        return encode_rows(*args)
+
+    monkeypatch.setattr(export, "_encode_rows", full_disk_at_the_30th_block)
+    with pytest.raises(OSError):
+        convert(demo_dir, out, type="bf16")
+    assert not out.exists()
+    with pytest.raises(K2Error, match="--resume continues it"):
+        convert(demo_dir, out, type="bf16")
+    with pytest.raises(K2Error, match="other settings"):
+        convert(demo_dir, out, type="q8_0", resume=True)
+    monkeypatch.setattr(export, "_encode_rows", encode_rows)
+    result = convert(demo_dir, out, type="bf16", resume=True)
+    assert 0 < result["resumed_tensors"] < result["tensors"]
+    assert out.read_bytes() == converted["bf16"][0].read_bytes()  # the same file a run without interruption writes
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
 def k2_bpe_from_gguf(reader: gguf.GGUFReader) -> Tokenizer:

@@ -4,15 +4,20 @@ All that precedes the tensor data (metadata, vocabulary, every tensor's name, ty
 the tokenizer and the safetensors headers, so it is planned and written first. Tensors are then produced one row block
 at a time (workers encode blocks in parallel; they are written in order) from memory-mapped input shards whose pages
 are dropped once used: memory holds a few row blocks, never a layer's stacked experts. The files are written in a
-temporary folder next to OUT and renamed into place when all are complete.
+temporary folder next to OUT and renamed into place when all are complete; a progress file there records how many
+tensors are safely on disk, so an interrupted run resumes in place, its header rewritten byte for byte and the written
+tensors skipped.
 """
+import hashlib
+import importlib.metadata
+import json
 import os
 import re
 import shutil
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -27,7 +32,7 @@ from quant.gguf.vocab import add_vocab, read_vocab
 from quant.quantize import Source, _read_rows, _release_rows, _row_blocks, collect_sources
 from quant.safetensors_io import MappedShards
 from runtime import models
-from runtime.checkpoint import Checkpoint
+from runtime.checkpoint import Checkpoint, read_json
 from runtime.errors import K2Error
 from runtime.models.deepseek_v3 import ModelArgs
 
@@ -40,6 +45,7 @@ AUTO = "auto"  # --experts-type: INT4 experts copied into Q4_0, other experts as
 _EXPERT = re.compile(r"(?P<layer>model\.layers\.\d+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight")
 _KV_B = "kv_b_proj"
 WINDOW_PER_WORKER = 4  # row blocks in flight per worker: enough to keep workers busy while one is written
+PROGRESS = "progress.json"  # in the temporary folder: the settings and inputs of the run, and the tensors done
 
 
 @dataclass(frozen=True)
@@ -205,6 +211,16 @@ class _StreamedTensor:
             raise RuntimeError(f"wrote {written} bytes of a tensor planned as {self.nbytes}")
 
 
+class _WrittenTensor:
+    """A tensor an interrupted run already wrote at this very place of the file: skipped over, not rewritten."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+
+    def tofile(self, fp):
+        fp.seek(self.nbytes, os.SEEK_CUR)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the run
 
@@ -234,16 +250,35 @@ def _existing_outputs(out: Path) -> list[Path]:
     return found
 
 
+def _temporary_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.k2-convert.tmp"
+
+
+def _fingerprint(folder: Path, config: ConvertConfig, tensors: list[OutputTensor]) -> dict:
+    """What a resumed run must share with the interrupted one for its header to come out byte for byte the same."""
+    inputs = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()}
+    plan = json.dumps([[t.name, t.qtype.name, list(t.shape)] for t in tensors])
+    return {"settings": asdict(config), "inputs": inputs, "plan_sha256": hashlib.sha256(plan.encode()).hexdigest(),
+            "gguf": importlib.metadata.version("gguf")}
+
+
 def convert_checkpoint(model_dir: str | Path, out: str | Path, config: ConvertConfig, force: bool = False,
-                       workers: int | None = None, progress: bool = True) -> dict:
+                       resume: bool = False, workers: int | None = None, progress: bool = True) -> dict:
     """Write the GGUF file(s); returns what was written and how (files, bytes, types, INT4 scale report, notes
     with the tensors each applies to)."""
     out = Path(out)
     if out.is_dir():
         raise K2Error(f"{out} is a folder; OUT is the .gguf file to write")
+    if resume and force:
+        raise K2Error("--resume and --force exclude each other")
     stale = _existing_outputs(out)
     if stale and not force:
         raise K2Error(f"{stale[0]} exists; --force overwrites it")
+    interrupted = (_temporary_folder(out) / PROGRESS).exists()
+    if interrupted and not (resume or force):
+        raise K2Error(f"a conversion to {out} was interrupted; --resume continues it, --force starts over")
+    if resume and not interrupted:
+        raise K2Error(f"there is no interrupted conversion to {out} to resume")
     ckpt = Checkpoint.open(model_dir)
     _, args = models.build(ckpt.config)
     names.check_supported(ckpt.config, args)
@@ -270,7 +305,8 @@ def convert_checkpoint(model_dir: str | Path, out: str | Path, config: ConvertCo
         if total > free:
             raise K2Error(f"{out.parent} has {free / 1e9:.2f} GB free; the GGUF needs {total / 1e9:.2f} GB")
         started = time.perf_counter()
-        scale_report = _write(writer, tensors, out, files, reader, workers or len(os.sched_getaffinity(0)), progress)
+        scale_report, resumed = _write(writer, tensors, out, files, reader, workers or len(os.sched_getaffinity(0)),
+                                       progress, _fingerprint(ckpt.folder, config, tensors), resume)
         seconds = time.perf_counter() - started
     finally:
         reader.close()
@@ -280,7 +316,7 @@ def convert_checkpoint(model_dir: str | Path, out: str | Path, config: ConvertCo
             path.unlink()  # an earlier conversion's split files this one does not replace
     types = Counter(t.qtype.name for t in tensors)
     return {"output": [str(f) for f in files], "files": len(files), "bytes": sum(f.stat().st_size for f in files),
-            "tensors": len(tensors), "input_bytes": sum(s.nbytes for s in sources), "seconds": seconds,
+            "tensors": len(tensors), "resumed_tensors": resumed, "input_bytes": sum(s.nbytes for s in sources), "seconds": seconds,
             "types": dict(sorted(types.items())), "int4_copied_tensors": sum(t.int4_copy for t in tensors),
             "int4_groups": scale_report.groups, "inexact_scale_groups": scale_report.inexact,
             "max_int4_weight_error": scale_report.max_weight_error,
@@ -297,13 +333,38 @@ def _grouped_notes(tensors: list[OutputTensor]) -> dict[str, list[str]]:
 
 
 def _write(writer: gguf.GGUFWriter, tensors: list[OutputTensor], out: Path, files: list[Path], reader: MappedShards,
-           workers: int, progress: bool) -> blocks.ScaleReport:
-    tmp = out.parent / f".{out.name}.k2-convert.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # an interrupted run's leftovers
-    tmp.mkdir()
-    report = blocks.ScaleReport()
-    bar = tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="converting",
-               disable=not progress, dynamic_ncols=True)
+           workers: int, progress: bool, fingerprint: dict, resume: bool) -> tuple[blocks.ScaleReport, int]:
+    """Write every file in the temporary folder, then rename them into place: (INT4 scale report, tensors resumed)."""
+    tmp = _temporary_folder(out)
+    done, report = 0, blocks.ScaleReport()
+    if resume:
+        state = read_json(tmp / PROGRESS)
+        if state.get("fingerprint") != fingerprint:
+            raise K2Error(f"the interrupted conversion to {out} was started from other inputs or with other settings; "
+                          "use the same ones to --resume, or --force to start over")
+        if not all((tmp / f.name).exists() for f in files):
+            raise K2Error(f"the interrupted conversion's files in {tmp} are incomplete; --force starts over")
+        done, report = state["done"], blocks.ScaleReport(**state["int4_report"])
+        # Continue in place: gguf-py's writer only creates files, so it is handed the existing ones open for update;
+        # it rewrites the same header over the old one and goes past the tensors already written.
+        writer.path = tmp / out.name
+        writer.fout = [open(tmp / f.name, "r+b") for f in files]
+        writer.state = gguf.gguf_writer.WriterState.EMPTY
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+
+    def save_progress(n_done: int):
+        # Tensor bytes first, then the record that they are there.
+        writer.flush()
+        for f in writer.fout:
+            os.fsync(f.fileno())
+        state = {"fingerprint": fingerprint, "done": n_done, "int4_report": asdict(report)}
+        (tmp / f".{PROGRESS}.tmp").write_text(json.dumps(state))
+        os.replace(tmp / f".{PROGRESS}.tmp", tmp / PROGRESS)
+
+    bar = tqdm(total=sum(t.nbytes for t in tensors), initial=sum(t.nbytes for t in tensors[:done]), unit="B",
+               unit_scale=True, desc="converting", disable=not progress, dynamic_ncols=True)
 
     def on_chunk(nbytes: int, chunk_report: blocks.ScaleReport | None):
         bar.update(nbytes)
@@ -316,20 +377,23 @@ def _write(writer: gguf.GGUFWriter, tensors: list[OutputTensor], out: Path, file
         writer.write_header_to_file(tmp / out.name)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        if not resume:
+            save_progress(0)
         with ThreadPoolExecutor(workers, thread_name_prefix="k2-convert") as pool:
-            for i, t in enumerate(tensors, 1):
-                bar.set_postfix_str(f"{i}/{len(tensors)} tensors", refresh=False)
+            for i, t in enumerate(tensors):
+                if i < done:
+                    writer.write_tensor_data(_WrittenTensor(t.nbytes))
+                    continue
+                bar.set_postfix_str(f"{i + 1}/{len(tensors)} tensors", refresh=False)
                 chunks = _in_order(pool, _tasks(t, reader), workers * WINDOW_PER_WORKER)
                 writer.write_tensor_data(_StreamedTensor(t.nbytes, chunks, on_chunk))
-        writer.flush()
-        for f in writer.fout:
-            os.fsync(f.fileno())
+                save_progress(i + 1)
         writer.close()
         for path in files:
             os.replace(tmp / path.name, path)
+        shutil.rmtree(tmp)
     finally:
-        writer.close()
+        writer.close()  # an interrupted run leaves its folder and progress for --resume
         bar.close()
         torch.set_num_threads(threads)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return report
+    return report, done

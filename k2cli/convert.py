@@ -15,9 +15,9 @@ def convert(model: str = typer.Argument(..., help=MODEL_HELP),
             out: Path = typer.Argument(..., help="The .gguf file to write; a split conversion writes "
                                                  "OUT-00001-of-0000N.gguf files next to it instead."),
             to: str = typer.Option(..., "--to", help="Output format: gguf (llama.cpp's deepseek2 architecture)."),
-            weights_type: str = typer.Option("bf16", "--type", help="Embeddings, attention, dense and shared-expert weights: "
-                                                            "bf16, f16, f32, q8_0 or q4_0 (norms and the router "
-                                                            "stay f32)."),
+            weights_type: str = typer.Option("bf16", "--type",
+                                             help="Embeddings, attention, dense and shared-expert weights: bf16, "
+                                                  "f16, f32, q8_0 or q4_0 (norms and the router stay f32)."),
             experts_type: str = typer.Option("auto", "--experts-type",
                                              help="Routed experts: auto (INT4 experts copied into Q4_0 with no "
                                                   "rounding, others as --type), bf16, f16, f32, q8_0 or q4_0."),

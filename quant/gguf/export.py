@@ -238,7 +238,7 @@ def _file_type(tensors: list[OutputTensor]):
     for t in tensors:
         if len(t.shape) > 1:
             weights[t.qtype] += t.nbytes
-    return FILE_TYPES.get(weights.most_common(1)[0][0], gguf.LlamaFileType.GUESSED) if weights else gguf.LlamaFileType.ALL_F32
+    return FILE_TYPES[weights.most_common(1)[0][0]]
 
 
 def _existing_outputs(out: Path) -> list[Path]:
@@ -316,7 +316,8 @@ def convert_checkpoint(model_dir: str | Path, out: str | Path, config: ConvertCo
             path.unlink()  # an earlier conversion's split files this one does not replace
     types = Counter(t.qtype.name for t in tensors)
     return {"output": [str(f) for f in files], "files": len(files), "bytes": sum(f.stat().st_size for f in files),
-            "tensors": len(tensors), "resumed_tensors": resumed, "input_bytes": sum(s.nbytes for s in sources), "seconds": seconds,
+            "tensors": len(tensors), "resumed_tensors": resumed, "input_bytes": sum(s.nbytes for s in sources),
+            "seconds": seconds,
             "types": dict(sorted(types.items())), "int4_copied_tensors": sum(t.int4_copy for t in tensors),
             "int4_groups": scale_report.groups, "inexact_scale_groups": scale_report.inexact,
             "max_int4_weight_error": scale_report.max_weight_error,

@@ -1,4 +1,4 @@
-"""llama.cpp's `deepseek2` architecture as data: tensor names from gguf-py's tensor map, the hyperparameter keys it reads.
+"""llama.cpp's `deepseek2` architecture as data: tensor names from gguf-py's tensor map, the hyperparameter keys.
 
 Current llama.cpp runs MLA with weight absorption: it loads `attn_k_b` / `attn_v_b` (the key and value halves of
 `kv_b_proj`, per head) instead of `attn_kv_b`, and treats attention as one shared key/value head of
@@ -26,7 +26,7 @@ def tensor_name_map(n_layers: int) -> gguf.TensorNameMap:
 
 
 def gguf_tensor(name_map: gguf.TensorNameMap, hf_name: str) -> tuple[gguf.MODEL_TENSOR, str]:
-    """Checkpoint name (stacked experts and the kv_b halves as `experts.{proj}` and `{k,v}_b_proj`) -> (kind, GGUF name).
+    """Checkpoint name (stacked experts as `experts.{proj}`, the kv_b halves as `{k,v}_b_proj`) -> (kind, GGUF name).
 
     The routing bias is stored as `e_score_correction_bias`; the map knows it, as llama.cpp does, as the `bias` of
     `e_score_correction`, which llama.cpp loads as `blk.N.exp_probs_b.bias`.

@@ -55,7 +55,8 @@ class Vocab:
 
     def put(self, token_id: int, text: str, token_type: int, source: str):
         if not 0 <= token_id < len(self.tokens):
-            raise K2Error(f"{source}: token id {token_id} ({text!r}) is outside the model's vocab_size {len(self.tokens)}")
+            raise K2Error(f"{source}: token id {token_id} ({text!r}) is outside the model's vocab_size "
+                          f"{len(self.tokens)}")
         self.tokens[token_id], self.types[token_id] = text, token_type
 
 

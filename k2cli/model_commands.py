@@ -81,8 +81,6 @@ def generate(model: str = typer.Argument("demo", help=MODEL_HELP),
     set). For a conversation use `k2 chat`."""
     import time
 
-    import torch
-
     from runtime.checkpoint import eos_token_ids
     from runtime.generate import greedy_generate, sample_generate
     from runtime.loading import TORCH_DTYPES

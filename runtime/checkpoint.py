@@ -77,12 +77,15 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
 class Checkpoint:
     """The folder's config and the name, shard, dtype and shape of every stored tensor."""
 
-    def __init__(self, folder: Path, config: dict, tensors: dict[str, TensorInfo]):
+    def __init__(self, folder: Path, config: dict, tensors: dict[str, TensorInfo], absent: dict[str, str] | None = None):
         self.folder, self.config, self.tensors = folder, config, tensors
+        self.absent = absent or {}  # tensor -> shard, for shards not on disk (downloaded for another pipeline stage)
         self._handles = {}
 
     @classmethod
-    def open(cls, folder: str | Path, require_weights: bool = True) -> "Checkpoint":
+    def open(cls, folder: str | Path, require_weights: bool = True, allow_missing_shards: bool = False) -> "Checkpoint":
+        """With `allow_missing_shards`, shards the index names but the folder lacks are recorded, not an error: a
+        pipeline stage's folder holds only the shards of its own layers."""
         folder = Path(folder)
         if not folder.is_dir():
             raise K2Error(f"{folder} is not a model folder")
@@ -92,22 +95,34 @@ class Checkpoint:
             weight_map = read_json(folder / INDEX_FILE).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise K2Error(f"{folder / INDEX_FILE} has no weight_map")
-            shards = {shard: read_safetensors_header(folder / shard) for shard in sorted(set(weight_map.values()))}
+            names = sorted(set(weight_map.values()))
+            missing = {shard for shard in names if allow_missing_shards and not (folder / shard).exists()}
+            shards = {shard: read_safetensors_header(folder / shard) for shard in names if shard not in missing}
+            absent = {name: shard for name, shard in weight_map.items() if shard in missing}
             for name, shard in weight_map.items():
+                if shard in missing:
+                    continue
                 if name not in shards[shard]:
                     raise K2Error(f"the index puts tensor {name} in {shard}, but {shard} does not contain it")
                 tensors[name] = shards[shard][name]
-        elif (folder / SINGLE_FILE).exists():
+            return cls(folder, config, tensors, absent)
+        if (folder / SINGLE_FILE).exists():
             tensors = read_safetensors_header(folder / SINGLE_FILE)
         elif require_weights:
             raise K2Error(f"{folder} has config.json but no weights ({SINGLE_FILE} or {INDEX_FILE})")
         return cls(folder, config, tensors)
+
+    @property
+    def missing_shards(self) -> set[str]:
+        return set(self.absent.values())
 
     def load(self, name: str):
         """One tensor, read from its memory-mapped shard."""
         from safetensors import SafetensorError, safe_open
 
         info = self.tensors.get(name)
+        if name in self.absent:
+            raise K2Error(f"tensor {name} is in shard {self.absent[name]}, which is missing from {self.folder}")
         if info is None:
             raise K2Error(f"tensor {name} is not in the checkpoint (nor in its index)")
         try:

@@ -69,7 +69,7 @@ def weight_bytes(ckpt: Checkpoint, model) -> tuple[dict[str, int], bool]:
     From the safetensors headers when the folder has weights, else estimated from config.json's format.
     """
     stored = {n: t for n, t in ckpt.tensors.items() if not model.skip_tensor(n)}
-    if not stored:
+    if not stored or ckpt.missing_shards:  # partial folders (one pipeline stage's shards) are costed from the config
         return {n: sum(estimated_storage(n, s, ckpt.config).values()) for n, s in model.checkpoint_shapes().items()}, False
     sizes = defaultdict(int)
     for name, tensor in stored.items():
@@ -94,7 +94,7 @@ def describe_quantization(config: dict) -> str:
 def model_info(folder: str | Path) -> dict:
     import torch
 
-    ckpt = Checkpoint.open(folder, require_weights=False)
+    ckpt = Checkpoint.open(folder, require_weights=False, allow_missing_shards=True)
     config = ckpt.config
     model = models.build_on_meta(config)
     args = model.args
@@ -105,7 +105,7 @@ def model_info(folder: str | Path) -> dict:
         params[component_of(name)] += torch.Size(shape).numel()
     storage = defaultdict(lambda: defaultdict(int))  # component -> dtype -> bytes
     stored = {n: t for n, t in ckpt.tensors.items() if not model.skip_tensor(n)}
-    if stored:
+    if stored and not ckpt.missing_shards:
         for name, tensor in stored.items():
             storage[component_of(name)][tensor.dtype] += tensor.nbytes
     else:
@@ -139,7 +139,9 @@ def model_info(folder: str | Path) -> dict:
             for c in COMPONENTS if params[c] or storage[c]
         },
         "total_bytes": sum(sum(d.values()) for d in storage.values()),
-        "bytes_source": "safetensors headers" if stored else "estimated from config.json (no weights in the folder)",
+        "bytes_source": ("safetensors headers" if stored and not ckpt.missing_shards else
+                         f"estimated from config.json ({len(ckpt.missing_shards)} shard(s) missing)" if stored else
+                         "estimated from config.json (no weights in the folder)"),
         "quantization": describe_quantization(config),
         "kv_cache": {
             "dtype": cache_dtype,

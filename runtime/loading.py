@@ -6,11 +6,11 @@ from torch import nn
 from tqdm import tqdm
 
 from quant.fp8 import dequantize_fp8_block
-from quant.int4 import group_size_of, stored_shapes
+from quant.int4 import dequantize, group_size_of, stored_shapes
 from runtime import models
 from runtime.checkpoint import Checkpoint
 from runtime.errors import K2Error
-from runtime.int4 import COMPANION_SUFFIXES, PACKED_SUFFIX, packed_modules, swap_int4_modules
+from runtime.int4 import COMPANION_SUFFIXES, PACKED_SUFFIX, holds_packed, packed_modules, swap_int4_modules
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FP32_TENSORS = ("e_score_correction_bias",)  # kept in fp32 whatever the model dtype: routing needs it
@@ -38,9 +38,10 @@ def _stored_to_weight(ckpt: Checkpoint, name: str, block: tuple[int, int]) -> to
 
 
 def _stored_int4(ckpt: Checkpoint, name: str, group_size: int) -> tuple[tuple[int, ...], dict[str, torch.Tensor]]:
-    """INT4 weight `name` (`P.weight`) as the runtime holds it: (its [out, in], the packed words and scales as stored).
+    """INT4 weight `name` (`P.weight`): (its [out, in], the packed words and scales as stored).
 
-    The one place that knows compressed-tensors' tensor names; the weight stays packed (runtime/int4.py computes with it).
+    The one place that knows compressed-tensors' tensor names. The weight stays packed where runtime/int4.py swapped
+    in a packed module, and is dequantized where the model reads it as a matrix.
     """
     stored = {}
     for part in ("packed", "scale", "shape"):
@@ -85,7 +86,7 @@ def load_model(folder: str | Path, dtype: torch.dtype | None = None, device: str
     """The model with weights from `folder`; with `layer_ids`, only those layers (plus the embedding and/or the head
     when asked) are read, the rest stay on the meta device and take no memory."""
     layer_ids = None if layer_ids is None else set(layer_ids)
-    ckpt = Checkpoint.open(folder)
+    ckpt = Checkpoint.open(folder, allow_missing_shards=layer_ids is not None)
     method = _quant_method(ckpt.config)
     if method not in (None, "fp8", "compressed-tensors"):
         raise K2Error(f"loading {method!r} quantized checkpoints is not supported (BF16/FP16/FP32, FP8 and "
@@ -115,14 +116,16 @@ def load_model(folder: str | Path, dtype: torch.dtype | None = None, device: str
         if shape != expected[name]:
             raise K2Error(f"tensor {name} has shape {list(shape)} but config.json implies {list(expected[name])}")
         target_name, expert = model.locate(name)
-        if packed:
+        if packed and holds_packed(model, target_name):
             for leaf, tensor in int4_parts.items():
                 target = _materialize(model, f"{target_name}.{leaf}", tensor.dtype, device)
                 (target if expert is None else target[expert]).copy_(tensor)
         else:
+            weight = (dequantize(int4_parts["packed"], int4_parts["scale"], shape[1], group_size) if packed
+                      else _stored_to_weight(ckpt, name, block))
             target_dtype = torch.float32 if name.endswith(FP32_TENSORS) else dtype
             target = _materialize(model, target_name, target_dtype, device)
-            (target if expert is None else target[expert]).copy_(_stored_to_weight(ckpt, name, block))
+            (target if expert is None else target[expert]).copy_(weight)
         loaded.add(name)
     ckpt.close()
 
@@ -130,6 +133,10 @@ def load_model(folder: str | Path, dtype: torch.dtype | None = None, device: str
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
     missing = [n for n in expected if n not in loaded]
+    absent = [n for n in missing if n in ckpt.absent]
+    if absent:
+        raise K2Error(f"this part of the model needs shard {ckpt.absent[absent[0]]} (tensor {absent[0]}), "
+                      f"which is missing from {ckpt.folder}")
     if missing:
         raise K2Error(f"the checkpoint lacks {len(missing)} tensor(s) that config.json implies, first {missing[0]}")
     model.inv_freq = model.inv_freq.to(device)

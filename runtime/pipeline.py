@@ -16,7 +16,7 @@ from runtime.cache import LatentCache
 from runtime.errors import K2Error
 from runtime.loading import load_model
 from runtime.offload import apply_placement
-from runtime.placement import decode_bytes_per_token, model_cost, stage_layer_ranges
+from runtime.placement import pipeline_stage_ranges
 
 OP_FORWARD, OP_NEW_CACHE, OP_STOP = 0, 1, 2
 DEFAULT_TIMEOUT_S = 300  # a rank that stops answering for this long fails the others instead of hanging them
@@ -40,7 +40,7 @@ class Stage:
         # NCCL moves only GPU tensors, so control messages travel on the GPU there.
         self.control_device = torch.device(device) if backend == "nccl" else torch.device("cpu")
         if plan is None:
-            self.layer_ids = list(stage_layer_ranges(decode_bytes_per_token(model_cost(folder), ctx=4096), world)[rank])
+            self.layer_ids = list(pipeline_stage_ranges(folder, world)[rank])
         else:
             self.layer_ids = [entry["layer"] for entry in plan["stages"][rank]["layers"]]
         load_to = "cpu" if plan else device

@@ -87,8 +87,11 @@ class ModelCost:
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp\.experts|mlp\.shared_experts|mlp\.gate|mlp|[a-z_]*norm)")
 
 
-def model_cost(folder: str | Path) -> ModelCost:
-    ckpt = Checkpoint.open(folder, require_weights=False)
+def model_cost(folder: str | Path, config_only: bool = False) -> ModelCost:
+    """Bytes per layer and component: from the safetensors headers, or (`config_only`, or no weights) config.json."""
+    ckpt = Checkpoint.open(folder, require_weights=False, allow_missing_shards=True)
+    if config_only:
+        ckpt = Checkpoint(ckpt.folder, ckpt.config, {})
     model = models.build_on_meta(ckpt.config)
     args = model.args
     sizes, _ = weight_bytes(ckpt, model)
@@ -148,6 +151,15 @@ def stage_layer_ranges(costs: list[float], n_stages: int) -> list[range]:
         bounds.append(range(cut[s][i], i))
         i = cut[s][i]
     return bounds[::-1]
+
+
+PIPELINE_CTX = 4096  # the context a plan-less pipeline balances its stages for
+
+
+def pipeline_stage_ranges(folder: str | Path, n_stages: int) -> list[range]:
+    """Each stage's layers when torchrun runs without a plan, and what `k2 download --stage I/N` fetches. Costed
+    from config.json alone, so every machine of a pipeline decides its part before any shard is on disk."""
+    return stage_layer_ranges(decode_bytes_per_token(model_cost(folder, config_only=True), PIPELINE_CTX), n_stages)
 
 
 def decode_bytes_per_token(cost: ModelCost, ctx: int) -> list[float]:
@@ -395,7 +407,7 @@ def make_plan(folder: str | Path, host: HostSpec, stages: int = 1, ctx: int = 40
     if offload == "stream" and not (host.gpus or host.mps):
         raise K2Error("--offload stream copies experts to a GPU: give --gpu or --mps")
     cost = model_cost(folder)
-    config = Checkpoint.open(folder, require_weights=False).config
+    config = Checkpoint.open(folder, require_weights=False, allow_missing_shards=True).config
     frequencies = expert_frequencies(expert_stats, cost)
     ranges = stage_layer_ranges(decode_bytes_per_token(cost, ctx), stages)
     stage_plans = [plan_stage(cost, r, host, ctx, batch, offload, frequencies, i == 0, i == len(ranges) - 1,

@@ -37,7 +37,8 @@ def test_truncated_shard(demo_dir, tmp_path):
 def test_missing_shard(demo_dir, tmp_path):
     folder = copy_checkpoint(demo_dir, tmp_path / "m")
     (folder / "model-00003-of-00003.safetensors").unlink()
-    assert_one_line_error(run_k2("info", folder), "model-00003-of-00003.safetensors", "missing")
+    assert_one_line_error(run_k2("generate", folder, "--ids", "1,2", "-n", "2"), "model-00003-of-00003.safetensors",
+                          "missing")
 
 
 def test_tensor_missing_from_index(demo_dir, tmp_path):
@@ -106,3 +107,21 @@ def test_loader_keeps_router_bias_fp32_and_materializes_everything(demo_fp8_dir)
         assert not tensor.is_meta, name
         expected = torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16
         assert tensor.dtype == expected, name
+
+
+def test_a_pipeline_stage_folder_without_other_stages_shards(demo_dir, tmp_path):
+    """`k2 download --stage` leaves out the shards of other stages: a stage still loads, the rest is a clear error."""
+    folder = copy_checkpoint(demo_dir, tmp_path / "m")
+    last = "model-00003-of-00003.safetensors"
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    (folder / last).unlink()
+    in_last = {int(n.split(".")[2]) for n, shard in weight_map.items() if shard == last and n.startswith("model.layers.")}
+    own = [i for i in range(4) if i not in in_last and i < min(in_last)]
+    assert own, "the demo's first layers are not in its last shard"
+    model = load_model(folder, layer_ids=own, embed=True, head=False)
+    assert not model.model.layers[own[-1]].input_layernorm.weight.is_meta
+    with pytest.raises(K2Error, match=f"{last} is missing"):
+        load_model(folder)
+    info = run_k2("info", folder, "--json")
+    assert info.returncode == 0, info.stderr
+    assert "1 shard(s) missing" in json.loads(info.stdout)["bytes_source"]

@@ -14,8 +14,6 @@ DEFAULT_INCLUDE = ("*.safetensors", "model.safetensors.index.json", "config.json
                    "chat_template.jinja", "chat_template.json")
 # Remote code (tokenization_kimi.py, modeling_deepseek.py) is never executed by k2, so it is not even fetched.
 DEFAULT_EXCLUDE = ("*.py",)
-# The context pipeline stages are costed at when no plan is given: runtime/pipeline.py and `k2 plan`'s default --ctx.
-PIPELINE_CTX = 4096
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
@@ -53,16 +51,13 @@ def parse_layers(text: str) -> range:
 def stage_layers(config: dict, stage: int, n_stages: int) -> range:
     """The layers pipeline stage `stage` (0-based) of `n_stages` runs.
 
-    The one rule of runtime/pipeline.py and `k2 plan --stages N`: placement.stage_layer_ranges over each layer's
-    decode cost at PIPELINE_CTX. The cost comes from config.json alone (the bytes its format stores, the same the
-    safetensors headers give), so every machine of a pipeline can decide its part before any shard is on disk.
+    The one rule of runtime/pipeline.py when it runs without a plan: placement.pipeline_stage_ranges.
     """
-    from runtime.placement import decode_bytes_per_token, model_cost, stage_layer_ranges
+    from runtime.placement import pipeline_stage_ranges
 
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps(config))
-        cost = model_cost(folder)
-    return stage_layer_ranges(decode_bytes_per_token(cost, PIPELINE_CTX), n_stages)[stage]
+        return pipeline_stage_ranges(folder, n_stages)[stage]
 
 
 def tensor_needed(name: str, layers: range, n_layers: int) -> bool:

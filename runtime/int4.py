@@ -15,6 +15,9 @@ from quant import int4
 from runtime.errors import K2Error
 
 PACKED_SUFFIX = ".weight_packed"
+# Linears whose weight the model also reads as a matrix, not only through forward: absorbed MLA decode splits
+# kv_b_proj's weight into W_UK and W_UV. They load dequantized (vLLM does the same for this layer).
+DENSE_LINEARS = ("self_attn.kv_b_proj",)
 COMPANION_SUFFIXES = (".weight_scale", ".weight_shape")
 _EXPERTS_MODULE = re.compile(r"(?P<layer>model\.layers\.\d+\.mlp\.experts)\.\d+\.(?:gate|up|down)_proj")
 
@@ -78,6 +81,8 @@ def swap_int4_modules(model: nn.Module, packed: set[str], group_size: int) -> nn
     replacements: dict[str, tuple[type, tuple]] = {}
     for name in packed:
         match = _EXPERTS_MODULE.fullmatch(name)
+        if name.endswith(DENSE_LINEARS):
+            continue
         if match:
             expert_blocks[match["layer"]] = expert_blocks.get(match["layer"], 0) + 1
             continue
@@ -101,6 +106,14 @@ def swap_int4_modules(model: nn.Module, packed: set[str], group_size: int) -> nn
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, cls(*args))
     return model
+
+
+def holds_packed(model: nn.Module, name: str) -> bool:
+    """Is model tensor `name` (as `locate` names it) held by a packed module?"""
+    try:
+        return isinstance(model.get_submodule(name), PackedInt4)
+    except AttributeError:  # a parameter, not a module
+        return False
 
 
 def held_bytes(model: nn.Module) -> dict[str, int]:

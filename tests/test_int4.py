@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from quant.int4 import (GRIDS, GROUP_SIZES, absmax_scale, dequantize, dequantize_groups, fake_quant_int4, grouped,
                         pack, quantize_groups, unpack)
 from quant.methods import ClipSearch, Int4Spec, RoundToNearest
-from runtime.int4 import Int4Experts, held_bytes
+from quant.quantize import QuantizeConfig, quantize_checkpoint
+from runtime.int4 import Int4Experts, Int4Linear, held_bytes
 from runtime.loading import load_model
 from tests.helpers import run_k2
 
@@ -148,9 +149,15 @@ def dequantized_twin(int4_dir, twin_dir):
     return twin_dir
 
 
-def test_int4_model_equals_its_dequantized_twin(int4_demo, tmp_path):
-    twin = load_model(dequantized_twin(int4_demo, tmp_path / "twin"), dtype=torch.float32)
-    model = load_model(int4_demo, dtype=torch.float32)
+@pytest.mark.parametrize("scope", ["experts", "all-linear"])
+def test_int4_model_equals_its_dequantized_twin(demo_dir, int4_demo, tmp_path, scope):
+    folder = int4_demo
+    if scope != "experts":  # attention, dense and shared MLPs packed too: Int4Linear modules
+        folder = tmp_path / "int4"
+        quantize_checkpoint(demo_dir, folder, QuantizeConfig(scope=scope), progress=False)
+    twin = load_model(dequantized_twin(folder, tmp_path / "twin"), dtype=torch.float32)
+    model = load_model(folder, dtype=torch.float32)
+    assert isinstance(model.model.layers[0].self_attn.q_b_proj, Int4Linear) == (scope == "all-linear")
     ids = torch.randint(0, model.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     ours, ref = model(ids), twin(ids)
     assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-5

@@ -58,10 +58,35 @@ class Int4Experts(nn.Module):
         self.up_proj = PackedInt4((n_experts,), hidden_dim, dim, group_size)
         self.down_proj = PackedInt4((n_experts,), dim, hidden_dim, group_size)
 
+    @property
+    def n_experts(self) -> int:
+        return self.gate_proj.packed.shape[0]
+
+    def select(self, ids: list[int], device: torch.device | str) -> "Int4Experts":
+        """Experts `ids`, renumbered 0..len(ids)-1, still packed, copied to `device` (see runtime/offload.py)."""
+        hidden_dim, dim = self.gate_proj.packed.shape[1], self.gate_proj.in_features
+        with torch.device("meta"):
+            part = Int4Experts(len(ids), dim, hidden_dim, self.gate_proj.group_size)
+        index = torch.tensor(ids, device=self.gate_proj.packed.device)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            source, target = getattr(self, name), getattr(part, name)
+            target.packed = source.packed.index_select(0, index).to(device)
+            target.scale = source.scale.index_select(0, index).to(device)
+        return part
+
+    def load_slot(self, slot: int, source: "Int4Experts", expert: int):
+        """Overwrite expert `slot` with `source`'s expert `expert`, packed (an expert cache refills itself so)."""
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            for leaf in ("packed", "scale"):
+                getattr(getattr(self, name), leaf)[slot].copy_(getattr(getattr(source, name), leaf)[expert],
+                                                               non_blocking=True)
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [N, dim], weights and ids [N, k] -> sum_k weights * expert_k(x); unpacks only the experts hit."""
+        """x [N, dim], weights and ids [N, k] -> sum_k weights * expert_k(x); unpacks only the experts hit. Ids < 0
+        are skipped: those slots' experts live elsewhere (runtime/offload.py)."""
         y = torch.zeros_like(x)
-        for e in torch.bincount(ids.flatten(), minlength=self.gate_proj.packed.shape[0]).nonzero().flatten().tolist():
+        flat = ids.flatten()
+        for e in torch.bincount(flat[flat >= 0], minlength=self.n_experts).nonzero().flatten().tolist():
             token, slot = (ids == e).nonzero(as_tuple=True)
             xe = x[token]
             gate, up, down = (p.dense(e, x.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))

@@ -91,3 +91,23 @@ def test_generate_with_a_plan_records_stats_that_plan_reads(demo_dir, tmp_path):
     assert sorted(recorded) == ["1", "2", "3"] and all(len(c) == 16 for c in recorded.values())
     replanned = run_k2("plan", demo_dir, "--gpu", "2G", "--cpu-mem", "8G", "--expert-stats", stats, "--json")
     assert replanned.returncode == 0, replanned.stderr
+
+
+def test_int4_experts_stay_packed_when_split_or_streamed(demo_dir, tmp_path):
+    """K2-Thinking's case: INT4 experts on the CPU (or streamed) are computed packed, and give the unplaced logits."""
+    from quant.quantize import QuantizeConfig, quantize_checkpoint
+    from runtime.int4 import Int4Experts
+
+    int4_dir = tmp_path / "int4"
+    quantize_checkpoint(demo_dir, int4_dir, QuantizeConfig(), progress=False)
+    tokens = torch.randint(0, 700, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = run(load_model(int4_dir, dtype=torch.float32), tokens, steps=4)
+    for plan in (stage_plan(4, 16, on_gpu=5), stage_plan(4, 16, on_gpu=0, cache=5)):
+        model = load_model(int4_dir, dtype=torch.float32)
+        apply_placement(model, plan, device_map={"cuda:0": "cpu"})
+        experts = model.model.layers[1].mlp.experts
+        parts = experts.parts if isinstance(experts, PlacedExperts) else [experts.source, experts.cache]
+        assert all(isinstance(part, Int4Experts) for part in parts)
+        with torch.inference_mode():
+            torch.testing.assert_close(run(model, tokens, steps=4), expected, rtol=1e-5, atol=1e-5)

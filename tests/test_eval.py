@@ -19,6 +19,12 @@ CTX = 48
 PEAKED = {"initializer_range": 0.08}
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    # The demo's matmuls are tiny: on a busy machine, intra-op threads spinning over them cost ten times the work.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     """Real English we did not write: the Zen of Python, as the standard library ships it (rot13)."""

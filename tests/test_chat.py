@@ -203,13 +203,11 @@ def test_k2_chat_in_a_terminal(demo_dir, tmp_path):
         child.expect("> ")
         child.sendline("Now tell me a very long story")
         child.expect("story\r\n")  # the terminal's echo of the line; the reply follows
-        child.expect(r"\S")  # the reply has begun
+        # The reply has visibly begun: three letters in a row (the escape sequences readline prints as it hands the
+        # line over have none; a Ctrl-C that early reaches readline, not the reply).
+        child.expect(r"[a-z]{3}")
         child.sendintr()
-        # Once in a loaded CI run the first Ctrl-C of a reply was not acted on (an open bug, in the closing note of
-        # this change); a second one must be.
-        if child.expect([r"\[stopped\]", pexpect.TIMEOUT], timeout=30) == 1:
-            child.sendintr()
-            child.expect(r"\[stopped\]")
+        child.expect(r"\[stopped\]")
         child.expect(r"stop: interrupted\]")
         child.expect("> ")
         child.sendline("/exit")

@@ -32,3 +32,14 @@ def edit_json(path: Path, **changes):
     data = json.loads(path.read_text())
     data.update(changes)
     path.write_text(json.dumps(data))
+
+
+def stored_tensors(folder: Path) -> dict:
+    """Every tensor of a checkpoint's shards, read with the safetensors library."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for shard in sorted(folder.glob("model-*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors

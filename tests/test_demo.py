@@ -3,19 +3,10 @@ import json
 
 import tiktoken
 import torch
-from safetensors import safe_open
 
 from runtime.demo import write_demo
 from runtime.tokenizer import K2_SPLIT_PATTERN, Tokenizer, read_ranks
-from tests.helpers import run_k2
-
-
-def all_tensors(folder) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(folder.glob("model-*.safetensors")):
-        with safe_open(shard, framework="pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    return tensors
+from tests.helpers import run_k2, stored_tensors
 
 
 def test_layout_is_kimi_k2s(demo_dir):
@@ -26,7 +17,7 @@ def test_layout_is_kimi_k2s(demo_dir):
     shards = sorted(demo_dir.glob("model-*-of-*.safetensors"))
     assert len(shards) >= 3
     index = json.loads((demo_dir / "model.safetensors.index.json").read_text())
-    tensors = all_tensors(demo_dir)
+    tensors = stored_tensors(demo_dir)
     assert set(index["weight_map"]) == set(tensors)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     assert tensors["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
@@ -39,7 +30,7 @@ def test_fp8_variant_is_the_same_weights(demo_dir, demo_fp8_dir):
     config = json.loads((demo_fp8_dir / "config.json").read_text())
     assert config["quantization_config"] == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                              "weight_block_size": [128, 128]}
-    bf16, fp8 = all_tensors(demo_dir), all_tensors(demo_fp8_dir)
+    bf16, fp8 = stored_tensors(demo_dir), stored_tensors(demo_fp8_dir)
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.2.mlp.gate.weight", "model.norm.weight"):
         assert torch.equal(fp8[name], bf16[name]), name
     weight, scale = fp8["model.layers.0.mlp.down_proj.weight"], fp8["model.layers.0.mlp.down_proj.weight_scale_inv"]

@@ -27,7 +27,7 @@ from runtime.int4 import PackedInt4
 from runtime.loading import load_model
 from runtime.tokenizer import K2_SPLIT_PATTERN
 from runtime.tokenizer import Tokenizer as K2Tokenizer
-from tests.helpers import assert_one_line_error, run_k2
+from tests.helpers import assert_one_line_error, run_k2, stored_tensors
 
 ARCH = gguf.MODEL_ARCH.DEEPSEEK2
 ARCH_NAME = gguf.MODEL_ARCH_NAMES[ARCH]
@@ -41,14 +41,6 @@ def convert(model, out, resume: bool = False, **settings) -> dict:
 
 def config_of(folder) -> dict:
     return json.loads((folder / "config.json").read_text())
-
-
-def stored_tensors(folder) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(folder.glob("model-*.safetensors")):
-        with safe_open(shard, framework="pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    return tensors
 
 
 def read_gguf(path) -> tuple[gguf.GGUFReader, dict]:

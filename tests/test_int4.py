@@ -18,13 +18,7 @@ from runtime.int4 import Int4Experts, Int4Linear, held_bytes
 from runtime.loading import load_model
 from tests.helpers import run_k2
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors: a second intra-op thread only adds synchronization (and stalls when the machine is busy).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ODD_SHAPES = [(1, 1), (3, 7), (5, 13), (17, 33), (2, 1000), (64, 256), (9, 7168)]

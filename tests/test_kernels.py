@@ -24,12 +24,7 @@ E, DIM, HIDDEN, TOP_K, GROUP = 12, 256, 96, 4, 32
 BF16_TOL = 1e-2  # the acceptance bound for kernels that accumulate in fp32 what the loop rounds to bf16 per matmul
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

@@ -295,20 +295,14 @@ def test_fp8_matches_transformers_dequantizing_load(demo_fp8):
 
 @pytest.fixture(scope="module")
 def fp8_dequantized_twin(demo_fp8, tmp_path_factory) -> Path:
-    """A plain float32 checkpoint of transformers' own dequantization of the FP8 demo.
+    """A plain float32 checkpoint of transformers' own dequantization of the FP8 demo, written by save_pretrained.
 
-    save_pretrained replays the load-time conversion backwards, and the FP8 dequantize step has no reverse (it raises
-    "Undefined Operation encountered!"). Dropping the recorded conversions makes it fall back to the architecture's
-    default mapping, which only splits the stacked experts back into per-expert tensors: plain float32 weights.
-    The twin keeps the config.json transformers writes, in its own layout (`rope_parameters`, not `rope_scaling`).
+    Loaded with dequantization, the model holds plain float32 weights, and save_pretrained splits its stacked experts
+    back into per-expert tensors. The twin keeps the config.json transformers writes, in its own layout
+    (`rope_parameters`, not `rope_scaling`).
     """
     folder = tmp_path_factory.mktemp("fp8-twin")
-    ref = demo_fp8.ref
-    saved_conversions = ref.__dict__.pop("_weight_conversions")
-    try:
-        ref.save_pretrained(folder)
-    finally:
-        ref._weight_conversions = saved_conversions
+    demo_fp8.ref.save_pretrained(folder)
     assert "rope_parameters" in json.loads((folder / "config.json").read_text())
     return folder
 

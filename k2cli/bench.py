@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from k2cli.model_commands import DTYPES, MODEL_HELP
+from k2cli.model_commands import MODEL_HELP
 from runtime.errors import K2Error
 
 
@@ -56,14 +56,10 @@ def bench(model: str = typer.Argument("demo", help=MODEL_HELP),
     import torch
 
     from runtime.bench import BenchSettings, run_bench
-    from runtime.checkpoint import eos_token_ids
-    from runtime.loading import TORCH_DTYPES
-    from runtime.offload import parse_device_map, read_plan
-    from runtime.pipeline import in_pipeline, open_model
-    from runtime.resolve import resolve_model
+    from runtime.loader import load
+    from runtime.offload import parse_device_map
+    from runtime.pipeline import in_pipeline
 
-    if dtype not in DTYPES:
-        raise K2Error(f"--dtype must be one of {', '.join(DTYPES)}")
     if in_pipeline():
         raise K2Error("k2 bench runs in one process; bench a one-stage plan without torchrun")
     if compare not in (None, "transformers"):
@@ -73,21 +69,11 @@ def bench(model: str = typer.Argument("demo", help=MODEL_HELP),
             import transformers  # noqa: F401
         except ImportError:
             raise K2Error("--compare transformers needs the transformers package (pip install 'k2[test]')") from None
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError:
-        raise K2Error(f"unknown --device {device!r}") from None
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise K2Error(f"--device {device}: this torch sees no CUDA device")
     if threads:
         torch.set_num_threads(threads)
-    folder = resolve_model(model)
-    torch_dtype = TORCH_DTYPES.get(DTYPES[dtype])
-    model_obj = open_model(folder, torch_dtype, device, plan=read_plan(plan) if plan else None,
-                           device_map=parse_device_map(device_map))
+    loaded = load(model, device=device, dtype=dtype, plan=plan, device_map=parse_device_map(device_map))
     settings = BenchSettings(prompt_len=prompt_len, gen=gen, batch=batch, reps=reps, warmup=warmup)
-    result = run_bench(model_obj, folder, settings, torch_device, eos_token_ids(folder), compare=compare,
-                       dtype=torch_dtype, fast=not eager)
+    result = run_bench(loaded, settings, compare=compare, eager=eager)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:

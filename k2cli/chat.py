@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from k2cli import sampling_options as so
-from k2cli.model_commands import DTYPES, MODEL_HELP
+from k2cli.model_commands import MODEL_HELP
 from runtime.errors import K2Error
 
 DEFAULT_CONTEXT = 8192
@@ -297,7 +297,7 @@ class Repl:
     def stats(self, _):
         s = self.session
         typer.echo(f"model: {self.model_name}")
-        typer.echo(f"context: {s.cache.length} of {s.max_context} tokens in the cache, {len(s.messages)} messages")
+        typer.echo(f"context: {s.engine.length(0)} of {s.max_context} tokens in the cache, {len(s.messages)} messages")
         typer.echo(f"sampling: {self.params.describe()}, at most {self.max_tokens} new tokens per reply")
         if s.turns:
             new = sum(t.new_tokens for t in s.turns)
@@ -324,24 +324,19 @@ def chat(model: str = typer.Argument("demo", help=MODEL_HELP),
          dtype: str = typer.Option("auto", help="auto (the checkpoint's), float32, bfloat16 or float16."),
          plan: Path = typer.Option(None, "--plan", help="Run placed as a `k2 plan --json` file says."),
          device_map: str = typer.Option(None, "--device-map", help="Rename the plan's devices: cuda:0=cuda:1,..."),
+         eager: bool = typer.Option(False, "--eager", help="Decode with the model's own forward even on CUDA "
+                                                          "(no fused experts, no CUDA graph)."),
          as_json: bool = typer.Option(False, "--json", help="With -p or piped input: print the reply message and the "
                                                             "turn's numbers as JSON.")):
     """Chat with a model: streamed replies, reasoning dimmed, tool calls shown, the cache kept across turns.
 
     Default sampling is the model's generation_config.json; the flags override it.
     """
-    from runtime.chat_template import ChatTemplate
-    from runtime.checkpoint import eos_token_ids
-    from runtime.loading import TORCH_DTYPES
-    from runtime.offload import parse_device_map, read_plan
-    from runtime.pipeline import PipelineModel, open_model
-    from runtime.resolve import k2_cache_dir, resolve_model
-    from runtime.sampling import SamplingParams
+    from runtime.loader import load
+    from runtime.offload import parse_device_map
+    from runtime.resolve import k2_cache_dir
     from runtime.session import ChatSession
-    from runtime.tokenizer import Tokenizer
 
-    if dtype not in DTYPES:
-        raise K2Error(f"--dtype must be one of {', '.join(DTYPES)}")
     interactive = prompt is None and sys.stdin.isatty()
     if prompt is None and not interactive:
         prompt = sys.stdin.read()
@@ -355,29 +350,22 @@ def chat(model: str = typer.Argument("demo", help=MODEL_HELP),
             raise K2Error(f"--tools {tools}: {e}") from None
         if not isinstance(tool_list, list):
             raise K2Error(f"--tools {tools}: expected a JSON list of tool definitions")
-    folder = resolve_model(model)
-    tokenizer = Tokenizer.from_folder(folder)
-    template = ChatTemplate.from_folder(folder)
-    params = SamplingParams.for_model(folder, **so.sampling_overrides(temperature, top_k, top_p, min_p,
-                                                                       repetition_penalty, seed))
-    stop_ids = eos_token_ids(folder) | ({template.end_of_turn(tokenizer)} - {None})
-    if not stop_ids:
-        raise K2Error(f"{folder}: no end-of-turn token (no eos_token_id in config.json or generation_config.json, "
-                      "none found in the chat template)")
-    if think is not None and template.thinking_switch is None:
-        raise K2Error("--think/--no-think: this model's chat template has no thinking switch")
-
-    model_obj = open_model(folder, TORCH_DTYPES.get(DTYPES[dtype]), device, progress=sys.stderr.isatty(),
-                           plan=read_plan(plan) if plan else None, device_map=parse_device_map(device_map))
-    if model_obj is None:  # a pipeline rank other than 0: it served rank 0 until the end
+    loaded = load(model, device=device, dtype=dtype, plan=plan, device_map=parse_device_map(device_map),
+                  progress=sys.stderr.isatty())
+    if loaded is None:  # a pipeline rank other than 0: it served rank 0 until the end
         return
     try:
-        max_context = min(ctx, model_obj.args.max_position_embeddings)
-        session = ChatSession(model_obj, tokenizer, template, stop_ids, max_context, system=system, tools=tool_list)
+        params = loaded.sampling(**so.sampling_overrides(temperature, top_k, top_p, min_p, repetition_penalty, seed))
+        template = loaded.template
+        if think is not None and template.thinking_switch is None:
+            raise K2Error("--think/--no-think: this model's chat template has no thinking switch")
+        engine = loaded.engine(1, min(ctx, loaded.args.max_position_embeddings), eager=eager)
+        session = ChatSession(engine, loaded.tokenizer, template, loaded.chat_stop_ids(), system=system,
+                              tools=tool_list)
         if think is not None:
             session.set_thinking(think)
         if interactive:
-            Repl(session, params, max_tokens, str(folder if model != "demo" else "demo"),
+            Repl(session, params, max_tokens, str(loaded.folder if model != "demo" else "demo"),
                  k2_cache_dir() / "chat_history").run()
         elif as_json:
             with open(os.devnull, "w") as sink:
@@ -385,10 +373,10 @@ def chat(model: str = typer.Argument("demo", help=MODEL_HELP),
             if not ok:
                 raise typer.Exit(1)
             stats = session.turns[-1]
-            typer.echo(json.dumps({"message": session.messages[-1], "stats": dataclasses.asdict(stats) | {
-                "decode_tok_s": stats.decode_tok_s}}, ensure_ascii=False))
+            typer.echo(json.dumps({"message": session.messages[-1], "decoder": engine.decoder,
+                                   "stats": dataclasses.asdict(stats) | {"decode_tok_s": stats.decode_tok_s}},
+                                  ensure_ascii=False))
         elif not run_turn(session, prompt, params, max_tokens, sys.stdout, sys.stderr):
             raise typer.Exit(1)
     finally:
-        if isinstance(model_obj, PipelineModel):
-            model_obj.close()
+        loaded.close()

@@ -27,9 +27,9 @@ def info(model: str = typer.Argument("demo", help=MODEL_HELP),
          as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
     """Architecture, parameters, bytes by component and dtype, KV cache: from config.json and headers only."""
     from runtime.info import model_info
-    from runtime.resolve import resolve_model
+    from runtime.loader import load
 
-    result = model_info(resolve_model(model))
+    result = model_info(load(model, weights=False))
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -76,62 +76,52 @@ def generate(model: str = typer.Argument("demo", help=MODEL_HELP),
                                                                             "into this file, for `k2 plan`."),
              temperature: float = so.TEMPERATURE, top_k: int = so.TOP_K, top_p: float = so.TOP_P,
              min_p: float = so.MIN_P, repetition_penalty: float = so.REPETITION_PENALTY, seed: int = so.SEED,
+             eager: bool = typer.Option(False, "--eager", help="Decode with the model's own forward even on CUDA "
+                                                              "(no fused experts, no CUDA graph)."),
              as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
     """Raw completion without a chat template: greedy unless --temperature is above 0 (or a repetition penalty is
     set). For a conversation use `k2 chat`."""
     import time
 
-    from runtime.checkpoint import eos_token_ids
-    from runtime.generate import greedy_generate, sample_generate
-    from runtime.loading import TORCH_DTYPES
-    from runtime.offload import ExpertStats, expert_cache_hit_rate, parse_device_map, read_plan
-    from runtime.pipeline import PipelineModel, open_model
-    from runtime.resolve import resolve_model
+    from runtime.loader import load
+    from runtime.offload import ExpertStats, expert_cache_hit_rate, parse_device_map
     from runtime.sampling import Sampler, SamplingParams
-    from runtime.tokenizer import Tokenizer
 
     overrides = so.sampling_overrides(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     params = SamplingParams(**{"temperature": 0.0} | {k: v for k, v in overrides.items() if v is not None})
-    if dtype not in DTYPES:
-        raise K2Error(f"--dtype must be one of {', '.join(DTYPES)}")
     if ids:
         try:
             prompt_ids = [int(i) for i in ids.split(",")]
         except ValueError:
             raise K2Error(f"--ids must be comma-separated integers, got {ids!r}") from None
-    folder = resolve_model(model)
-    has_tokenizer = (folder / "tiktoken.model").exists() or (folder / "tokenizer.json").exists()
-    tokenizer = Tokenizer.from_folder(folder) if has_tokenizer else None
-    if not ids:
-        if tokenizer is None:
-            raise K2Error(f"{folder} has no tokenizer (tiktoken.model or tokenizer.json); pass --ids")
-        prompt_ids = tokenizer.encode(prompt)
-    model_obj = open_model(folder, TORCH_DTYPES.get(DTYPES[dtype]), device, progress=sys.stderr.isatty(),
-                           plan=read_plan(plan) if plan else None, device_map=parse_device_map(device_map))
-    if model_obj is None:  # a pipeline rank other than 0: it served rank 0 until the end
+    loaded = load(model, device=device, dtype=dtype, plan=plan, device_map=parse_device_map(device_map),
+                  progress=sys.stderr.isatty())
+    if loaded is None:  # a pipeline rank other than 0: it served rank 0 until the end
         return
-    local_model = model_obj.stage.model if isinstance(model_obj, PipelineModel) else model_obj
-    stats = ExpertStats(local_model) if expert_stats else None
-    pipeline = model_obj.layout if isinstance(model_obj, PipelineModel) else None
     try:
-        if max(prompt_ids) >= model_obj.args.vocab_size or min(prompt_ids) < 0:
-            raise K2Error(f"prompt ids must lie in [0, {model_obj.args.vocab_size})")
+        if not ids:
+            if not loaded.has_tokenizer:
+                raise K2Error(f"{loaded.folder} has no tokenizer (tiktoken.model or tokenizer.json); pass --ids")
+            prompt_ids = loaded.tokenizer.encode(prompt)
+        vocab = loaded.args.vocab_size
+        if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
+            raise K2Error(f"prompt ids must lie in [0, {vocab})")
+        local_model = loaded.pipeline.stage.model if loaded.pipeline else loaded.model
+        stats = ExpertStats(local_model) if expert_stats else None
+        engine = loaded.engine(1, len(prompt_ids) + max_tokens, eager=eager)
         start = time.perf_counter()
-        if params.greedy and params.repetition_penalty == 1:
-            new_ids = greedy_generate(model_obj, [prompt_ids], max_tokens, stop_ids=eos_token_ids(folder))[0]
-        else:
-            sampler = Sampler(params, model_obj.args.vocab_size, device=model_obj.device)
-            new_ids = sample_generate(model_obj, prompt_ids, sampler, max_tokens, stop_ids=eos_token_ids(folder))
+        sampler = Sampler(params, vocab, device=loaded.device)
+        new_ids = list(engine.stream(0, prompt_ids, sampler, max_tokens, loaded.eos_ids))
         seconds = time.perf_counter() - start
     finally:
-        if pipeline:
-            model_obj.close()  # releases the other ranks, also when rank 0 fails
-    text = tokenizer.decode(new_ids) if tokenizer else None
+        loaded.close()  # releases the other pipeline ranks, also when rank 0 fails
+    text = loaded.tokenizer.decode(new_ids) if loaded.has_tokenizer else None
     if stats:
         stats.save(expert_stats)
     if as_json:
         typer.echo(json.dumps({"prompt_ids": prompt_ids, "new_ids": new_ids, "text": text, "seconds": seconds,
-                               "pipeline": pipeline, "expert_cache_hit_rate": expert_cache_hit_rate(local_model)}))
+                               "decoder": engine.decoder, "pipeline": loaded.pipeline.layout if loaded.pipeline else None,
+                               "expert_cache_hit_rate": expert_cache_hit_rate(local_model)}))
         return
     if text is not None:
         typer.echo(f"{prompt}{text}" if not ids else text)

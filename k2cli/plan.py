@@ -87,13 +87,13 @@ def plan(model: str = typer.Argument("demo", help=MODEL_HELP),
          margin: float = typer.Option(0.05, "--margin", min=0, max=0.9, help="Fraction of every memory kept free."),
          as_json: bool = typer.Option(False, "--json", help="Print the whole plan as JSON.")):
     """Plan where every layer and expert goes and predict decode speed, from config.json and headers only."""
+    from runtime.loader import load
     from runtime.placement import HostSpec, make_plan, parse_gpus, parse_size
-    from runtime.resolve import resolve_model
 
     host = HostSpec(gpus=parse_gpus(gpu), cpu_mem=parse_size(cpu_mem) if cpu_mem else 0,
                     mps=parse_size(mps) if mps else 0, gpu_bandwidth=gpu_bw * GB if gpu_bw else None,
                     cpu_bandwidth=cpu_bw * GB, mps_bandwidth=mps_bw * GB, disk_bandwidth=disk_bw * GB, margin=margin)
-    result = make_plan(resolve_model(model), host, stages=stages, ctx=ctx, batch=batch, offload=offload,
+    result = make_plan(load(model, weights=False), host, stages=stages, ctx=ctx, batch=batch, offload=offload,
                        expert_stats=expert_stats)
     if as_json:
         typer.echo(json.dumps(result, indent=1))

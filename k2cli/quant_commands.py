@@ -66,23 +66,21 @@ def eval(model: str = typer.Argument("demo", help=MODEL_HELP),
     """Perplexity over a text; with --ref, mean KL(ref || model), top-1 agreement and the worst window."""
     from runtime.eval import evaluate
     from runtime.int4 import held_bytes
-    from runtime.loading import TORCH_DTYPES, load_model
-    from runtime.resolve import resolve_model
-    from runtime.tokenizer import Tokenizer
+    from runtime.loader import load, torch_dtype
 
-    if dtype not in TORCH_DTYPES:
-        raise K2Error(f"--dtype must be one of {', '.join(TORCH_DTYPES)}")
+    if dtype == "auto" or torch_dtype(dtype) is None:
+        raise K2Error("--dtype must be float32, bfloat16 or float16")
     try:
         content = text.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise K2Error(f"{text} not found") from None
     except UnicodeDecodeError as e:
         raise K2Error(f"{text} is not UTF-8 text: {e.reason} at byte {e.start}") from None
-    folder = resolve_model(model)
-    ids = Tokenizer.from_folder(folder).encode(content)
     progress = sys.stderr.isatty()
-    model_obj = load_model(folder, TORCH_DTYPES[dtype], progress=progress)
-    ref_obj = load_model(resolve_model(ref), TORCH_DTYPES[dtype], progress=progress) if ref else None
+    loaded = load(model, dtype=dtype, progress=progress)
+    ids = loaded.tokenizer.encode(content)
+    model_obj = loaded.model
+    ref_obj = load(ref, dtype=dtype, progress=progress).model if ref else None
     windows = None
     if progress:
         from tqdm import tqdm

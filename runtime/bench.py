@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from runtime.decoding import EagerDecoder, make_decoder, suppress_bias
+from runtime.engine import Engine
 from runtime.errors import K2Error
+from runtime.sampling import Sampler
 from runtime.models.deepseek_v3 import MoE
 
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}  # past every cache level, small enough for any test machine
@@ -74,7 +75,7 @@ def weight_bytes_per_step(model, batch: int, experts_per_step: dict[int, float])
     return int(total + sum(n for ptr, n in every.items() if ptr not in skip))
 
 
-def distinct_experts_per_step(model, prompts: torch.Tensor, max_len: int, bias: torch.Tensor, steps: int) -> dict[int, float]:
+def distinct_experts_per_step(model, prompts: torch.Tensor, max_len: int, sampler: Sampler, steps: int) -> dict[int, float]:
     """Per MoE layer: the distinct routed experts a decode step of this batch picks, averaged over `steps` steps."""
     seen: dict[int, list[int]] = {}
     hooks = []
@@ -84,22 +85,36 @@ def distinct_experts_per_step(model, prompts: torch.Tensor, max_len: int, bias: 
                 seen.setdefault(i, []).append(torch.unique(output[1]).numel())
             hooks.append(layer.mlp.gate.register_forward_hook(record))
     try:
-        decoder = EagerDecoder(model, prompts.shape[0], max_len, bias)
-        decoder.prefill(prompts)
+        run = EngineRun(Engine(model, prompts.shape[0], max_len), sampler)
+        run.prefill(prompts)
         seen.clear()  # the prefill's routing is not a decode step's
-        decoder.decode(steps)
+        run.decode(steps)
     finally:
         for hook in hooks:
             hook.remove()
     return {i: statistics.fmean(counts) for i, counts in seen.items()}
 
 
+class EngineRun:
+    """The engine every command generates with, as a bench row: each prompt row prefilled into its slot, then
+    decode steps over all of them, with one sampler for the batch."""
+
+    def __init__(self, engine: Engine, sampler: Sampler):
+        self.engine, self.sampler, self.kind = engine, sampler, engine.decoder
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.engine.start(row, prompt, self.sampler) for row, prompt in enumerate(tokens.tolist())])
+
+    def decode(self, n: int) -> torch.Tensor:
+        return torch.stack([self.engine.step() for _ in range(n)], dim=1)
+
+
 class TransformersEngine:
-    """transformers' DeepseekV3ForCausalLM on the same folder, driven like our decoders (same sampling)."""
+    """transformers' DeepseekV3ForCausalLM on the same folder, driven like our engine (same sampling)."""
 
     kind = "transformers"
 
-    def __init__(self, folder, dtype: torch.dtype, device: torch.device, bias: torch.Tensor):
+    def __init__(self, folder, dtype: torch.dtype, device: torch.device, sampler: Sampler):
         try:
             import transformers
             from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
@@ -111,25 +126,21 @@ class TransformersEngine:
         # model_type kimi_k2 must be overridden, or transformers skips its per-expert -> stacked weight conversion.
         config.model_type = "deepseek_v3"
         self.model = DeepseekV3ForCausalLM.from_pretrained(folder, config=config, dtype=dtype).to(device).eval()
-        self.device, self.bias = device, bias.to(device)
+        self.device, self.sampler = device, sampler
 
-    def prefill(self, tokens: torch.Tensor, pad=None) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache
-
-        from runtime.decoding import sample
 
         self.cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=tokens.to(self.device), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.next_ids = sample(out.logits[:, -1], self.bias)
+        self.next_ids = self.sampler(out.logits[:, -1])
         return self.next_ids
 
     def decode(self, n: int) -> torch.Tensor:
-        from runtime.decoding import sample
-
         out = []
         for _ in range(n):
             logits = self.model(input_ids=self.next_ids[:, None], past_key_values=self.cache, use_cache=True).logits
-            self.next_ids = sample(logits[:, -1], self.bias)
+            self.next_ids = self.sampler(logits[:, -1])
             out.append(self.next_ids)
         return torch.stack(out, dim=1)
 
@@ -149,8 +160,10 @@ def _time_rep(engine, prompts: torch.Tensor, gen: int, device: torch.device) -> 
 
 
 def _summary(reps: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    return {key: {"mean": statistics.fmean(r[key] for r in reps),
-                  "std": statistics.stdev(r[key] for r in reps) if len(reps) > 1 else 0.0} for key in reps[0]}
+    def stats(values: list[float]) -> dict[str, float]:
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "median": statistics.median(values), "min": min(values), "max": max(values)}
+    return {key: stats([r[key] for r in reps]) for key in reps[0]}
 
 
 def time_reps(engines, prompts: torch.Tensor, settings: BenchSettings, device: torch.device) -> dict[str, dict]:
@@ -164,9 +177,9 @@ def time_reps(engines, prompts: torch.Tensor, settings: BenchSettings, device: t
     return {kind: _summary(reps) for kind, reps in rows.items()}
 
 
-def random_prompts(vocab_size: int, bias: torch.Tensor, settings: BenchSettings) -> torch.Tensor:
-    """[batch, prompt_len] ids drawn from the ids `bias` allows (no end-of-sequence in the prompt either)."""
-    allowed = torch.isfinite(bias.cpu()).nonzero().flatten()
+def random_prompts(vocab_size: int, suppressed: list[int], settings: BenchSettings) -> torch.Tensor:
+    """[batch, prompt_len] ids drawn from the ids not suppressed (no end-of-sequence in the prompt either)."""
+    allowed = torch.tensor(sorted(set(range(vocab_size)) - set(suppressed)))
     generator = torch.Generator().manual_seed(settings.seed)
     return allowed[torch.randint(0, allowed.numel(), (settings.batch, settings.prompt_len), generator=generator)]
 
@@ -175,26 +188,29 @@ def _peak_host_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_bench(model, folder, settings: BenchSettings, device: torch.device, eos_ids, compare: str | None = None,
-              dtype: torch.dtype | None = None, fast: bool = True) -> dict:
-    """Bench `model` (loaded from `folder`) on `device`; with compare="transformers" also transformers' model."""
+def run_bench(loaded, settings: BenchSettings, compare: str | None = None, eager: bool = False) -> dict:
+    """Bench the model of `loaded` (runtime.loader) through the engine every command uses; with
+    compare="transformers" also transformers' model on the same folder, in the same run."""
     s = settings
     if s.gen < 2:
         raise K2Error("--gen must be at least 2: decode speed excludes the first token")
+    if compare not in (None, "transformers"):
+        raise K2Error(f"--compare takes 'transformers', not {compare!r}")
+    model, device = loaded.model, loaded.device
     vocab = model.args.vocab_size
-    bias = suppress_bias(vocab, [i for i in eos_ids if 0 <= i < vocab], device)
-    prompts = random_prompts(vocab, bias, s)
+    suppressed = [i for i in loaded.eos_ids if 0 <= i < vocab]
+    sampler = Sampler.greedy(vocab, device, suppress_ids=suppressed)
+    prompts = random_prompts(vocab, suppressed, s)
     max_len = s.prompt_len + s.gen
 
     with torch.inference_mode():
-        experts = distinct_experts_per_step(model, prompts, max_len, bias, min(PROBE_STEPS, s.gen - 1))
+        experts = distinct_experts_per_step(model, prompts, max_len, sampler, min(PROBE_STEPS, s.gen - 1))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        engines = [make_decoder(model, s.batch, max_len, bias, fast=fast)]
+        engines = [EngineRun(loaded.engine(s.batch, max_len, eager=eager), sampler)]
         if compare == "transformers":
-            engines.append(TransformersEngine(folder, dtype or model.model.embed_tokens.weight.dtype, device, bias))
-        elif compare is not None:
-            raise K2Error(f"--compare takes 'transformers', not {compare!r}")
+            dtype = model.model.embed_tokens.weight.dtype
+            engines.append(TransformersEngine(loaded.folder, dtype, device, sampler))
         rows = time_reps(engines, prompts, s, device)
         peak_device = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_host_bytes()
 
@@ -203,7 +219,7 @@ def run_bench(model, folder, settings: BenchSettings, device: torch.device, eos_
     ours = rows[engines[0].kind]
     roofline = bandwidth / per_step * s.batch
     result = {
-        "model": str(folder), "device": str(device), "dtype": str(model.model.embed_tokens.weight.dtype).removeprefix("torch."),
+        "model": str(loaded.folder), "device": str(device), "dtype": str(model.model.embed_tokens.weight.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "decoder": engines[0].kind, **asdict(s),
         **ours,
         "peak_device_bytes": peak_device, "peak_host_bytes": _peak_host_bytes(),

@@ -1,9 +1,7 @@
 """What a checkpoint holds, from config.json and safetensors headers alone (works before the weights are downloaded)."""
 import re
 from collections import defaultdict
-from pathlib import Path
 
-from runtime import models
 from runtime.checkpoint import DTYPE_BYTES, Checkpoint
 
 COMPONENTS = ("embeddings", "attention", "dense_mlp", "router", "shared_experts", "routed_experts", "norms", "lm_head")
@@ -91,12 +89,12 @@ def describe_quantization(config: dict) -> str:
     return str(method)
 
 
-def model_info(folder: str | Path) -> dict:
+def model_info(loaded) -> dict:
+    """What `k2 info` prints, for a model opened without weights (runtime.loader.load(..., weights=False))."""
     import torch
 
-    ckpt = Checkpoint.open(folder, require_weights=False, allow_missing_shards=True)
+    ckpt, model = loaded.checkpoint, loaded.model
     config = ckpt.config
-    model = models.build_on_meta(config)
     args = model.args
     shapes = model.checkpoint_shapes()
 

@@ -3,7 +3,8 @@
 Started by torchrun (`torchrun --nproc-per-node 2 -m k2cli generate MODEL`, or with --nnodes / --rdzv-endpoint
 across hosts). Rank 0 talks to the user and samples; it drives the other ranks with a small control message per
 step (broadcast), hidden states flow rank to rank (send / recv), and the last rank's logits come back to rank 0.
-On rank 0 a `PipelineModel` stands in for the model, so generation code runs unchanged.
+On rank 0 a `PipelineModel` stands in for the model, so the engine runs unchanged (eagerly: a step crosses
+processes, so it cannot be one captured graph).
 """
 import os
 from datetime import timedelta
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from runtime.cache import LatentCache
+from runtime.cache import SlotCache
 from runtime.errors import K2Error
 from runtime.loading import load_model
 from runtime.offload import apply_placement
@@ -48,7 +49,7 @@ class Stage:
         if plan:
             apply_placement(self.model, plan["stages"][rank], device_map)
         self.device = self.model.layer_device(self.layer_ids[0])  # where hidden states arrive
-        self.cache: LatentCache | None = None
+        self.cache: SlotCache | None = None
 
     @property
     def is_last(self) -> bool:
@@ -57,22 +58,24 @@ class Stage:
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)
 
-    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor) -> LatentCache:
-        self.cache = self.model.new_cache(batch, max_len, pad, layer_ids=self.layer_ids)
+    def new_cache(self, batch: int, max_len: int) -> SlotCache:
+        self.cache = self.model.new_cache(batch, max_len, layer_ids=self.layer_ids)
         return self.cache
 
-    def run(self, tokens: torch.Tensor, start: int, last_only: bool) -> torch.Tensor | None:
-        """This stage's layers for one step; returns logits on the last rank (sent to rank 0 by the caller)."""
-        self.cache.length = start
-        step = self.model.step_inputs(tokens, self.cache)
+    def run(self, tokens: torch.Tensor, first_row: int, lengths: torch.Tensor, last_only: bool) -> torch.Tensor | None:
+        """This stage's layers for one step of slots first_row.. holding `lengths` tokens; returns logits on the last
+        rank (sent to rank 0 by the caller)."""
+        cache = self.cache.rows(first_row, tokens.shape[0])
+        cache.lengths.copy_(lengths)
+        step = self.model.step_inputs(tokens, cache)
         if self.rank == 0:
             h = self.model.model.embed_tokens(tokens.to(self.model.device))
         else:
             dtype = self.model.model.layers[self.layer_ids[0]].input_layernorm.weight.dtype
             h = torch.empty(*tokens.shape, self.model.args.hidden_size, dtype=dtype, device=self.device)
             _checked(dist.recv, h, self.rank - 1)
-        h = self.model.forward_layers(h, step, self.cache, self.layer_ids)
-        self.cache.length = start + tokens.shape[1]
+        h = self.model.forward_layers(h, step, cache, self.layer_ids)
+        cache.lengths += tokens.shape[1]
         if not self.is_last:
             _checked(dist.send, h.contiguous(), self.rank + 1)
             return None
@@ -96,7 +99,8 @@ def _broadcast(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class PipelineModel:
-    """Rank 0's handle on the whole pipeline, with the model's interface: new_cache() and __call__()."""
+    """Rank 0's handle on the whole pipeline, with the model's interface: new_cache() and __call__() (on rows of
+    the cache new_cache() made)."""
 
     def __init__(self, stage: Stage, layout: list[dict]):
         self.stage = stage
@@ -104,19 +108,19 @@ class PipelineModel:
         self.args = stage.model.args
         self.device = stage.device
 
-    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> LatentCache:
-        pad = torch.zeros(batch, dtype=torch.long) if pad is None else pad.cpu().long()
+    def new_cache(self, batch: int, max_len: int) -> SlotCache:
         _broadcast(torch.tensor([OP_NEW_CACHE, batch, max_len, 0, 0]), self.stage.control_device)
-        _broadcast(pad, self.stage.control_device)
-        return self.stage.new_cache(batch, max_len, pad)
+        return self.stage.new_cache(batch, max_len)
 
-    def __call__(self, tokens: torch.Tensor, cache: LatentCache, last_only: bool = False) -> torch.Tensor:
-        if cache is not self.stage.cache:
-            raise K2Error("a pipeline runs on the cache from its own new_cache()")
+    def __call__(self, tokens: torch.Tensor, cache: SlotCache, positions: torch.Tensor | None = None,
+                 last_only: bool = False) -> torch.Tensor:
+        if positions is not None:
+            raise K2Error("a pipeline decodes eagerly: its steps take no device positions")
         B, T = tokens.shape
-        _broadcast(torch.tensor([OP_FORWARD, B, T, cache.length, int(last_only)]), self.stage.control_device)
+        _broadcast(torch.tensor([OP_FORWARD, B, T, cache.first_row, int(last_only)]), self.stage.control_device)
         _broadcast(tokens, self.stage.control_device)
-        self.stage.run(tokens.to(self.device), cache.length, last_only)
+        _broadcast(cache.lengths.clone(), self.stage.control_device)
+        self.stage.run(tokens.to(self.device), cache.first_row, cache.lengths.clone(), last_only)
         dtype = self.stage.model.model.embed_tokens.weight.dtype
         logits = torch.empty(B, 1 if last_only else T, self.args.vocab_size, dtype=dtype, device=self.device)
         _checked(dist.recv, logits, self.stage.world - 1)
@@ -131,33 +135,28 @@ def serve(stage: Stage):
     """The loop of every rank but 0: follow rank 0's control messages until it says stop."""
     while True:
         control = stage.control_device
-        op, batch, length, start, last_only = _broadcast(torch.zeros(5, dtype=torch.long), control).tolist()
+        op, batch, length, first_row, last_only = _broadcast(torch.zeros(5, dtype=torch.long), control).tolist()
         if op == OP_STOP:
             dist.destroy_process_group()
             return
         if op == OP_NEW_CACHE:
-            stage.new_cache(batch, length, _broadcast(torch.zeros(batch, dtype=torch.long), control))
+            stage.new_cache(batch, length)
             continue
         tokens = _broadcast(torch.zeros(batch, length, dtype=torch.long), control).to(stage.device)
-        logits = stage.run(tokens, start, bool(last_only))
+        lengths = _broadcast(torch.zeros(batch, dtype=torch.long), control)
+        logits = stage.run(tokens, first_row, lengths, bool(last_only))
         if logits is not None:
             _checked(dist.send, logits.contiguous(), 0)
 
 
-def open_model(folder: Path, dtype, device: str, progress: bool = False, plan: dict | None = None,
-               device_map: dict | None = None):
-    """The model to generate with: loaded whole in this process, or, under torchrun, this rank's stage; placed as
-    `plan` (from `k2 plan --json`) says when given. On rank 0 under torchrun that is a PipelineModel; the other
-    ranks serve rank 0 until it is done and get None."""
+def open_stage(folder: Path, dtype, device: str, plan: dict | None = None,
+               device_map: dict | None = None) -> "PipelineModel | None":
+    """Under torchrun: this rank's stage, placed as `plan` (from `k2 plan --json`) says when given. Rank 0 gets a
+    PipelineModel; the other ranks serve rank 0 until it is done and get None."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if plan is not None and len(plan["stages"]) != world:
         raise K2Error(f"the plan has {len(plan['stages'])} stage(s): run it with "
                       f"torchrun --nproc-per-node {len(plan['stages'])} (this run has {world} process(es))")
-    if not in_pipeline():
-        model = load_model(folder, dtype, "cpu" if plan else device, progress=progress)
-        if plan:
-            apply_placement(model, plan["stages"][0], device_map)
-        return model
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.startswith("cuda"):

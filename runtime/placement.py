@@ -10,7 +10,6 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from runtime import models
 from runtime.checkpoint import Checkpoint
 from runtime.errors import K2Error
 from runtime.info import weight_bytes
@@ -87,12 +86,12 @@ class ModelCost:
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp\.experts|mlp\.shared_experts|mlp\.gate|mlp|[a-z_]*norm)")
 
 
-def model_cost(folder: str | Path, config_only: bool = False) -> ModelCost:
-    """Bytes per layer and component: from the safetensors headers, or (`config_only`, or no weights) config.json."""
-    ckpt = Checkpoint.open(folder, require_weights=False, allow_missing_shards=True)
+def model_cost(loaded, config_only: bool = False) -> ModelCost:
+    """Bytes per layer and component of a model opened without weights (runtime.loader.load(..., weights=False)):
+    from the safetensors headers, or (`config_only`, or no weights) config.json."""
+    ckpt, model = loaded.checkpoint, loaded.model
     if config_only:
         ckpt = Checkpoint(ckpt.folder, ckpt.config, {})
-    model = models.build_on_meta(ckpt.config)
     args = model.args
     sizes, _ = weight_bytes(ckpt, model)
     kv_per_token = (args.kv_lora_rank + args.qk_rope_head_dim) * 2  # BF16 latent cache
@@ -122,7 +121,7 @@ def model_cost(folder: str | Path, config_only: bool = False) -> ModelCost:
         if sizes_here:
             layer.n_experts, layer.expert_bytes, layer.top_k = len(sizes_here), max(sizes_here), args.num_experts_per_tok
     quant = ckpt.config.get("quantization_config") or {}
-    return ModelCost(Path(folder).name, layers, embed, head, quant.get("quant_method") == "compressed-tensors")
+    return ModelCost(ckpt.folder.name, layers, embed, head, quant.get("quant_method") == "compressed-tensors")
 
 
 def stage_layer_ranges(costs: list[float], n_stages: int) -> list[range]:
@@ -159,7 +158,10 @@ PIPELINE_CTX = 4096  # the context a plan-less pipeline balances its stages for
 def pipeline_stage_ranges(folder: str | Path, n_stages: int) -> list[range]:
     """Each stage's layers when torchrun runs without a plan, and what `k2 download --stage I/N` fetches. Costed
     from config.json alone, so every machine of a pipeline decides its part before any shard is on disk."""
-    return stage_layer_ranges(decode_bytes_per_token(model_cost(folder, config_only=True), PIPELINE_CTX), n_stages)
+    from runtime.loader import load
+
+    cost = model_cost(load(folder, weights=False), config_only=True)
+    return stage_layer_ranges(decode_bytes_per_token(cost, PIPELINE_CTX), n_stages)
 
 
 def decode_bytes_per_token(cost: ModelCost, ctx: int) -> list[float]:
@@ -397,7 +399,7 @@ def predict_decode(stage_plans: list[dict], cost: ModelCost, frequencies: dict[i
     return {"seconds_per_step": seconds, "tokens_per_s": batch / seconds, "bytes_read_per_step": read_by_device}
 
 
-def make_plan(folder: str | Path, host: HostSpec, stages: int = 1, ctx: int = 4096, batch: int = 1,
+def make_plan(loaded, host: HostSpec, stages: int = 1, ctx: int = 4096, batch: int = 1,
               offload: str = "auto", expert_stats: str | Path | None = None, max_disk_fraction: float = 0.5,
               pcie_bandwidth: float = PCIE_BANDWIDTH, network_bandwidth: float = NETWORK_BANDWIDTH) -> dict:
     if offload not in ("auto", "cpu", "stream", "none"):
@@ -406,8 +408,8 @@ def make_plan(folder: str | Path, host: HostSpec, stages: int = 1, ctx: int = 40
         raise K2Error(f"--offload {offload} puts experts in CPU memory: give --cpu-mem")
     if offload == "stream" and not (host.gpus or host.mps):
         raise K2Error("--offload stream copies experts to a GPU: give --gpu or --mps")
-    cost = model_cost(folder)
-    config = Checkpoint.open(folder, require_weights=False, allow_missing_shards=True).config
+    cost = model_cost(loaded)
+    config = loaded.config
     frequencies = expert_frequencies(expert_stats, cost)
     ranges = stage_layer_ranges(decode_bytes_per_token(cost, ctx), stages)
     stage_plans = [plan_stage(cost, r, host, ctx, batch, offload, frequencies, i == 0, i == len(ranges) - 1,
@@ -417,7 +419,7 @@ def make_plan(folder: str | Path, host: HostSpec, stages: int = 1, ctx: int = 40
     prediction = predict_decode(stage_plans, cost, frequencies, ctx, batch, pcie_bandwidth, network_bandwidth,
                                 config.get("hidden_size", 0))
     return {
-        "model": str(folder),
+        "model": str(loaded.folder),
         "model_bytes": cost.total_bytes,
         "setup": {"stages": stages, "ctx": ctx, "batch": batch, "offload": offload,
                   "expert_stats": str(expert_stats) if expert_stats else None, **asdict(host)},

@@ -4,10 +4,8 @@ Everything stays on the device: no `.item()` or data-dependent Python branch, so
 host. The draw uses the exponential race (argmax of p / Exp(1) is a sample of p) with a seeded generator, so the same
 seed gives the same tokens.
 """
-import json
 import math
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 
 import torch
 
@@ -36,11 +34,9 @@ class SamplingParams:
         return self.temperature == 0
 
     @classmethod
-    def for_model(cls, folder: Path, **overrides) -> "SamplingParams":
-        """The model's recommended sampling (`generation_config.json`; greedy where it says do_sample false), with
+    def from_generation_config(cls, config: dict, **overrides) -> "SamplingParams":
+        """A model's recommended sampling (its `generation_config.json`; greedy where it says do_sample false), with
         the options the user gave (None means not given) on top."""
-        path = Path(folder) / "generation_config.json"
-        config = json.loads(path.read_text()) if path.exists() else {}
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in config.items() if k in known and v is not None}
         if config.get("do_sample") is False:
@@ -87,9 +83,11 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 class Sampler:
-    """Next ids from the last logits, for a batch of rows; remembers the rows' tokens for the repetition penalty."""
+    """Next ids from the last logits, for a batch of rows; remembers the rows' tokens for the repetition penalty.
+    `suppress_ids` are never drawn (a benchmark keeps end-of-sequence out so every run decodes its full length)."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, batch: int = 1, device: torch.device | str = "cpu"):
+    def __init__(self, params: SamplingParams, vocab_size: int, batch: int = 1, device: torch.device | str = "cpu",
+                 suppress_ids=()):
         self.params = params
         self.generator = None
         if params.seed is not None:
@@ -97,6 +95,15 @@ class Sampler:
         self.seen = None
         if params.repetition_penalty != 1:
             self.seen = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)
+        self.bias = None
+        if suppress_ids:
+            self.bias = torch.zeros(vocab_size, dtype=torch.float32)
+            self.bias[list(suppress_ids)] = -math.inf
+            self.bias = self.bias.to(device)
+
+    @classmethod
+    def greedy(cls, vocab_size: int, device: torch.device | str = "cpu", suppress_ids=()) -> "Sampler":
+        return cls(SamplingParams(temperature=0.0), vocab_size, device=device, suppress_ids=suppress_ids)
 
     def observe(self, ids: torch.Tensor):
         """Tokens now in the context (the prompt, then each sampled id), ids [B, T] on the sampler's device."""
@@ -106,6 +113,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] -> ids [B] (int64, on the logits' device)."""
         logits = logits.float()
+        if self.bias is not None:
+            logits = logits + self.bias
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, self.params.repetition_penalty)
         if self.params.greedy:

@@ -9,12 +9,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-
 from runtime.chat_format import Event, ReplyParser
 from runtime.chat_template import ChatTemplate
 from runtime.errors import K2Error
-from runtime.generate import prefill, sample_steps
 from runtime.sampling import Sampler, SamplingParams
 from runtime.tokenizer import Tokenizer
 
@@ -66,15 +63,16 @@ def check_messages(messages) -> list[dict]:
 
 
 class ChatSession:
-    def __init__(self, model, tokenizer: Tokenizer, template: ChatTemplate, stop_ids: set[int], max_context: int,
+    """A conversation in slot 0 of `engine`, whose cache length is the context."""
+
+    def __init__(self, engine, tokenizer: Tokenizer, template: ChatTemplate, stop_ids: set[int],
                  system: str | None = None, tools: list[dict] | None = None):
-        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.engine, self.tokenizer, self.template = engine, tokenizer, template
         self.stop_ids = set(stop_ids)
-        self.max_context = max_context
+        self.max_context = engine.max_len
         self.tools = tools
         self.template_kwargs: dict = {}
         self.messages: list[dict] = [{"role": "system", "content": system}] if system is not None else []
-        self.cache = model.new_cache(1, max_context)
         self.cache_ids: list[int] = []  # the tokens whose keys and values the cache holds, in order
         self.turns: list[TurnStats] = []
 
@@ -138,7 +136,8 @@ class ChatSession:
             raise
         # At least one token is computed again: its logits start the reply.
         reused = min(common_prefix(self.cache_ids, ids), len(ids) - 1)
-        self.cache.length, self.cache_ids = reused, ids[:reused]
+        self.engine.truncate(0, reused)
+        self.cache_ids = ids[:reused]
         stats = TurnStats(len(ids), reused, len(ids) - reused)
         self.turns.append(stats)
         parser = ReplyParser(in_reasoning=self.tokenizer.decode(ids[-4:]).rstrip().endswith("<think>"))
@@ -149,12 +148,11 @@ class ChatSession:
             if dropped:
                 yield Notice(f"the conversation outgrew the context of {self.max_context} tokens: dropped the "
                              f"{dropped} oldest message(s){', kept the system prompt' if self.system is not None else ''}")
-            sampler = Sampler(params, self.model.args.vocab_size, device=self.model.device)
-            sampler.observe(torch.tensor([ids], device=self.model.device))
+            model = self.engine.model
+            sampler = Sampler(params, model.args.vocab_size, device=model.device)
             budget = min(max_new_tokens, self.max_context - len(ids))
             first_at = None
-            for token in sample_steps(self.model, self.cache, prefill(self.model, self.cache, ids[reused:]), sampler,
-                                      budget, self.stop_ids):
+            for token in self.engine.stream(0, ids, sampler, budget, self.stop_ids, keep=reused):
                 now = time.perf_counter()
                 first_at = first_at or now
                 stats.first_token_s, stats.decode_s = first_at - started, now - first_at
@@ -174,7 +172,7 @@ class ChatSession:
                 parser.feed(stream.finish())
                 parser.finish()
             # Whatever happened, the cache holds exactly its first `length` tokens of what was fed.
-            self.cache_ids = (ids + generated)[:self.cache.length]
+            self.cache_ids = (ids + generated)[:self.engine.length(0)]
             if generated:
                 self.messages.append(parser.reply.to_message())
             else:

@@ -26,13 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quant import int4  # noqa: E402
 from runtime import models  # noqa: E402
-from runtime.bench import (BenchSettings, TransformersEngine, copy_bandwidth, distinct_experts_per_step,  # noqa: E402
-                           random_prompts, time_reps, weight_bytes_per_step)
-from runtime.decoding import make_decoder, suppress_bias  # noqa: E402
+from runtime.bench import (BenchSettings, EngineRun, TransformersEngine, copy_bandwidth,  # noqa: E402
+                           distinct_experts_per_step, random_prompts, time_reps, weight_bytes_per_step)
+from runtime.engine import Engine, select_decoder  # noqa: E402
 from runtime.demo import demo_config  # noqa: E402
 from runtime.int4 import Int4Experts  # noqa: E402
 from runtime.loading import load_model  # noqa: E402
 from runtime.models.deepseek_v3 import MoE  # noqa: E402
+from runtime.sampling import Sampler  # noqa: E402
 
 K2_WIDTHS = {
     "vocab_size": 163840, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
@@ -141,8 +142,7 @@ def prefill_flops(model, tokens: int) -> float:
 
 def bench_row(name, engine, model, settings, experts, bandwidth) -> dict:
     device = torch.device("cuda")
-    bias = suppress_bias(model.args.vocab_size, [K2_WIDTHS["eos_token_id"]], device)
-    prompts = random_prompts(model.args.vocab_size, bias, settings)
+    prompts = random_prompts(model.args.vocab_size, [K2_WIDTHS["eos_token_id"]], settings)
     torch.cuda.reset_peak_memory_stats()
     row = time_reps([engine], prompts, settings, device)[engine.kind]
     per_step = weight_bytes_per_step(model, settings.batch, experts)
@@ -180,10 +180,14 @@ def main():
     if parts & {"ours", "int4", "transformers"}:
         with torch.inference_mode():
             model = load_model(opts.folder, torch.bfloat16, "cuda")
-            bias = suppress_bias(model.args.vocab_size, [K2_WIDTHS["eos_token_id"]], device)
-            prompts = random_prompts(model.args.vocab_size, bias, settings)
+            sampler = Sampler.greedy(model.args.vocab_size, device, suppress_ids=[K2_WIDTHS["eos_token_id"]])
+            prompts = random_prompts(model.args.vocab_size, [K2_WIDTHS["eos_token_id"]], settings)
             max_len = opts.prompt_len + opts.gen
-            experts = distinct_experts_per_step(model, prompts, max_len, bias, 16)
+
+            def engine_run():  # what `k2 bench --device cuda` runs
+                return EngineRun(Engine(model, 1, max_len, select_decoder(device)), sampler)
+
+            experts = distinct_experts_per_step(model, prompts, max_len, sampler, 16)
             bf16_bytes = weight_bytes_per_step(model, 1, experts)  # what transformers reads too
             if "ours" in parts:
                 peak = matmul_peak_flops()
@@ -200,17 +204,15 @@ def main():
                       f"{achieved / 1e12:.0f} TFLOP/s = {100 * achieved / peak:.1f}% of the {peak / 1e12:.0f} TFLOP/s "
                       "bf16 matmul peak", flush=True)
                 del cache
-                rows.append(bench_row("ours BF16", make_decoder(model, 1, max_len, bias), model, settings, experts,
-                                      bandwidth))
+                rows.append(bench_row("ours BF16", engine_run(), model, settings, experts, bandwidth))
             if "int4" in parts:
                 quantize_experts_int4(model)
-                rows.append(bench_row("ours INT4 experts", make_decoder(model, 1, max_len, bias), model, settings,
-                                      experts, bandwidth))
+                rows.append(bench_row("ours INT4 experts", engine_run(), model, settings, experts, bandwidth))
             if "transformers" in parts:
                 del model
                 gc.collect()
                 torch.cuda.empty_cache()
-                engine = TransformersEngine(opts.folder, torch.bfloat16, device, bias)
+                engine = TransformersEngine(opts.folder, torch.bfloat16, device, sampler)
                 row = time_reps([engine], prompts, settings, device)["transformers"]
                 roofline = bandwidth / bf16_bytes
                 row.update(name="transformers", roofline_fraction=row["decode_tok_s"]["mean"] / roofline,

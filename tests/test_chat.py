@@ -11,6 +11,7 @@ import torch
 
 from runtime.chat_template import ChatTemplate
 from runtime.checkpoint import eos_token_ids
+from runtime.engine import Engine
 from runtime.errors import K2Error
 from runtime.loading import load_model
 from runtime.sampling import SamplingParams
@@ -36,12 +37,12 @@ class RecordingModel:
     def new_cache(self, *args, **kwargs):
         return self.model.new_cache(*args, **kwargs)
 
-    def __call__(self, tokens, cache, last_only=False):
+    def __call__(self, tokens, cache, positions=None, last_only=False):
         if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
             self.interrupt_at = None
             raise KeyboardInterrupt
-        start = cache.length
-        logits = self.model(tokens, cache, last_only)
+        start = int(cache.lengths[0] if positions is None else positions[0])
+        logits = self.model(tokens, cache, positions=positions, last_only=last_only)
         self.calls.append((tokens[0].tolist(), start, logits[0, -1].clone()))
         if self.banned is not None:
             logits[..., self.banned] = float("-inf")
@@ -58,7 +59,9 @@ def _session(demo, demo_dir, max_context=512, template=None, tokenizer=None, sys
     tokenizer, template = tokenizer or k2_tokenizer, template or k2_template
     stops = eos_token_ids(demo_dir) | {template.end_of_turn(tokenizer)}
     recorder = RecordingModel(model)
-    return ChatSession(recorder, tokenizer, template, stops, max_context, system=system), recorder
+    # The fixed-shape decode step of the CUDA graph decoder, uncaptured: the chat runs on what a GPU would run.
+    engine = Engine(recorder, 1, max_context, decoder="static")
+    return ChatSession(engine, tokenizer, template, stops, system=system), recorder
 
 
 def _from_scratch(model, ids):
@@ -145,7 +148,7 @@ def test_an_interrupted_reply_leaves_a_consistent_session(demo, demo_dir, where)
         assert session.messages == before  # nothing was said: the turn did not happen
     else:
         assert session.messages[-1]["role"] == "assistant" and session.turns[-1].new_tokens >= 3
-    assert session.cache.length == len(session.cache_ids)
+    assert session.engine.length(0) == len(session.cache_ids)
     mark = len(recorder.calls)
     _turn(session, "Go on")
     prompt = session.template.encode(session.tokenizer, session.messages[:-1], None, True)

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from runtime.generate import greedy_generate
+from runtime.engine import generate
 from runtime.loading import load_model
 from tests.helpers import assert_one_line_error, run_k2
 
@@ -14,7 +14,7 @@ def test_generate_on_default_demo_matches_library(tmp_path):
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     demo = next(home.glob("demo-v*"))
-    expected = greedy_generate(load_model(demo, dtype=torch.float32), [[5, 6, 7, 8]], 12)[0]
+    expected = generate(load_model(demo, dtype=torch.float32), [[5, 6, 7, 8]], 12)[0]
     assert out["new_ids"][: len(expected)] == expected
 
 
@@ -30,6 +30,11 @@ def test_bad_inputs(tmp_path):
     assert_one_line_error(run_k2("generate", "--ids", "99999999", home=tmp_path), "prompt ids")
     assert_one_line_error(run_k2("generate", "--dtype", "int3", home=tmp_path), "--dtype")
     assert_one_line_error(run_k2("info", "someone/not-downloaded", home=tmp_path), "not in the Hugging Face cache")
+    assert_one_line_error(run_k2("generate", "--device", "cdua", home=tmp_path), "no such device 'cdua'")
+    if not torch.cuda.is_available():
+        assert_one_line_error(run_k2("generate", "--device", "cuda", home=tmp_path), "--device cuda: ")
+    if not torch.backends.mps.is_available():
+        assert_one_line_error(run_k2("chat", "-p", "hi", "--device", "mps", home=tmp_path), "--device mps: ")
 
 
 def test_help_is_fast_and_lists_commands():

@@ -25,6 +25,7 @@ from tests.hub_server import FakeHub, Fault
 from runtime.demo import write_demo
 from runtime.errors import K2Error
 from runtime.hub.download import DownloadRequest, download
+from runtime.loader import load
 from runtime.placement import decode_bytes_per_token, model_cost, stage_layer_ranges
 
 REPO, BIG, GATED = "moonshotai/Kimi-K2-Demo", "moonshotai/Kimi-K2-Big", "moonshotai/Kimi-K2-Gated"
@@ -173,7 +174,7 @@ def test_include_and_exclude_globs_into_a_local_dir(hub, source, env):
 
 
 def test_stages_fetch_disjoint_shards_that_hold_their_layers_and_together_all(hub, source, env):
-    pipeline = stage_layer_ranges(decode_bytes_per_token(model_cost(source), ctx=4096), 2)  # from full headers
+    pipeline = stage_layer_ranges(decode_bytes_per_token(model_cost(load(source, weights=False)), ctx=4096), 2)  # from full headers
     n_layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
     shards = []
     for i, layers in enumerate(pipeline, 1):

@@ -432,7 +432,7 @@ def test_llama_cpp_runs_the_conversion_as_our_runtime_does(demo_dir, int4_dir, t
     """F32 weights (INT4 experts as Q4_0) so the differences are llama.cpp's arithmetic: an f16 KV cache, and for
     Q4_0 weights activations rounded to Q8_0 by its CPU kernels; logits within `tolerance` of their largest."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from runtime.generate import greedy_generate
+    from runtime.engine import generate
 
     folder = demo_dir if model == "demo" else int4_dir
     convert(folder, tmp_path / "model.gguf", type="f32")
@@ -456,4 +456,4 @@ def test_llama_cpp_runs_the_conversion_as_our_runtime_does(demo_dir, int4_dir, t
             generated.append(token)
             if len(generated) == 12:
                 break
-        assert generated == greedy_generate(ours_model, [ids], 12)[0]
+        assert generated == generate(ours_model, [ids], 12)[0]

@@ -13,12 +13,13 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
 
-from runtime.decoding import EagerDecoder, GraphDecoder, fuse_experts, suppress_bias
+from runtime.engine import Engine, fuse_experts
 from runtime.int4 import Int4Experts
 from runtime.kernels import triton_missing_reason
 from runtime.kernels.fused_moe import FusedExperts, FusedInt4Experts, fused_moe_int4_torch, fused_moe_torch, unpack_tiles
 from runtime.loading import load_model
 from runtime.models.deepseek_v3 import Experts
+from runtime.sampling import Sampler
 
 E, DIM, HIDDEN, TOP_K, GROUP = 12, 256, 96, 4, 32
 BF16_TOL = 1e-2  # the acceptance bound for kernels that accumulate in fp32 what the loop rounds to bf16 per matmul
@@ -133,22 +134,39 @@ def test_int4_experts_selected_and_slot_loaded_keep_their_weights():
         assert rel_err(part(x, weights, ids), expected) < 1e-5
 
 
+def decode_in_slots(engine: Engine, prompts: list[list[int]], steps: int, leave_after: dict[int, int] | None = None):
+    """First ids [B] and the next `steps` ids [B, steps] of greedy decoding with each prompt in its own slot; slot s
+    leaves after `leave_after[s]` steps (its later ids are then meaningless)."""
+    sampler = Sampler.greedy(engine.model.args.vocab_size, engine.model.device,
+                             suppress_ids=[engine.model.args.vocab_size - 1])
+    first = torch.cat([engine.start(slot, prompt, sampler) for slot, prompt in enumerate(prompts)])
+    rest = []
+    for step in range(steps):
+        for slot, n in (leave_after or {}).items():
+            if step == n:
+                engine.finish(slot)
+        rest.append(engine.step())
+    return first, torch.stack(rest, dim=1)
+
+
 def test_fixed_shape_decode_step_equals_eager_decoding(demo_dir):
-    """GraphDecoder's step (slots as tensors, attention over the whole buffer, fused experts, sampling on the
-    device) runs uncaptured off CUDA; its ids must be the eager decoder's, for a batch of two."""
+    """The CUDA graph decoder's step (positions as tensors, attention over the whole buffer, fused experts, sampling
+    on the device) runs uncaptured off CUDA; its ids must be the eager decoder's, for two slots of different
+    lengths, also after one of them leaves the batch."""
     model = load_model(demo_dir, dtype=torch.float32)
-    vocab = model.args.vocab_size
-    bias = suppress_bias(vocab, [vocab - 1], "cpu")
-    tokens = torch.randint(0, vocab - 1, (2, 24), generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, model.args.vocab_size - 1, (n,), generator=g).tolist() for n in (24, 17)]
     with torch.inference_mode():
-        eager = EagerDecoder(model, 2, 48, bias)
-        first, rest = eager.prefill(tokens), eager.decode(20)
+        first, rest = decode_in_slots(Engine(model, 2, 48, "eager"), prompts, 20)
         assert fuse_experts(model) is None
         assert isinstance(model.model.layers[1].mlp.experts, FusedExperts)
-        static = GraphDecoder(model, 2, 48, bias)
-        for _ in range(2):  # the second prefill reuses the cache and buffers of the first
-            assert torch.equal(static.prefill(tokens), first)
-            assert torch.equal(torch.cat([static.decode(8), static.decode(12)], dim=1), rest)
+        static = Engine(model, 2, 48, "static")
+        for _ in range(2):  # the second run reuses the cache and buffers of the first
+            static_first, static_rest = decode_in_slots(static, prompts, 20)
+            assert torch.equal(static_first, first) and torch.equal(static_rest, rest)
+        _, left = decode_in_slots(static, prompts, 20, leave_after={1: 6})
+        assert torch.equal(left[0], rest[0]) and torch.equal(left[1, :6], rest[1, :6])
+        assert static.length(1) == len(prompts[1]) + 6
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,18 +236,13 @@ def test_triton_kernels_in_the_interpreter_on_cpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_decoder_equals_eager_decoding(demo_dir):
-    from runtime.decoding import make_decoder
-
     model = load_model(demo_dir, dtype=torch.bfloat16, device="cuda")
-    vocab = model.args.vocab_size
-    bias = suppress_bias(vocab, [vocab - 1], "cuda")
-    tokens = torch.randint(0, vocab - 1, (1, 32), generator=torch.Generator().manual_seed(4))
+    prompt = torch.randint(0, model.args.vocab_size - 1, (32,), generator=torch.Generator().manual_seed(4)).tolist()
     with torch.inference_mode():
-        eager = EagerDecoder(model, 1, 64, bias)
-        first, rest = eager.prefill(tokens), eager.decode(24)
-        graph = make_decoder(model, 1, 64, bias)
-        assert isinstance(graph, GraphDecoder) and graph.capture
-        assert torch.equal(graph.prefill(tokens), first)
-        decoded = graph.decode(24)
+        first, rest = decode_in_slots(Engine(model, 1, 64, "eager"), [prompt], 24)
+        graph = Engine(model, 1, 64, "cuda-graph")
+        assert graph.decoder == "cuda-graph"
+        graph_first, decoded = decode_in_slots(graph, [prompt], 24)
+        assert torch.equal(graph_first, first) and graph._step.graph is not None
     # bf16 kernels accumulate differently from cuBLAS: ids may part ways after a near tie, but not at the start.
     assert torch.equal(decoded[:, :8], rest[:, :8]), (decoded, rest)

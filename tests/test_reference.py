@@ -15,9 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache, GenerationConfig
 
-from runtime.cache import LatentCache
+from runtime.cache import SlotCache
 from runtime.demo import DEMO_BPE_RANKS, demo_config, write_demo
-from runtime.generate import greedy_generate, left_pad
+from runtime.engine import generate
 from runtime.loading import load_model
 from runtime.models.deepseek_v3 import Attention
 
@@ -81,16 +81,24 @@ class Pair:
 
 
 @torch.inference_mode()
-def run_ours(model, prompt: torch.Tensor, steps: torch.Tensor, pad: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Prefill `prompt` [B, T], then feed `steps` [B, n] one token at a time through the same latent cache.
-
-    Returns the prefill logits [B, T, V], then one [B, V] per step (T == 1, so the absorbed attention runs).
-    """
-    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps.shape[1], pad)
-    logits = [model(prompt, cache)]
+def run_ours(model, prompts: list[list[int]], steps: torch.Tensor) -> list:
+    """Prefill each prompt into its own slot of one latent cache, then feed `steps` [B, n] to all slots together,
+    one token at a time. Returns the prefill logits of each prompt ([T_b, V] each), then one [B, V] per step (T == 1,
+    so the absorbed attention runs)."""
+    cache = model.new_cache(len(prompts), max(map(len, prompts)) + steps.shape[1])
+    logits = [[model(torch.tensor([p]), cache.rows(b))[0] for b, p in enumerate(prompts)]]
     logits += [model(steps[:, i:i + 1], cache)[:, -1] for i in range(steps.shape[1])]
-    assert cache.length == prompt.shape[1] + steps.shape[1]
+    assert cache.lengths.tolist() == [len(p) + steps.shape[1] for p in prompts]
     return logits
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> (tokens [B, T_max] left-padded with 0, pad lengths [B]): transformers' way."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt):] = torch.tensor(prompt)
+    return tokens, torch.tensor([width - len(p) for p in prompts])
 
 
 @torch.inference_mode()
@@ -113,8 +121,8 @@ def run_ref(ref, prompt: torch.Tensor, steps: torch.Tensor, pad: torch.Tensor | 
 
 def assert_prefill_decode_match(pair: Pair, prompt_len: int, n_steps: int, seed: int = 0):
     prompt, steps = pair.ids((1, prompt_len), seed), pair.ids((1, n_steps), seed + 1)
-    ours, ref = run_ours(pair.ours, prompt, steps), run_ref(pair.ref, prompt, steps)
-    assert_close(ours[0], ref[0], f"prefill of {prompt_len} tokens")
+    ours, ref = run_ours(pair.ours, prompt.tolist(), steps), run_ref(pair.ref, prompt, steps)
+    assert_close(ours[0][0], ref[0][0], f"prefill of {prompt_len} tokens")
     for i, (o, r) in enumerate(zip(ours[1:], ref[1:])):
         assert_close(o, r, f"decode step {i} (position {prompt_len + i})")
 
@@ -239,32 +247,31 @@ def test_deepseek_v3_checkpoint_with_mtp_layer_loads_and_matches(deepseek_v3_mtp
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# (e) a left-padded batch
+# (e) a batch of prompts of different lengths: ours in slots of their own lengths, transformers left-padded
 
 
-def test_left_padded_batch_prefill_and_decode_match_transformers(demo):
+def test_slots_of_different_lengths_match_a_left_padded_transformers_batch(demo):
     lengths = (5, 17, 30)
     prompts = [demo.ids((n,), seed=10 + i).tolist() for i, n in enumerate(lengths)]
     tokens, pad = left_pad(prompts)
     assert pad.tolist() == [25, 13, 0]
     steps = demo.ids((len(prompts), 4), seed=20)
-    ours, ref = run_ours(demo.ours, tokens, steps, pad), run_ref(demo.ref, tokens, steps, pad)
+    ours, ref = run_ours(demo.ours, prompts, steps), run_ref(demo.ref, tokens, steps, pad)
     for row, n in enumerate(lengths):
-        real = slice(tokens.shape[1] - n, None)
-        assert_close(ours[0][row, real], ref[0][row, real], f"prefill of row {row} ({n} tokens)")
+        assert_close(ours[0][row], ref[0][row, tokens.shape[1] - n:], f"prefill of row {row} ({n} tokens)")
     for i, (o, r) in enumerate(zip(ours[1:], ref[1:])):
         assert_close(o, r, f"batch decode step {i}")
 
 
-def test_left_padded_rows_match_their_unpadded_runs(demo):
-    """Padding must be invisible: each row of the batch gives the logits it gives alone."""
+def test_slots_decoded_together_match_their_runs_alone(demo):
+    """Sharing a decode step must be invisible: each slot's logits are those of its sequence run alone."""
     prompts = [demo.ids((n,), seed=30 + n).tolist() for n in (3, 11)]
-    tokens, pad = left_pad(prompts)
+    steps = demo.ids((2, 1), seed=31)
     with torch.inference_mode():
-        batch = demo.ours(tokens, demo.ours.new_cache(2, tokens.shape[1], pad))
+        batch = run_ours(demo.ours, prompts, steps)[1]
         for row, prompt in enumerate(prompts):
-            alone = demo.ours(torch.tensor([prompt]))
-            assert_close(batch[row, -len(prompt):], alone[0], f"row {row}", tol=1e-5)
+            alone = demo.ours(torch.tensor([prompt + steps[row].tolist()]))
+            assert_close(batch[row], alone[0, -1], f"row {row}", tol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,7 +280,7 @@ def test_left_padded_rows_match_their_unpadded_runs(demo):
 
 def test_greedy_generate_32_tokens_matches_transformers_generate(demo):
     prompt = demo.ids((1, 12), seed=40)
-    ours = greedy_generate(demo.ours, prompt.tolist(), max_new_tokens=32)[0]
+    ours = generate(demo.ours, prompt.tolist(), max_new_tokens=32)[0]
     # Plain argmax on both sides, no stop token. min_new_tokens is left out on purpose: it would set <|im_end|>'s
     # logit to -inf (transformers merges the folder's eos id back in), which changes the argmax whenever it wins.
     config = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -351,10 +358,11 @@ def test_cache_holds_only_the_latent_and_rope_key(demo_dir, dtype):
     model = load_model(demo_dir, dtype=dtype)
     batch, max_len = 2, 10
     cache = model.new_cache(batch, max_len)
-    assert isinstance(cache, LatentCache) and {t.dtype for t in cache.latent.values()} == {dtype}
+    assert isinstance(cache, SlotCache) and {t.dtype for t in cache.buffers.values()} == {dtype}
     assert cache.bytes_per_token_per_layer() == expected
     stored = cache.nbytes()
-    assert stored == expected * config["num_hidden_layers"] * batch * max_len
+    # One column past max_len per slot: where a decode step over every slot writes the slots not running.
+    assert stored == expected * config["num_hidden_layers"] * batch * (max_len + 1)
     with torch.inference_mode():
         model(random_ids(config["vocab_size"], (batch, max_len), seed=60), cache)
     assert cache.nbytes() == stored, "the cache must not grow past its allocation"

@@ -8,9 +8,9 @@ from transformers.generation.logits_process import (LogitsProcessorList, MinPLog
                                                     RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from runtime.checkpoint import eos_token_ids
+from runtime.engine import generate
 from runtime.errors import K2Error
-from runtime.generate import greedy_generate, sample_generate
+from runtime.loader import load
 from runtime.loading import load_model
 from runtime.sampling import Sampler, SamplingParams, apply_repetition_penalty, filter_logits
 from tests.helpers import run_k2
@@ -95,12 +95,12 @@ def test_greedy_is_argmax_after_the_penalty():
     assert penalized.seen[0, 2]  # the drawn token now counts as seen
 
 
-def test_params_from_generation_config(demo_dir, tmp_path):
-    assert SamplingParams.for_model(demo_dir) == SamplingParams(temperature=1.0)  # do_sample true, temperature 1.0
-    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "top_p": 0.9, "eos_token_id": 5}))
-    params = SamplingParams.for_model(tmp_path, seed=3, top_k=None)
+def test_params_from_generation_config(demo_dir):
+    assert load(demo_dir, weights=False).sampling() == SamplingParams(temperature=1.0)  # do_sample true, temperature 1
+    config = {"do_sample": False, "top_p": 0.9, "eos_token_id": 5}
+    params = SamplingParams.from_generation_config(config, seed=3, top_k=None)
     assert (params.greedy, params.top_p, params.seed, params.top_k) == (True, 0.9, 3, 0)
-    assert SamplingParams.for_model(tmp_path, temperature=0.5).temperature == 0.5
+    assert SamplingParams.from_generation_config(config, temperature=0.5).temperature == 0.5
     for bad in ({"top_p": 0.0}, {"temperature": -1.0}, {"min_p": 2.0}, {"repetition_penalty": 0.0}):
         with pytest.raises(K2Error):
             SamplingParams(**bad)
@@ -111,15 +111,23 @@ def demo_model(demo_dir):
     return load_model(demo_dir, dtype=torch.float32)
 
 
+def sample_generate(model, prompt, sampler, max_new_tokens, stop_ids=()):
+    return generate(model, [prompt], max_new_tokens, [sampler], stop_ids)[0]
+
+
 def test_sampled_generation_on_the_demo(demo_model):
     prompt, vocab = [5, 6, 7, 8, 9], demo_model.args.vocab_size
-    greedy = greedy_generate(demo_model, [prompt], 8)[0]
+    greedy = generate(demo_model, [prompt], 8)[0]
     assert sample_generate(demo_model, prompt, Sampler(SamplingParams(temperature=0), vocab), 8) == greedy
     params = SamplingParams(temperature=1.0, top_k=50, seed=11)
     first = sample_generate(demo_model, prompt, Sampler(params, vocab), 10)
     assert sample_generate(demo_model, prompt, Sampler(params, vocab), 10) == first and len(first) == 10
     stopped = sample_generate(demo_model, prompt, Sampler(params, vocab), 10, stop_ids={first[3]})
     assert stopped == first[:first.index(first[3]) + 1]  # ends at, and includes, the first stop id
+    # Suppressed ids are never drawn, greedy or sampled.
+    banned = set(greedy) | set(first)
+    for params in (SamplingParams(temperature=0), params):
+        assert not banned & set(sample_generate(demo_model, prompt, Sampler(params, vocab, suppress_ids=banned), 10))
 
 
 def test_generate_command_sampling_flags(demo_dir, demo_model):
@@ -129,7 +137,7 @@ def test_generate_command_sampling_flags(demo_dir, demo_model):
     assert result.returncode == 0, result.stderr
     expected = sample_generate(demo_model, [5, 6, 7, 8, 9],
                                Sampler(SamplingParams(temperature=0.8, top_p=0.9, seed=4), demo_model.args.vocab_size),
-                               10, stop_ids=eos_token_ids(demo_dir))
+                               10, stop_ids=load(demo_dir, weights=False).eos_ids)
     assert json.loads(result.stdout)["new_ids"] == expected
 
 

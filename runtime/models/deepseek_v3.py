@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.cache import LatentCache
+from runtime.cache import SlotCache
 from runtime.errors import K2Error
 from runtime.layers import MLP, RMSNorm, apply_rope_interleaved, rope_cos_sin, rope_frequencies, route_sigmoid_topk, yarn_mscale
 
@@ -102,25 +102,19 @@ class Attention(nn.Module):
         self.kv_b_proj = nn.Linear(args.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, args.hidden_size, bias=args.attention_bias)
 
-    def forward(self, x, cos, sin, mask, layer_cache: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
-        """`start` is the cache slot of x's first token, or the slots [T] as a tensor: then the shapes stay fixed (a
-        captured decode step), attention reads the whole buffer, and the mask hides the slots not yet written."""
+    def forward(self, x: torch.Tensor, step: "StepInputs", layer_cache: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         # The query's and the shared key's rope parts rotate in one call. [B, T, H + 1, rope_dim]
-        rotated = apply_rope_interleaved(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), cos, sin)
+        rotated = apply_rope_interleaved(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), step.cos, step.sin)
         q_pe, k_pe = rotated.split([self.n_heads, 1], dim=2)
         new = torch.cat([self.kv_a_layernorm(c_kv), k_pe.squeeze(2)], dim=-1)  # [B, T, kv_lora_rank + rope_dim]
-        if isinstance(start, int):
-            layer_cache[:, start:start + T] = new
-            latent = layer_cache[:, :start + T]  # [B, S, kv_lora_rank + rope_dim]
-        else:
-            layer_cache.index_copy_(1, start, new)
-            latent = layer_cache
+        layer_cache.index_put_((step.rows, step.positions), new)
+        latent = layer_cache[:, :step.span]  # [B, S, kv_lora_rank + rope_dim]
         attend = self.attend_absorbed if T == 1 else self.attend_naive
-        return self.o_proj(attend(q_nope, q_pe, latent, mask).flatten(2))
+        return self.o_proj(attend(q_nope, q_pe, latent, step.mask).flatten(2))
 
     def attend_naive(self, q_nope, q_pe, latent, mask):
         """Expand the latent into per-head keys and values: cheaper for long prompts, and the test oracle."""
@@ -280,8 +274,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MoE(args) if args.is_moe_layer(i) else MLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, h, cos, sin, mask, layer_cache, start):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, layer_cache, start)
+    def forward(self, h, step: "StepInputs", layer_cache):
+        h = h + self.self_attn(self.input_layernorm(h), step, layer_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -341,51 +335,51 @@ class DeepseekV3(nn.Module):
     def layer_device(self, i: int) -> torch.device:
         return self.model.layers[i].input_layernorm.weight.device
 
-    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None,
-                  layer_ids: list[int] | None = None) -> LatentCache:
-        """A cache for `layer_ids` (default: all layers), each layer's part on the device of its weights."""
+    def new_cache(self, batch: int, max_len: int, layer_ids: list[int] | None = None) -> SlotCache:
+        """A cache of `batch` slots for `layer_ids` (default: all layers), each layer's part on its weights' device.
+        Per token and layer it holds the compressed latent: RMSNorm(c_kv) and the rotated shared rope key."""
         layer_ids = range(len(self.model.layers)) if layer_ids is None else layer_ids
         dtype = self.model.layers[layer_ids[0]].input_layernorm.weight.dtype
-        return LatentCache({i: self.layer_device(i) for i in layer_ids}, batch, max_len, self.args.kv_lora_rank,
-                           self.args.qk_rope_head_dim, dtype, pad)
+        return SlotCache({i: self.layer_device(i) for i in layer_ids}, batch, max_len,
+                         self.args.kv_lora_rank + self.args.qk_rope_head_dim, dtype)
 
-    def step_inputs(self, tokens: torch.Tensor, cache: LatentCache, slots: torch.Tensor | None = None) -> "StepInputs":
-        """What every layer of one forward step needs: positions as rope cos/sin, the mask, the write slot.
+    def step_inputs(self, tokens: torch.Tensor, cache: SlotCache, positions: torch.Tensor | None = None) -> "StepInputs":
+        """What every layer of one forward step needs: positions as rope cos/sin, the mask, where to write.
 
-        With `slots` (the cache slots [T] of `tokens`, a tensor) nothing is read on the host and every shape is
-        fixed by the cache: the form a decode step captured in a CUDA graph needs."""
+        Without `positions`, slot b's tokens follow the `cache.lengths[b]` it holds and attention reads as far as the
+        longest slot. With `positions` (one decode token per slot, [B] on the device) nothing is read on the host and
+        every shape is fixed by the cache: the form a decode step captured in a CUDA graph needs."""
         B, T = tokens.shape
         device = tokens.device
-        if slots is None:
-            start = cache.length
-            if start + T > cache.max_len:
-                raise K2Error(f"the cache holds {cache.max_len} tokens; {start} are used and {T} more were given")
-            slots = torch.arange(start, start + T, device=device)
-            key_slots = torch.arange(start + T, device=device)
+        if positions is None:
+            end = int(cache.lengths.max()) + T
+            if end > cache.max_len:
+                raise K2Error(f"the cache holds {cache.max_len} tokens; {end - T} are used and {T} more were given")
+            positions = (cache.lengths[:, None] + torch.arange(T)).to(device)
         else:
-            start, key_slots = slots, torch.arange(cache.max_len, device=device)
-        pad = cache.pad.to(device)
-        positions = (slots.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # [B, T]
-        # Causal over slots, and blind to each row's left padding; a padding query sees itself so no row is empty.
-        mask = (key_slots <= slots[:, None]) & (key_slots >= pad[:, None, None])
-        mask = mask | (key_slots == slots[:, None])  # [B, T, S]
+            positions, end = positions.view(B, T), cache.max_len + 1
+        keys = torch.arange(end, device=device)
+        mask = keys <= positions[..., None]  # [B, T, S]: causal within each slot
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_magnitude)
-        return StepInputs(cos, sin, mask, start)
+        return StepInputs(cos, sin, mask, torch.arange(B, device=device)[:, None], positions, end)
 
-    def forward_layers(self, h: torch.Tensor, step: "StepInputs", cache: LatentCache, layer_ids=None) -> torch.Tensor:
+    def forward_layers(self, h: torch.Tensor, step: "StepInputs", cache: SlotCache, layer_ids=None) -> torch.Tensor:
         for i in range(len(self.model.layers)) if layer_ids is None else layer_ids:
-            h = self.model.layers[i](h, step.cos, step.sin, step.mask, cache.layer(i), step.start)
+            h = self.model.layers[i](h, step, cache.layer(i))
         return h
 
     def logits(self, h: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         return self.lm_head(self.model.norm(h[:, -1:] if last_only else h))
 
-    def forward(self, tokens: torch.Tensor, cache: LatentCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only), appending to `cache`."""
+    def forward(self, tokens: torch.Tensor, cache: SlotCache | None = None, positions: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only), appended to each slot of `cache`.
+        With `positions` (see step_inputs) the caller keeps `cache.lengths`; otherwise they grow by T here."""
         cache = cache if cache is not None else self.new_cache(*tokens.shape)
-        step = self.step_inputs(tokens, cache)
+        step = self.step_inputs(tokens, cache, positions)
         h = self.forward_layers(self.model.embed_tokens(tokens), step, cache)
-        cache.length = step.start + tokens.shape[1]
+        if positions is None:
+            cache.lengths += tokens.shape[1]
         return self.logits(h, last_only)
 
 
@@ -394,4 +388,6 @@ class StepInputs:
     cos: torch.Tensor  # [B, T, rope_dim / 2] fp32
     sin: torch.Tensor
     mask: torch.Tensor  # [B, T, S] bool
-    start: int | torch.Tensor  # cache slot of the first new token, or the slots [T] as a tensor
+    rows: torch.Tensor  # [B, 1]: each row's slot in the cache buffers
+    positions: torch.Tensor  # [B, T]: each token's position in its slot, where it is written
+    span: int  # cache columns attention reads

@@ -1,0 +1,232 @@
+"""The one generation engine: `k2 generate`, `k2 chat`, `k2 bench` (and the server) all decode through it.
+
+An `Engine` owns a cache of `slots` rows. A request starts in a slot (its prompt prefilled, its first token drawn),
+then every `step()` feeds each running slot's last token and draws the next, with that slot's own sampler; a slot
+leaves between steps and another request may take it. Slots have their own lengths, so no padding is involved.
+
+The decode step is one of three interchangeable decoders, chosen by `select_decoder` from the device and the
+settings alone: `eager` runs the model's forward as it is (any device, placed models, pipelines); `cuda-graph`
+swaps the routed experts for the fused kernels and replays one captured, fixed-shape step; `static` is that same
+fixed-shape step run uncaptured, which is how the CPU tests check it against the eager one.
+"""
+from collections.abc import Iterator
+
+import torch
+
+from runtime.errors import K2Error
+from runtime.kernels import say_once
+from runtime.models.deepseek_v3 import Experts, MoE
+from runtime.sampling import Sampler
+
+DECODERS = ("eager", "static", "cuda-graph")
+PREFILL_CHUNK = 2048  # prompt tokens per forward: bounds the per-head K/V a long prompt's prefill materializes
+
+
+def select_decoder(device: torch.device | str, eager: bool = False, placed: bool = False,
+                   pipeline: bool = False) -> str:
+    """The decoder for a model on `device`: the CUDA graph on a CUDA device unless asked for `eager`, or the model
+    is placed over several devices or split into pipeline stages (their steps cross devices and processes)."""
+    if torch.device(device).type == "cuda" and not (eager or placed or pipeline):
+        return "cuda-graph"
+    return "eager"
+
+
+class EagerStep:
+    """One decode step through the model's own forward."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """tokens [B, 1] -> logits [B, V]; `positions` [B] (host) as in the model's step_inputs, or None."""
+        if positions is not None:
+            positions = positions.to(self.model.device, non_blocking=True)
+        return self.model(tokens, self.cache, positions=positions)[:, -1]
+
+
+class StaticStep:
+    """One decode step with every shape fixed by the cache: inputs are copied into buffers the step reads, so on CUDA
+    the step is captured once into a graph and each later step is one replay (no host sync, no launch overhead)."""
+
+    def __init__(self, model, cache, capture: bool):
+        self.model, self.cache, self.capture = model, cache, capture
+        self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=model.device)
+        self.positions = torch.zeros(cache.batch, dtype=torch.long, device=model.device)
+        self.logits = None
+        self.graph = None
+
+    def _run(self):
+        self.logits = self.model(self.tokens, self.cache, positions=self.positions)[:, -1]
+
+    def _capture(self):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up runs compile the Triton kernels and settle the allocator; they
+            for _ in range(2):  # write what the captured step writes, so the cache is unchanged
+                self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._run()
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions, non_blocking=True)
+        if self.capture and self.graph is None:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._run()
+        return self.logits
+
+
+def fuse_experts(model) -> str | None:
+    """Swap every layer's routed experts for the fused decode kernels' modules (runtime/kernels/fused_moe.py), in
+    place. Returns why a layer could not be swapped (then no decode step can be captured), or None."""
+    from runtime.int4 import Int4Experts
+    from runtime.kernels.fused_moe import FusedExperts, FusedInt4Experts
+
+    for i, layer in enumerate(model.model.layers):
+        if not isinstance(layer.mlp, MoE):
+            continue
+        experts = layer.mlp.experts
+        if isinstance(experts, Experts):
+            layer.mlp.experts = FusedExperts(experts.gate_proj.data, experts.up_proj.data, experts.down_proj.data)
+        elif isinstance(experts, Int4Experts):
+            fused = FusedInt4Experts.repack(experts)
+            if fused is None:
+                return f"layer {i}'s INT4 expert dimensions admit no kernel tiling"
+            layer.mlp.experts = fused
+        elif not isinstance(experts, (FusedExperts, FusedInt4Experts)):
+            return f"layer {i}'s experts are placed ({type(experts).__name__})"
+    return None
+
+
+def _single_cuda_device(model) -> str | None:
+    devices = {t.device for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        return f"the model is on {', '.join(sorted(map(str, devices)))}, not on one CUDA device"
+    return None
+
+
+class Engine:
+    def __init__(self, model, slots: int, max_len: int, decoder: str = "eager"):
+        if decoder not in DECODERS:
+            raise K2Error(f"unknown decoder {decoder!r} (one of {', '.join(DECODERS)})")
+        if decoder == "cuda-graph":
+            reason = _single_cuda_device(model) or fuse_experts(model)
+            if reason:
+                say_once(f"CUDA graph decode unavailable ({reason}); decoding eagerly")
+                decoder = "eager"
+        self.model, self.decoder = model, decoder
+        self.cache = model.new_cache(slots, max_len)
+        self.samplers: list[Sampler | None] = [None] * slots  # the running requests' samplers; None: slot free
+        self.next_ids = torch.zeros(slots, 1, dtype=torch.long, device=model.device)  # drawn, not yet cached
+        self._step = EagerStep(model, self.cache) if decoder == "eager" else \
+            StaticStep(model, self.cache, capture=decoder == "cuda-graph")
+
+    @property
+    def slots(self) -> int:
+        return self.cache.batch
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def length(self, slot: int) -> int:
+        """Tokens slot `slot` holds in the cache."""
+        return int(self.cache.lengths[slot])
+
+    @torch.inference_mode()
+    def start(self, slot: int, prompt: list[int], sampler: Sampler, keep: int = 0) -> torch.Tensor:
+        """Begin a request in `slot`: keep the first `keep` tokens the slot holds (a prefix `prompt` shares with
+        them), prefill the rest of `prompt`, and draw the first new token ([1], on the device)."""
+        if keep >= len(prompt):
+            raise K2Error(f"cannot keep {keep} tokens of a {len(prompt)}-token prompt: at least one is computed")
+        if len(prompt) > self.max_len:
+            raise K2Error(f"the prompt has {len(prompt)} tokens; the cache holds {self.max_len}")
+        self.truncate(slot, keep)
+        view = self.cache.rows(slot)
+        tokens = torch.tensor([prompt[keep:]], device=self.model.device)
+        for start in range(0, tokens.shape[1], PREFILL_CHUNK):
+            logits = self.model(tokens[:, start:start + PREFILL_CHUNK], view, last_only=True)
+        sampler.observe(torch.tensor([prompt], device=self.model.device))
+        first = sampler(logits[:, -1])
+        self.next_ids[slot] = first
+        self.samplers[slot] = sampler
+        return first
+
+    def truncate(self, slot: int, length: int):
+        """Keep only the first `length` tokens slot `slot` holds."""
+        if not 0 <= length <= self.length(slot):
+            raise K2Error(f"slot {slot} holds {self.length(slot)} tokens, not {length}")
+        self.cache.lengths[slot] = length
+
+    def finish(self, slot: int):
+        """The request in `slot` leaves the running batch; what it cached stays until the slot starts again."""
+        self.samplers[slot] = None
+
+    @torch.inference_mode()
+    def step(self) -> torch.Tensor:
+        """Feed every running slot its last drawn token and draw the next: ids [slots] on the device (a free slot's
+        entry is meaningless). Each running slot's length grows by one."""
+        running = [s is not None for s in self.samplers]
+        if not any(running):
+            raise K2Error("no request is running")
+        lengths = self.cache.lengths
+        if int(lengths[running].max()) >= self.max_len:
+            raise K2Error(f"the cache holds {self.max_len} tokens per slot and a running slot is full")
+        active = torch.tensor(running)
+        # Free slots write their step past max_len, where no sequence reads; a static step always takes positions.
+        positions = None if all(running) and self.decoder == "eager" else torch.where(active, lengths, self.max_len)
+        logits = self._step(self.next_ids, positions)
+        if positions is not None:
+            lengths += active
+        shared = self.samplers[0]
+        if all(s is shared for s in self.samplers):  # one sampler for the whole batch (k2 bench)
+            self.next_ids = shared(logits)[:, None]
+        else:
+            next_ids = self.next_ids.clone()
+            for slot, sampler in enumerate(self.samplers):
+                if sampler is not None:
+                    next_ids[slot] = sampler(logits[slot:slot + 1])
+            self.next_ids = next_ids
+        return self.next_ids[:, 0]
+
+    def stream(self, slot: int, prompt: list[int], sampler: Sampler, max_new_tokens: int, stop_ids=(),
+               keep: int = 0) -> Iterator[int]:
+        """Start a request in `slot` and yield its ids as they are drawn, at most `max_new_tokens`, the last one a
+        stop id if one came. Each id but the last is in the cache when the next is drawn; the slot is then free."""
+        try:
+            token = int(self.start(slot, prompt, sampler, keep))  # one host sync per token: the caller prints it
+            for n in range(1, max_new_tokens + 1):
+                yield token
+                if token in stop_ids or n == max_new_tokens:
+                    return
+                token = int(self.step()[slot])
+        finally:
+            self.finish(slot)
+
+
+def generate(model, prompts: list[list[int]], max_new_tokens: int, samplers: list[Sampler] | None = None,
+             stop_ids=(), decoder: str = "eager") -> list[list[int]]:
+    """New ids per prompt (greedy unless `samplers` says otherwise), each prompt in its own slot, decoded together;
+    each ends at (and includes) its first stop id, or after `max_new_tokens`."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise K2Error("every prompt needs at least one token")
+    engine = Engine(model, len(prompts), max(map(len, prompts)) + max_new_tokens, decoder)
+    samplers = samplers or [Sampler.greedy(model.args.vocab_size, model.device) for _ in prompts]
+    outputs = [[int(engine.start(slot, prompt, sampler))] for slot, (prompt, sampler) in
+               enumerate(zip(prompts, samplers))]
+    for slot, out in enumerate(outputs):
+        if out[-1] in stop_ids or max_new_tokens == 1:
+            engine.finish(slot)
+    while any(s is not None for s in engine.samplers):
+        ids = engine.step().tolist()
+        for slot, out in enumerate(outputs):
+            if engine.samplers[slot] is not None:
+                out.append(ids[slot])
+                if ids[slot] in stop_ids or len(out) == max_new_tokens:
+                    engine.finish(slot)
+    return outputs

@@ -1,0 +1,168 @@
+"""The one place a model is opened: `load(MODEL, ...)` gives every command what it needs from a model folder.
+
+With weights, the model comes placed as asked: whole on one device, over devices as a `k2 plan` says, or, under
+torchrun, this rank's pipeline stage. Without weights (`weights=False`) only config.json and the safetensors headers
+are read and the model is built on the meta device: what `k2 info`, `k2 plan`, `k2 convert` and the quantizer need,
+and it works on a folder that holds only config.json. The tokenizer, chat template and generation defaults are read
+when first asked for, so a command that needs none of them does not need their files.
+"""
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from runtime import models
+from runtime.checkpoint import Checkpoint, read_json
+from runtime.errors import K2Error
+from runtime.loading import TORCH_DTYPES, load_model
+from runtime.offload import apply_placement, read_plan
+from runtime.resolve import DEMO, resolve_model
+from runtime.sampling import SamplingParams
+
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """--dtype: None or "auto" is the checkpoint's own."""
+    if name in (None, "auto"):
+        return None
+    if name not in TORCH_DTYPES:
+        raise K2Error(f"--dtype must be auto, {', '.join(TORCH_DTYPES)}; not {name!r}")
+    return TORCH_DTYPES[name]
+
+
+def check_device(name: str) -> torch.device:
+    """--device as torch names it, checked against what this torch and this machine have."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise K2Error(f"no such device {name!r} (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise K2Error(f"--device {name}: CUDA was asked for, but this torch is a CPU build; install a CUDA build "
+                          "of torch (https://pytorch.org/get-started/locally/)")
+        if not torch.cuda.is_available():
+            raise K2Error(f"--device {name}: this torch supports CUDA but sees no CUDA device (driver or "
+                          "CUDA_VISIBLE_DEVICES?)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise K2Error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise K2Error(f"--device {name}: MPS (Apple-silicon GPU) is not available in this torch on this machine")
+    elif device.type != "cpu":
+        raise K2Error(f"--device {name}: k2 runs on cpu, cuda or mps")
+    return device
+
+
+@dataclass
+class LoadedModel:
+    """A model folder opened for a command. `model` is on the meta device when loaded without weights, and a
+    PipelineModel (with the model's interface) on rank 0 of a pipeline."""
+
+    folder: Path
+    name: str  # as the user named it: "demo", a path, a repo id
+    checkpoint: Checkpoint  # config.json and every stored tensor's name, dtype and shape
+    model: object
+    device: torch.device
+    placed: bool = False  # spread over devices by a plan
+    pipeline: object | None = None  # the PipelineModel on rank 0 under torchrun
+    _closers: list = field(default_factory=list)
+
+    @property
+    def config(self) -> dict:
+        return self.checkpoint.config
+
+    @property
+    def args(self):
+        return self.model.args
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return (self.folder / "tiktoken.model").exists() or (self.folder / "tokenizer.json").exists()
+
+    @cached_property
+    def tokenizer(self):
+        from runtime.tokenizer import Tokenizer
+
+        return Tokenizer.from_folder(self.folder)
+
+    @cached_property
+    def template(self):
+        from runtime.chat_template import ChatTemplate
+
+        return ChatTemplate.from_folder(self.folder)
+
+    @cached_property
+    def generation_config(self) -> dict:
+        path = self.folder / "generation_config.json"
+        return read_json(path) if path.exists() else {}
+
+    def sampling(self, **overrides) -> SamplingParams:
+        """The model's recommended sampling (generation_config.json), with the options given (None: not given)."""
+        return SamplingParams.from_generation_config(self.generation_config, **overrides)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """End-of-sequence ids from config.json and generation_config.json (either may hold an int or a list)."""
+        ids = set()
+        for value in (self.config.get("eos_token_id"), self.generation_config.get("eos_token_id")):
+            ids.update(value if isinstance(value, list) else [] if value is None else [value])
+        return ids
+
+    def chat_stop_ids(self) -> set[int]:
+        """What ends an assistant turn: end-of-sequence and the template's end-of-turn token."""
+        stop_ids = self.eos_ids | ({self.template.end_of_turn(self.tokenizer)} - {None})
+        if not stop_ids:
+            raise K2Error(f"{self.folder}: no end-of-turn token (no eos_token_id in config.json or "
+                          "generation_config.json, none found in the chat template)")
+        return stop_ids
+
+    def decoder(self, eager: bool = False) -> str:
+        from runtime.engine import select_decoder
+
+        return select_decoder(self.device, eager=eager, placed=self.placed, pipeline=self.pipeline is not None)
+
+    def engine(self, slots: int, max_len: int, eager: bool = False):
+        """The engine every command generates with, its decoder chosen by `decoder()`."""
+        from runtime.engine import Engine
+
+        return Engine(self.model, slots, max_len, self.decoder(eager))
+
+    def close(self):
+        """Release what the model holds beyond this process (the other pipeline ranks)."""
+        while self._closers:
+            self._closers.pop()()
+
+
+def load(spec: str | Path = DEMO, device: str = "cpu", dtype: str | None = None, weights: bool = True,
+         plan: str | Path | None = None, device_map: dict[str, str] | None = None,
+         progress: bool = False) -> LoadedModel | None:
+    """Open MODEL (a folder, a cached repo id or "demo"). With `plan` (a `k2 plan --json` file) the model is placed
+    as it says. Under torchrun each rank loads its own stage; every rank but 0 serves rank 0 until it is done and
+    then gets None."""
+    folder = resolve_model(str(spec))
+    name = str(spec)
+    if not weights:
+        checkpoint = Checkpoint.open(folder, require_weights=False, allow_missing_shards=True)
+        return LoadedModel(folder, name, checkpoint, models.build_on_meta(checkpoint.config), torch.device("meta"))
+    from runtime.pipeline import in_pipeline, open_stage
+
+    target = check_device(device)
+    dtype = torch_dtype(dtype)
+    plan_data = read_plan(plan) if plan else None
+    checkpoint = Checkpoint.open(folder, require_weights=False, allow_missing_shards=in_pipeline())
+    if in_pipeline():
+        pipeline = open_stage(folder, dtype, str(target), plan_data, device_map)
+        if pipeline is None:
+            return None
+        loaded = LoadedModel(folder, name, checkpoint, pipeline, pipeline.device, placed=plan_data is not None,
+                             pipeline=pipeline)
+        loaded._closers.append(pipeline.close)
+        return loaded
+    if plan_data is not None and len(plan_data["stages"]) != 1:
+        raise K2Error(f"the plan has {len(plan_data['stages'])} stages: run it with "
+                      f"torchrun --nproc-per-node {len(plan_data['stages'])}")
+    model = load_model(folder, dtype, "cpu" if plan_data else target, progress=progress)
+    if plan_data:
+        apply_placement(model, plan_data["stages"][0], device_map)
+    return LoadedModel(folder, name, checkpoint, model, model.device, placed=plan_data is not None)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.errors import K2Error
+from quant.errors import K2Error
 
 BITS = 4
 PER_WORD = 32 // BITS  # nibbles in one int32 word

@@ -23,9 +23,9 @@ from tqdm import tqdm
 from quant import int4
 from quant.fp8 import DEFAULT_BLOCK, dequantize_fp8_block
 from quant.methods import METHODS, Int4Spec
-from quant.safetensors_io import TORCH_DTYPES, MappedShards, PlannedTensor, ShardWriter, shard_nbytes
+from runtime.safetensors_io import TORCH_DTYPES, MappedShards, PlannedTensor, ShardWriter, TensorInfo, shard_nbytes
 from runtime import models
-from runtime.checkpoint import INDEX_FILE, Checkpoint, TensorInfo, read_json
+from runtime.checkpoint import INDEX_FILE, Checkpoint, read_json
 from runtime.errors import K2Error
 from runtime.info import component_of, is_linear_weight
 

@@ -4,7 +4,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from runtime import models
-from runtime.checkpoint import DTYPE_BYTES, Checkpoint
+from runtime.checkpoint import Checkpoint
+from runtime.safetensors_io import DTYPE_BYTES
 
 COMPONENTS = ("embeddings", "attention", "dense_mlp", "router", "shared_experts", "routed_experts", "norms", "lm_head")
 TORCH_TO_SAFETENSORS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}

@@ -30,7 +30,7 @@ from quant.gguf import blocks, names
 from quant.gguf.vocab import add_vocab, read_vocab
 # The quantizer's row-block reader: FP8 and INT4 inputs are dequantized in one place for both commands.
 from quant.quantize import Source, _read_rows, _release_rows, _row_blocks, collect_sources
-from quant.safetensors_io import MappedShards
+from runtime.safetensors_io import MappedShards
 from runtime import models
 from runtime.checkpoint import Checkpoint, read_json
 from runtime.errors import K2Error

@@ -2,7 +2,7 @@
 
 `W[r, c] = q[r, c] * scale[r, c // group]`, no zero point. `q` is stored offset-binary (`q + 8`, 0..15) in int32
 words, eight per word, element `8j + i` of a row in bits `[4i, 4i + 3]` of word `j` (low nibble first).
-Everything here is a pure function of tensors; reading and writing checkpoints lives in quant/quantize.py.
+Everything here is a pure function of tensors; reading and writing checkpoints lives in runtime/convert/quantize.py.
 """
 import math
 import sys

@@ -30,8 +30,8 @@ def convert(model: str = typer.Argument(..., help=MODEL_HELP),
     """Convert a DeepSeek-V3-architecture checkpoint (Kimi K2, DeepSeek-V3) for llama.cpp, tensor by tensor."""
     if to not in FORMATS:
         raise K2Error(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
-    from quant.gguf.export import ConvertConfig, convert_checkpoint
-    from quant.quantize import parse_size
+    from runtime.convert.gguf import ConvertConfig, convert_checkpoint
+    from runtime.convert.quantize import parse_size
     from runtime.resolve import resolve_model
 
     config = ConvertConfig(type=weights_type, experts_type=experts_type,

@@ -25,7 +25,7 @@ def quantize(model: str = typer.Argument(..., help=MODEL_HELP),
              workers: int = typer.Option(None, "--workers", min=1, help="Worker threads (default: every core)."),
              as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
     """Quantize a checkpoint tensor by tensor; memory stays near one input shard plus one output shard."""
-    from quant.quantize import QuantizeConfig, parse_size, quantize_checkpoint
+    from runtime.convert.quantize import QuantizeConfig, parse_size, quantize_checkpoint
     from runtime.resolve import resolve_model
 
     if not int4:

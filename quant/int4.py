@@ -2,7 +2,7 @@
 
 `W[r, c] = q[r, c] * scale[r, c // group]`, no zero point. `q` is stored offset-binary (`q + 8`, 0..15) in int32
 words, eight per word, element `8j + i` of a row in bits `[4i, 4i + 3]` of word `j` (low nibble first).
-Everything here is a pure function of tensors; reading and writing checkpoints lives in quant/quantize.py.
+Everything here is a pure function of tensors; reading and writing checkpoints lives in runtime/convert/quantize.py.
 """
 import math
 import sys
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.errors import K2Error
+from quant.errors import K2Error
 
 BITS = 4
 PER_WORD = 32 // BITS  # nibbles in one int32 word

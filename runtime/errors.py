@@ -1,2 +1,4 @@
-class K2Error(Exception):
-    """An error the user can act on: the CLI prints its message as one line and exits non-zero."""
+"""K2Error for runtime/ and the CLI: defined in quant/errors.py, the bottom layer, so that quant/ raises it too."""
+from quant.errors import K2Error
+
+__all__ = ["K2Error"]

@@ -2,7 +2,8 @@
 import re
 from collections import defaultdict
 
-from runtime.checkpoint import DTYPE_BYTES, Checkpoint
+from runtime.checkpoint import Checkpoint
+from runtime.safetensors_io import DTYPE_BYTES
 
 COMPONENTS = ("embeddings", "attention", "dense_mlp", "router", "shared_experts", "routed_experts", "norms", "lm_head")
 TORCH_TO_SAFETENSORS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}

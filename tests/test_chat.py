@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from runtime.chat_template import ChatTemplate
-from runtime.checkpoint import eos_token_ids
 from runtime.engine import Engine
 from runtime.errors import K2Error
+from runtime.loader import load
 from runtime.loading import load_model
 from runtime.sampling import SamplingParams
 from runtime.session import ChatSession, Notice
@@ -57,7 +57,7 @@ def demo(demo_dir):
 def _session(demo, demo_dir, max_context=512, template=None, tokenizer=None, system="Be brief."):
     model, k2_tokenizer, k2_template = demo
     tokenizer, template = tokenizer or k2_tokenizer, template or k2_template
-    stops = eos_token_ids(demo_dir) | {template.end_of_turn(tokenizer)}
+    stops = load(demo_dir, weights=False).eos_ids | {template.end_of_turn(tokenizer)}
     recorder = RecordingModel(model)
     # The fixed-shape decode step of the CUDA graph decoder, uncaptured: the chat runs on what a GPU would run.
     engine = Engine(recorder, 1, max_context, decoder="static")

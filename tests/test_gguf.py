@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from quant.fp8 import dequantize_fp8_block
-from quant.gguf.export import ConvertConfig, convert_checkpoint
-from quant.quantize import QuantizeConfig, quantize_checkpoint
+from runtime.convert.gguf import ConvertConfig, convert_checkpoint
+from runtime.convert.quantize import QuantizeConfig, quantize_checkpoint
 from runtime.demo import write_demo
 from runtime.errors import K2Error
 from runtime.int4 import PackedInt4
@@ -304,7 +304,7 @@ def test_split_files_reassemble_to_the_same_tensors(demo_dir, converted, tmp_pat
 
 
 def test_interrupted_conversion_resumes_in_place(demo_dir, converted, tmp_path, monkeypatch):
-    from quant.gguf import export
+    from runtime.convert import gguf as export
 
     out = tmp_path / "demo-bf16.gguf"
     encode_rows, calls = export._encode_rows, []

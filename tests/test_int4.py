@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from quant.int4 import (GRIDS, GROUP_SIZES, absmax_scale, dequantize, dequantize_groups, fake_quant_int4, grouped,
                         pack, quantize_groups, unpack)
 from quant.methods import ClipSearch, Int4Spec, RoundToNearest
-from quant.quantize import QuantizeConfig, quantize_checkpoint
+from runtime.convert.quantize import QuantizeConfig, quantize_checkpoint
 from runtime.int4 import Int4Experts, Int4Linear, held_bytes
 from runtime.loading import load_model
 from tests.helpers import run_k2

@@ -95,7 +95,7 @@ def test_generate_with_a_plan_records_stats_that_plan_reads(demo_dir, tmp_path):
 
 def test_int4_experts_stay_packed_when_split_or_streamed(demo_dir, tmp_path):
     """K2-Thinking's case: INT4 experts on the CPU (or streamed) are computed packed, and give the unplaced logits."""
-    from quant.quantize import QuantizeConfig, quantize_checkpoint
+    from runtime.convert.quantize import QuantizeConfig, quantize_checkpoint
     from runtime.int4 import Int4Experts
 
     int4_dir = tmp_path / "int4"

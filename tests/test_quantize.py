@@ -20,11 +20,11 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import CompressedTensorsConfig, DeepseekV3Config, DeepseekV3ForCausalLM
 
-from quant import quantize as quantize_module
 from quant.fp8 import dequantize_fp8_block
 from quant.int4 import dequantize
-from quant.quantize import QuantizeConfig, parse_size, quantize_checkpoint
 from runtime import models
+from runtime.convert import quantize as quantize_module
+from runtime.convert.quantize import QuantizeConfig, parse_size, quantize_checkpoint
 from runtime.demo import DEMO_BPE_RANKS, demo_config, write_sharded
 from runtime.errors import K2Error
 from runtime.info import is_linear_weight

@@ -26,15 +26,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from quant.gguf import blocks, names
-from quant.gguf.vocab import add_vocab, read_vocab
-# The quantizer's row-block reader: FP8 and INT4 inputs are dequantized in one place for both commands.
-from quant.quantize import Source, _read_rows, _release_rows, _row_blocks, collect_sources
-from quant.safetensors_io import MappedShards
+from quant.gguf import blocks
 from runtime import models
 from runtime.checkpoint import Checkpoint, read_json
+from runtime.convert import gguf_names as names
+from runtime.convert.gguf_vocab import add_vocab, read_vocab
+from runtime.convert.sources import Source, collect_sources, read_rows, release_rows, row_blocks
 from runtime.errors import K2Error
 from runtime.models.deepseek_v3 import ModelArgs
+from runtime.safetensors_io import MappedShards
 
 Q = gguf.GGMLQuantizationType
 TYPES = {"f32": Q.F32, "bf16": Q.BF16, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
@@ -157,21 +157,21 @@ def _encode_rows(tensor: OutputTensor, source: Source, reader: MappedShards, r0,
         stored = reader.tensor(source.parts[0])
         data = (stored if r0 is None else stored[r0:r1]).view(torch.uint8).numpy().copy()  # the bytes as they are
     else:
-        rows = _read_rows(source, reader, r0, r1)
+        rows = read_rows(source, reader, r0, r1)
         data = blocks.encode(rows.reshape(-1, tensor.shape[-1]).numpy(), tensor.qtype)
-    _release_rows(source, reader, r0, r1)
+    release_rows(source, reader, r0, r1)
     return data, report
 
 
 def _encode_kv_half(tensor: OutputTensor, reader: MappedShards):
     """attn_k_b [heads, kv_lora_rank, nope] (transposed, as llama.cpp multiplies by it) or attn_v_b [heads, v, rank]."""
     source = tensor.sources[0]
-    heads = _read_rows(source, reader, None, None).view(tensor.shape[0], -1, source.shape[1])  # [H, nope + v, rank]
+    heads = read_rows(source, reader, None, None).view(tensor.shape[0], -1, source.shape[1])  # [H, nope + v, rank]
     if tensor.part == "k_b":
         half = heads[:, :tensor.shape[2]].transpose(1, 2)
     else:
         half = heads[:, heads.shape[1] - tensor.shape[1]:]
-    _release_rows(source, reader, None, None)
+    release_rows(source, reader, None, None)
     return blocks.encode(half.contiguous().view(-1, tensor.shape[-1]).numpy(), tensor.qtype), None
 
 
@@ -180,7 +180,7 @@ def _tasks(tensor: OutputTensor, reader: MappedShards):
         yield partial(_encode_kv_half, tensor, reader)
         return
     for source in tensor.sources:
-        for r0, r1 in _row_blocks(source.shape):
+        for r0, r1 in row_blocks(source.shape):
             yield partial(_encode_rows, tensor, source, reader, r0, r1)
 
 

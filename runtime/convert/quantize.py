@@ -21,19 +21,17 @@ import torch
 from tqdm import tqdm
 
 from quant import int4
-from quant.fp8 import DEFAULT_BLOCK, dequantize_fp8_block
 from quant.methods import METHODS, Int4Spec
-from quant.safetensors_io import TORCH_DTYPES, MappedShards, PlannedTensor, ShardWriter, shard_nbytes
 from runtime import models
-from runtime.checkpoint import INDEX_FILE, Checkpoint, TensorInfo, read_json
+from runtime.checkpoint import INDEX_FILE, Checkpoint, read_json
+from runtime.convert.sources import Source, collect_sources, natural_key, read_rows, release_rows, row_blocks
 from runtime.errors import K2Error
 from runtime.info import component_of, is_linear_weight
+from runtime.safetensors_io import TORCH_DTYPES, MappedShards, PlannedTensor, ShardWriter, shard_nbytes
 
 MANIFEST = ".k2-quantize.json"
 FP32_TENSORS = ("e_score_correction_bias",)  # routing bias: fp32 in every K2 release
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-CHUNK_ELEMENTS = 1 << 20  # a row block of about 4 MB in float32: fits in cache, small per worker
-ROW_ALIGN = 128  # row blocks start on FP8 block rows
 COPY_BYTES = 64 << 20
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -84,76 +82,11 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * SIZE_UNITS[unit])
 
 
-@dataclass(frozen=True)
-class Source:
-    """One logical tensor of the input and the stored tensors it is made of."""
-
-    name: str
-    kind: str  # "plain"; "fp8": weight, weight_scale_inv; "int4": weight_packed, weight_scale, weight_shape
-    parts: tuple[TensorInfo, ...]
-    shape: tuple[int, ...]
-    fp8_block: tuple[int, int] = DEFAULT_BLOCK
-    int4_group_size: int = int4.DEFAULT_GROUP_SIZE
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts)
-
-    @property
-    def dtype(self) -> str:
-        return self.parts[0].dtype if self.kind == "plain" else "BF16"
-
-
 @dataclass
 class ShardPlan:
     file: str
     sources: list[Source] = field(default_factory=list)
     tensors: list[PlannedTensor] = field(default_factory=list)
-
-
-def _natural_key(name: str):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def collect_sources(ckpt: Checkpoint, reader: MappedShards) -> list[Source]:
-    """The input's logical tensors in natural name order (layer 2 before layer 10): the output's layout then depends
-    on the model alone, not on how the input was sharded, and published checkpoints are stored in that order anyway."""
-    tensors = ckpt.tensors
-    quant = ckpt.config.get("quantization_config") or {}
-    group_size = int4.DEFAULT_GROUP_SIZE
-    if quant.get("quant_method") == "compressed-tensors":
-        group_size = int4.group_size_of(quant)
-    elif quant.get("quant_method") not in (None, "fp8"):
-        raise K2Error(f"cannot quantize a {quant.get('quant_method')!r} checkpoint (BF16/FP16/FP32, FP8 and "
-                      "compressed-tensors INT4 inputs are supported)")
-    block = tuple(quant.get("weight_block_size", DEFAULT_BLOCK))
-    companions = set()
-    sources = []
-    for name, info in tensors.items():
-        if name.endswith(".weight_packed"):
-            prefix = name[: -len("_packed")]
-            parts = [info] + [_companion(tensors, f"{prefix}_{suffix}", name) for suffix in ("scale", "shape")]
-            shape = tuple(int(v) for v in reader.tensor(parts[2]).tolist())
-            expected = int4.stored_shapes(*shape, group_size) if len(shape) == 2 else {}
-            if (parts[0].shape, parts[1].shape) != (expected.get("weight_packed"), expected.get("weight_scale")):
-                raise K2Error(f"{prefix}: weight_packed {list(parts[0].shape)} and weight_scale "
-                              f"{list(parts[1].shape)} do not fit weight_shape {list(shape)}")
-            companions.update(p.name for p in parts[1:])
-            sources.append(Source(prefix, "int4", tuple(parts), shape, int4_group_size=group_size))
-        elif info.dtype.startswith("F8_"):
-            scale = _companion(tensors, name + "_scale_inv", name)
-            companions.add(scale.name)
-            sources.append(Source(name, "fp8", (info, scale), info.shape, block))
-        else:
-            sources.append(Source(name, "plain", (info,), info.shape))
-    sources = [s for s in sources if s.name not in companions]
-    return sorted(sources, key=lambda s: _natural_key(s.name))
-
-
-def _companion(tensors: dict[str, TensorInfo], name: str, of: str) -> TensorInfo:
-    if name not in tensors:
-        raise K2Error(f"{of} is stored without its {name.rsplit('.', 1)[-1]} ({name} is missing)")
-    return tensors[name]
 
 
 def is_target(source: Source, scope: Scope) -> bool:
@@ -200,41 +133,6 @@ def plan_shards(sources: list[Source], config: QuantizeConfig) -> list[ShardPlan
 # one logical tensor, row block by row block
 
 
-def _row_blocks(shape: tuple[int, ...]):
-    if len(shape) != 2:
-        yield None, None
-        return
-    rows = max(ROW_ALIGN, CHUNK_ELEMENTS // max(shape[1], 1) // ROW_ALIGN * ROW_ALIGN)
-    for r0 in range(0, shape[0], rows):
-        yield r0, min(r0 + rows, shape[0])
-
-
-def _read_rows(source: Source, reader: MappedShards, r0, r1) -> torch.Tensor:
-    """Rows [r0, r1) of the logical tensor in float32 (the whole tensor when it is not 2-D)."""
-    stored = reader.tensor(source.parts[0])
-    if r0 is not None:
-        stored = stored[r0:r1]
-    if source.kind == "fp8":
-        b0 = source.fp8_block[0]
-        scale = reader.tensor(source.parts[1])
-        if r0 is not None:
-            scale = scale[r0 // b0: -(-r1 // b0)]
-        return dequantize_fp8_block(stored, scale, source.fp8_block)
-    if source.kind == "int4":
-        scale = reader.tensor(source.parts[1])[r0:r1]
-        return int4.dequantize(stored, scale, source.shape[1], source.int4_group_size)
-    return stored.float()
-
-
-def _release_rows(source: Source, reader: MappedShards, r0, r1):
-    info = source.parts[0]
-    if r0 is None:
-        reader.release(info)
-    else:
-        row_bytes = info.nbytes // max(info.shape[0], 1)
-        reader.release(info, r0 * row_bytes, r1 * row_bytes)
-
-
 class ErrorStats:
     def __init__(self):
         self.signal = self.noise = self.max_error = 0.0
@@ -260,14 +158,14 @@ def _quantize_source(source: Source, writer: ShardWriter, reader: MappedShards, 
     words, groups = -(-in_features // int4.PER_WORD), int4.n_groups(in_features, spec.group_size)
     stats = ErrorStats() if measure else None
     writer.write(f"{prefix}.weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64))
-    for r0, r1 in _row_blocks(source.shape):
-        w = _read_rows(source, reader, r0, r1)
+    for r0, r1 in row_blocks(source.shape):
+        w = read_rows(source, reader, r0, r1)
         q, scale = method.quantize(source.name, w, spec)
         writer.write(f"{prefix}.weight_packed", int4.pack(int4.ungroup(q, in_features)), r0 * words * 4)
         writer.write(f"{prefix}.weight_scale", scale, r0 * groups * int4.SCALE_DTYPE.itemsize)
         if stats:
             stats.add(w, int4.ungroup(int4.dequantize_groups(q, scale), in_features))
-        _release_rows(source, reader, r0, r1)
+        release_rows(source, reader, r0, r1)
     return stats.as_dict(source.name) if stats else None
 
 
@@ -282,9 +180,9 @@ def _copy_source(source: Source, writer: ShardWriter, reader: MappedShards):
         return
     target = TORCH_DTYPES[dtype]
     row_bytes = target.itemsize * (source.shape[1] if len(source.shape) == 2 else 0)
-    for r0, r1 in _row_blocks(source.shape):
-        writer.write(source.name, _read_rows(source, reader, r0, r1).to(target), (r0 or 0) * row_bytes)
-        _release_rows(source, reader, r0, r1)
+    for r0, r1 in row_blocks(source.shape):
+        writer.write(source.name, read_rows(source, reader, r0, r1).to(target), (r0 or 0) * row_bytes)
+        release_rows(source, reader, r0, r1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -430,7 +328,7 @@ def _run(plans: list[ShardPlan], out: Path, manifest: dict, reader: MappedShards
     def commit(writer: ShardWriter, plan: ShardPlan, stats: list[dict]):
         # fsync, rename, then the manifest entry: a shard the manifest lists is complete on disk.
         writer.finish()
-        stats = sorted(stats, key=lambda s: _natural_key(s["name"]))
+        stats = sorted(stats, key=lambda s: natural_key(s["name"]))
         manifest["shards"][plan.file] = {"bytes": writer.nbytes, "stats": stats}
         _write_json_atomic(out / MANIFEST, manifest)
 

@@ -48,14 +48,14 @@ def info(model: str = typer.Argument("demo", help=MODEL_HELP),
         dtypes = ", ".join(f"{d} {_gib(b)}" for d, b in comp["bytes_by_dtype"].items())
         typer.echo(f"    {name:<15} {_count(comp['parameters']):>10}  {_gib(comp['bytes']):>14}   {dtypes}")
     typer.echo(f"    {'total':<15} {_count(params['total']):>10}  {_gib(result['total_bytes']):>14}")
-    typer.echo(f"  KV cache ({kv['dtype']}, compressed latent): {kv['bytes_per_token']:,} bytes per token, "
+    typer.echo(f"  KV cache ({kv['dtype']}, {kv['kind']}): {kv['bytes_per_token']:,} bytes per token, "
                f"{_gib(kv['bytes_at_max_context'])} at the max context of {result['max_context']:,}")
 
 
 def init_demo(folder: Path = typer.Argument(..., help="Where to write the checkpoint (must not exist)."),
               fp8: bool = typer.Option(False, "--fp8", help="Store the linear weights as FP8 blocks, as K2-Instruct does.")):
     """Write the demo checkpoint: a tiny Kimi K2 in the real layout (config, shards, index, tokenizer, template)."""
-    from runtime.demo import write_demo
+    from runtime.models import write_demo
 
     if folder.exists():
         raise K2Error(f"{folder} already exists")

@@ -17,7 +17,6 @@ import torch
 from runtime.engine import Engine
 from runtime.errors import K2Error
 from runtime.sampling import Sampler
-from runtime.models.deepseek_v3 import MoE
 
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}  # past every cache level, small enough for any test machine
 PROBE_STEPS = 16  # decode steps whose routing is recorded to count the experts a step reads
@@ -67,11 +66,10 @@ def weight_bytes_per_step(model, batch: int, experts_per_step: dict[int, float])
     row_bytes = embed.shape[1] * embed.element_size()
     total = batch * row_bytes
     skip = {embed.data_ptr()}
-    for i, layer in enumerate(model.model.layers):
-        if isinstance(layer.mlp, MoE):
-            experts = _tensor_bytes(layer.mlp.experts)
-            skip |= experts.keys()
-            total += experts_per_step.get(i, 0.0) * sum(experts.values()) / layer.mlp.experts.n_experts
+    for i, block in model.moe_blocks().items():
+        experts = _tensor_bytes(block.experts)
+        skip |= experts.keys()
+        total += experts_per_step.get(i, 0.0) * sum(experts.values()) / block.experts.n_experts
     return int(total + sum(n for ptr, n in every.items() if ptr not in skip))
 
 
@@ -79,11 +77,10 @@ def distinct_experts_per_step(model, prompts: torch.Tensor, max_len: int, sample
     """Per MoE layer: the distinct routed experts a decode step of this batch picks, averaged over `steps` steps."""
     seen: dict[int, list[int]] = {}
     hooks = []
-    for i, layer in enumerate(model.model.layers):
-        if isinstance(layer.mlp, MoE):
-            def record(module, args, output, i=i):
-                seen.setdefault(i, []).append(torch.unique(output[1]).numel())
-            hooks.append(layer.mlp.gate.register_forward_hook(record))
+    for i, block in model.moe_blocks().items():
+        def record(module, args, output, i=i):
+            seen.setdefault(i, []).append(torch.unique(output[1]).numel())
+        hooks.append(block.gate.register_forward_hook(record))
     try:
         run = EngineRun(Engine(model, prompts.shape[0], max_len), sampler)
         run.prefill(prompts)
@@ -110,22 +107,22 @@ class EngineRun:
 
 
 class TransformersEngine:
-    """transformers' DeepseekV3ForCausalLM on the same folder, driven like our engine (same sampling)."""
+    """transformers' implementation of the model's family on the same folder, driven like our engine (same
+    sampling)."""
 
     kind = "transformers"
 
-    def __init__(self, folder, dtype: torch.dtype, device: torch.device, sampler: Sampler):
+    def __init__(self, loaded, dtype: torch.dtype, device: torch.device, sampler: Sampler):
         try:
             import transformers
-            from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+            from transformers import AutoConfig, AutoModelForCausalLM
         except ImportError:
             raise K2Error("--compare transformers needs transformers (pip install 'k2[test]')") from None
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        config = DeepseekV3Config.from_pretrained(folder)
-        # model_type kimi_k2 must be overridden, or transformers skips its per-expert -> stacked weight conversion.
-        config.model_type = "deepseek_v3"
-        self.model = DeepseekV3ForCausalLM.from_pretrained(folder, config=config, dtype=dtype).to(device).eval()
+        # The family's own model_type: transformers converts per-expert weights only for the types it knows.
+        config = AutoConfig.for_model(**loaded.config | {"model_type": loaded.family.reference_model_type})
+        self.model = AutoModelForCausalLM.from_pretrained(loaded.folder, config=config, dtype=dtype).to(device).eval()
         self.device, self.sampler = device, sampler
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -210,7 +207,7 @@ def run_bench(loaded, settings: BenchSettings, compare: str | None = None, eager
         engines = [EngineRun(loaded.engine(s.batch, max_len, eager=eager), sampler)]
         if compare == "transformers":
             dtype = model.model.embed_tokens.weight.dtype
-            engines.append(TransformersEngine(loaded.folder, dtype, device, sampler))
+            engines.append(TransformersEngine(loaded, dtype, device, sampler))
         rows = time_reps(engines, prompts, s, device)
         peak_device = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_host_bytes()
 

@@ -169,3 +169,7 @@ def parse_reply(text: str, in_reasoning: bool = False) -> Reply:
     parser.feed(text)
     parser.finish()
     return parser.reply
+
+
+# Reply formats by the name a model family gives (runtime/models/family.py `reply_format`).
+REPLY_PARSERS = {"kimi_k2": ReplyParser}

@@ -15,7 +15,7 @@ import torch
 
 from runtime.errors import K2Error
 from runtime.kernels import say_once
-from runtime.models.deepseek_v3 import Experts, MoE
+from runtime.models.experts import Experts
 from runtime.sampling import Sampler
 
 DECODERS = ("eager", "static", "cuda-graph")
@@ -87,17 +87,15 @@ def fuse_experts(model) -> str | None:
     from runtime.int4 import Int4Experts
     from runtime.kernels.fused_moe import FusedExperts, FusedInt4Experts
 
-    for i, layer in enumerate(model.model.layers):
-        if not isinstance(layer.mlp, MoE):
-            continue
-        experts = layer.mlp.experts
+    for i, block in model.moe_blocks().items():
+        experts = block.experts
         if isinstance(experts, Experts):
-            layer.mlp.experts = FusedExperts(experts.gate_proj.data, experts.up_proj.data, experts.down_proj.data)
+            block.experts = FusedExperts(experts.gate_proj.data, experts.up_proj.data, experts.down_proj.data)
         elif isinstance(experts, Int4Experts):
             fused = FusedInt4Experts.repack(experts)
             if fused is None:
                 return f"layer {i}'s INT4 expert dimensions admit no kernel tiling"
-            layer.mlp.experts = fused
+            block.experts = fused
         elif not isinstance(experts, (FusedExperts, FusedInt4Experts)):
             return f"layer {i}'s experts are placed ({type(experts).__name__})"
     return None

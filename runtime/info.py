@@ -3,29 +3,10 @@ import re
 from collections import defaultdict
 
 from runtime.checkpoint import Checkpoint
+from runtime.models.family import COMPONENTS
 from runtime.safetensors_io import DTYPE_BYTES
 
-COMPONENTS = ("embeddings", "attention", "dense_mlp", "router", "shared_experts", "routed_experts", "norms", "lm_head")
 TORCH_TO_SAFETENSORS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-
-
-def component_of(name: str) -> str:
-    """Which part of the model a checkpoint tensor (or its scale / packed companion) belongs to."""
-    if "embed_tokens" in name:
-        return "embeddings"
-    if name.startswith("lm_head"):
-        return "lm_head"
-    if "norm" in name.rsplit(".", 2)[-2]:
-        return "norms"
-    if ".self_attn." in name:
-        return "attention"
-    if ".mlp.experts." in name:
-        return "routed_experts"
-    if ".mlp.shared_experts." in name:
-        return "shared_experts"
-    if ".mlp.gate." in name:
-        return "router"
-    return "dense_mlp"
 
 
 def is_linear_weight(name: str) -> bool:
@@ -94,7 +75,7 @@ def model_info(loaded) -> dict:
     """What `k2 info` prints, for a model opened without weights (runtime.loader.load(..., weights=False))."""
     import torch
 
-    ckpt, model = loaded.checkpoint, loaded.model
+    ckpt, model, component_of = loaded.checkpoint, loaded.model, loaded.family.component_of
     config = ckpt.config
     args = model.args
     shapes = model.checkpoint_shapes()
@@ -113,10 +94,10 @@ def model_info(loaded) -> dict:
                 storage[component_of(name)][dtype] += nbytes
 
     total = sum(params.values())
-    active = total - params["routed_experts"] + params["routed_experts"] * args.num_experts_per_tok // args.n_routed_experts \
-        if args.n_routed_experts else total
+    active = total - params["routed_experts"] + params["routed_experts"] * args.experts_per_token // args.routed_experts \
+        if args.routed_experts else total
     cache_dtype = TORCH_TO_SAFETENSORS.get(config.get("torch_dtype") or config.get("dtype") or "bfloat16", "BF16")
-    kv_per_token = args.num_hidden_layers * (args.kv_lora_rank + args.qk_rope_head_dim) * DTYPE_BYTES[cache_dtype]
+    kv_per_token = args.num_hidden_layers * args.cache_width * DTYPE_BYTES[cache_dtype]
     moe_layers = sum(args.is_moe_layer(i) for i in range(args.num_hidden_layers))
     return {
         "model": str(ckpt.folder),
@@ -127,9 +108,9 @@ def model_info(loaded) -> dict:
         "moe_layers": moe_layers,
         "hidden_size": args.hidden_size,
         "attention_heads": args.num_attention_heads,
-        "routed_experts": args.n_routed_experts or 0,
-        "experts_per_token": args.num_experts_per_tok or 0,
-        "shared_experts": args.n_shared_experts or 0,
+        "routed_experts": args.routed_experts,
+        "experts_per_token": args.experts_per_token,
+        "shared_experts": args.shared_experts,
         "vocab_size": args.vocab_size,
         "max_context": args.max_position_embeddings,
         "parameters": {"total": total, "active_per_token": active},
@@ -144,6 +125,7 @@ def model_info(loaded) -> dict:
         "quantization": describe_quantization(config),
         "kv_cache": {
             "dtype": cache_dtype,
+            "kind": args.cache_kind,
             "bytes_per_token": kv_per_token,
             "bytes_at_max_context": kv_per_token * args.max_position_embeddings,
         },

@@ -5,21 +5,16 @@ routed-experts block and each Linear whose checkpoint tensors are packed with a 
 the packed words and BF16 scales as stored (4.5 bits per weight at group 32). A forward dequantizes only the
 weights it uses: the experts the router picked, one at a time, so memory never holds a BF16 copy of every expert.
 """
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from quant import int4
 from runtime.errors import K2Error
+from runtime.models.experts import grouped_experts
 
 PACKED_SUFFIX = ".weight_packed"
-# Linears whose weight the model also reads as a matrix, not only through forward: absorbed MLA decode splits
-# kv_b_proj's weight into W_UK and W_UV. They load dequantized (vLLM does the same for this layer).
-DENSE_LINEARS = ("self_attn.kv_b_proj",)
 COMPANION_SUFFIXES = (".weight_scale", ".weight_shape")
-_EXPERTS_MODULE = re.compile(r"(?P<layer>model\.layers\.\d+\.mlp\.experts)\.\d+\.(?:gate|up|down)_proj")
 
 
 class PackedInt4(nn.Module):
@@ -84,15 +79,10 @@ class Int4Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [N, dim], weights and ids [N, k] -> sum_k weights * expert_k(x); unpacks only the experts hit. Ids < 0
         are skipped: those slots' experts live elsewhere (runtime/offload.py)."""
-        y = torch.zeros_like(x)
-        flat = ids.flatten()
-        for e in torch.bincount(flat[flat >= 0], minlength=self.n_experts).nonzero().flatten().tolist():
-            token, slot = (ids == e).nonzero(as_tuple=True)
-            xe = x[token]
-            gate, up, down = (p.dense(e, x.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
-            out = F.linear(F.silu(F.linear(xe, gate)) * F.linear(xe, up), down)
-            y.index_add_(0, token, (out * weights[token, slot, None]).to(y.dtype))
-        return y
+        return grouped_experts(x, weights, ids, self.n_experts, lambda e: self.expert_weights(e, x.dtype))
+
+    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(p.dense(e, dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
 
 
 def packed_modules(tensor_names) -> set[str]:
@@ -101,15 +91,18 @@ def packed_modules(tensor_names) -> set[str]:
 
 
 def swap_int4_modules(model: nn.Module, packed: set[str], group_size: int) -> nn.Module:
-    """Replace the modules whose weights are stored packed, in place; experts of a layer go all packed or none."""
+    """Replace the modules whose weights are stored packed, in place; experts of a layer go all packed or none.
+    Linears the model reads as matrices (its `dense_linears`, e.g. MLA's kv_b_proj, split for absorbed decode) stay
+    dense: the loader dequantizes them (vLLM does the same for that layer)."""
     expert_blocks: dict[str, int] = {}
     replacements: dict[str, tuple[type, tuple]] = {}
     for name in packed:
-        match = _EXPERTS_MODULE.fullmatch(name)
-        if name.endswith(DENSE_LINEARS):
+        if name.endswith(model.dense_linears):
             continue
-        if match:
-            expert_blocks[match["layer"]] = expert_blocks.get(match["layer"], 0) + 1
+        stacked, expert = model.locate(f"{name}.weight")
+        if expert is not None:
+            block = stacked.rsplit(".", 1)[0]
+            expert_blocks[block] = expert_blocks.get(block, 0) + 1
             continue
         try:
             linear = model.get_submodule(name)

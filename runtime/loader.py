@@ -73,8 +73,20 @@ class LoadedModel:
         return self.checkpoint.config
 
     @property
+    def family(self):
+        """The architecture family (runtime/models/family.py): what the toolkit may know of this model."""
+        return models.family_of(self.config)
+
+    @property
     def args(self):
         return self.model.args
+
+    @property
+    def gguf_arch(self):
+        """The family's llama.cpp architecture: its hyperparameter keys and tensor mapping (runtime/convert/gguf.py)."""
+        import importlib
+
+        return importlib.import_module(self.family.gguf)
 
     @property
     def has_tokenizer(self) -> bool:
@@ -100,6 +112,13 @@ class LoadedModel:
     def sampling(self, **overrides) -> SamplingParams:
         """The model's recommended sampling (generation_config.json), with the options given (None: not given)."""
         return SamplingParams.from_generation_config(self.generation_config, **overrides)
+
+    @property
+    def reply_parser(self):
+        """The parser of the model's replies (reasoning, content, tool calls), as its family names it."""
+        from runtime.chat_format import REPLY_PARSERS
+
+        return REPLY_PARSERS[self.family.reply_format]
 
     @property
     def eos_ids(self) -> set[int]:
@@ -135,15 +154,16 @@ class LoadedModel:
 
 
 def load(spec: str | Path = DEMO, device: str = "cpu", dtype: str | None = None, weights: bool = True,
-         plan: str | Path | None = None, device_map: dict[str, str] | None = None,
-         progress: bool = False) -> LoadedModel | None:
+         plan: str | Path | None = None, device_map: dict[str, str] | None = None, progress: bool = False,
+         complete: bool = False) -> LoadedModel | None:
     """Open MODEL (a folder, a cached repo id or "demo"). With `plan` (a `k2 plan --json` file) the model is placed
     as it says. Under torchrun each rank loads its own stage; every rank but 0 serves rank 0 until it is done and
-    then gets None."""
+    then gets None. Without weights, `complete` requires every shard's header (what reads all the weights needs);
+    otherwise config.json alone is enough."""
     folder = resolve_model(str(spec))
     name = str(spec)
     if not weights:
-        checkpoint = Checkpoint.open(folder, require_weights=False, allow_missing_shards=True)
+        checkpoint = Checkpoint.open(folder, require_weights=complete, allow_missing_shards=not complete)
         return LoadedModel(folder, name, checkpoint, models.build_on_meta(checkpoint.config), torch.device("meta"))
     from runtime.pipeline import in_pipeline, open_stage
 

@@ -13,7 +13,6 @@ from runtime.errors import K2Error
 from runtime.int4 import COMPANION_SUFFIXES, PACKED_SUFFIX, holds_packed, packed_modules, swap_int4_modules
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-FP32_TENSORS = ("e_score_correction_bias",)  # kept in fp32 whatever the model dtype: routing needs it
 SCALE_SUFFIX = "_scale_inv"
 
 
@@ -123,7 +122,7 @@ def load_model(folder: str | Path, dtype: torch.dtype | None = None, device: str
         else:
             weight = (dequantize(int4_parts["packed"], int4_parts["scale"], shape[1], group_size) if packed
                       else _stored_to_weight(ckpt, name, block))
-            target_dtype = torch.float32 if name.endswith(FP32_TENSORS) else dtype
+            target_dtype = torch.float32 if name.endswith(model.fp32_tensors) else dtype
             target = _materialize(model, target_name, target_dtype, device)
             (target if expert is None else target[expert]).copy_(weight)
         loaded.add(name)

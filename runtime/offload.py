@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from runtime.errors import K2Error
-from runtime.models.deepseek_v3 import MoE
 
 
 def _inputs_to(device: torch.device):
@@ -34,11 +33,10 @@ class PlacedExperts(nn.Module):
 
     def __init__(self, experts, placement: dict[str, list[int]], home: torch.device):
         super().__init__()
-        n_experts = experts.n_experts
-        self.home = home
+        self.n_experts, self.home = experts.n_experts, home
         self.devices = [torch.device(d) for d in placement]
         self.parts = nn.ModuleList(experts.select(ids, device) for device, ids in placement.items())
-        self.local_ids = [_local_ids(n_experts, ids, home) for ids in placement.values()]
+        self.local_ids = [_local_ids(self.n_experts, ids, home) for ids in placement.values()]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # Inputs for other devices are copied first, so their compute overlaps the home device's queued kernels.
@@ -57,8 +55,8 @@ class StreamedExperts(nn.Module):
     """All of a layer's experts in host memory (pinned for fast copies), and a cache of `slots` of them on the
     compute device, filled on demand, least recently used out.
 
-    Works for any experts module with `n_experts`, `select(ids, device)`, `load_slot(slot, source, expert)` and a
-    forward that skips ids < 0 (BF16 `Experts`, packed `Int4Experts`).
+    Works for any `MovableExperts` (runtime/models/family.py): BF16 `Experts`, packed `Int4Experts`, the fused
+    kernels' layouts.
     """
 
     def __init__(self, experts, slots: int, device: torch.device):
@@ -125,11 +123,10 @@ class ExpertStats:
 
     def __init__(self, model):
         self.counts: dict[int, torch.Tensor] = {}
-        for i, layer in enumerate(model.model.layers):
-            if isinstance(layer.mlp, MoE) and not layer.mlp.gate.weight.is_meta:
-                self.counts[i] = torch.zeros(layer.mlp.gate.weight.shape[0], dtype=torch.long,
-                                             device=layer.mlp.gate.weight.device)
-                layer.mlp.gate.register_forward_hook(self._hook(i))
+        for i, block in model.moe_blocks().items():
+            if not block.gate.weight.is_meta:
+                self.counts[i] = torch.zeros(block.experts.n_experts, dtype=torch.long, device=block.gate.weight.device)
+                block.gate.register_forward_hook(self._hook(i))
 
     def _hook(self, i: int):
         def hook(module, args, output):
@@ -186,28 +183,26 @@ def apply_placement(model, stage: dict, device_map: dict[str, str] | None = None
     """
     device_map = device_map or {}
     streamed = []
+    moe_blocks = model.moe_blocks()
     for entry in stage["layers"]:
         layer = model.model.layers[entry["layer"]]
         home = _remap(entry["device"], device_map)
-        moe = isinstance(layer.mlp, MoE)
-        for name, child in layer.named_children():
-            if name != "mlp" or not moe:
-                child.to(home)
+        block = moe_blocks.get(entry["layer"])
+        routed = None if block is None else block.experts
+        if block is not None:
+            block.experts = None  # detached while the rest of the layer moves home; placed below
+        layer.to(home)
         layer.register_forward_pre_hook(_inputs_to(home))
-        if not moe:
+        if block is None:
             continue
-        layer.mlp.gate.to(home)
-        if layer.mlp.shared_experts is not None:
-            layer.mlp.shared_experts.to(home)
-        experts = layer.mlp.experts
         if entry.get("expert_cache"):
-            layer.mlp.experts = StreamedExperts(experts, entry["expert_cache"], home)
-            streamed.append(layer.mlp.experts)
+            block.experts = StreamedExperts(routed, entry["expert_cache"], home)
+            streamed.append(block.experts)
         else:
             placement: dict[str, list[int]] = {}
             for device, ids in entry["experts"].items():
                 placement.setdefault(str(_remap(device, device_map)), []).extend(ids)
-            layer.mlp.experts = PlacedExperts(experts, placement, home)
+            block.experts = PlacedExperts(routed, placement, home)
     if stage.get("embeddings"):
         model.model.embed_tokens.to(_remap(stage["embeddings"], device_map))
     if stage.get("lm_head"):

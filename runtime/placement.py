@@ -83,43 +83,41 @@ class ModelCost:
             layer.dense_bytes + layer.expert_bytes * layer.n_experts for layer in self.layers)
 
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp\.experts|mlp\.shared_experts|mlp\.gate|mlp|[a-z_]*norm)")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def model_cost(loaded, config_only: bool = False) -> ModelCost:
     """Bytes per layer and component of a model opened without weights (runtime.loader.load(..., weights=False)):
     from the safetensors headers, or (`config_only`, or no weights) config.json."""
-    ckpt, model = loaded.checkpoint, loaded.model
+    ckpt, model, component_of = loaded.checkpoint, loaded.model, loaded.family.component_of
     if config_only:
         ckpt = Checkpoint(ckpt.folder, ckpt.config, {})
     args = model.args
     sizes, _ = weight_bytes(ckpt, model)
-    kv_per_token = (args.kv_lora_rank + args.qk_rope_head_dim) * 2  # BF16 latent cache
+    kv_per_token = args.cache_width * 2  # a BF16 cache
     layers = [LayerCost(i, 0, 0, 0, 0, kv_per_token) for i in range(args.num_hidden_layers)]
     expert_sizes: dict[tuple[int, int], int] = {}
     embed = head = 0
     for name, nbytes in sizes.items():
+        component = component_of(name)
         match = _LAYER.match(name)
         if match is None:
-            if "embed_tokens" in name:
+            if component == "embeddings":
                 embed += nbytes
             else:
                 head += nbytes  # lm_head, model.norm
             continue
         layer = layers[int(match[1])]
-        part = match[2]
-        if part == "mlp.experts":
-            expert = int(name.split(".")[5])
+        if component == "routed_experts":
+            expert = model.locate(name)[1]
             expert_sizes[layer.index, expert] = expert_sizes.get((layer.index, expert), 0) + nbytes
             continue
-        component = {"self_attn": "attention", "mlp.shared_experts": "shared_experts", "mlp.gate": "router",
-                     "mlp": "dense_mlp"}.get(part, "norms")
         layer.component_bytes[component] = layer.component_bytes.get(component, 0) + nbytes
         layer.dense_bytes += nbytes
     for layer in layers:
         sizes_here = [nbytes for (i, _), nbytes in expert_sizes.items() if i == layer.index]
         if sizes_here:
-            layer.n_experts, layer.expert_bytes, layer.top_k = len(sizes_here), max(sizes_here), args.num_experts_per_tok
+            layer.n_experts, layer.expert_bytes, layer.top_k = len(sizes_here), max(sizes_here), args.experts_per_token
     quant = ckpt.config.get("quantization_config") or {}
     return ModelCost(ckpt.folder.name, layers, embed, head, quant.get("quant_method") == "compressed-tensors")
 
@@ -430,7 +428,7 @@ def make_plan(loaded, host: HostSpec, stages: int = 1, ctx: int = 4096, batch: i
             "disk_bandwidth_bytes_per_s": host.disk_bandwidth, "pcie_bandwidth_bytes_per_s": pcie_bandwidth,
             "network_bandwidth_bytes_per_s": network_bandwidth, "margin": host.margin,
             "gpu_reserve_bytes": GPU_RESERVE, "cpu_reserve_bytes": CPU_RESERVE, "mps_wired_fraction": MPS_WIRED_FRACTION,
-            "kv_cache": "BF16 compressed latent", "experts_on_disk_at_most": max_disk_fraction,
+            "kv_cache": f"BF16 {loaded.args.cache_kind}", "experts_on_disk_at_most": max_disk_fraction,
         },
         "stages": stage_plans,
         "prediction": prediction,

@@ -19,7 +19,7 @@ def demo_dir() -> Path:
     """The demo checkpoint in the user's cache, written on first use."""
     folder = k2_cache_dir() / f"demo-v{DEMO_VERSION}"
     if not (folder / "config.json").exists():
-        from runtime.demo import write_demo
+        from runtime.models import write_demo
 
         print(f"k2: writing the demo checkpoint to {folder} (first use)", file=sys.stderr)
         try:

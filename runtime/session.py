@@ -66,8 +66,8 @@ class ChatSession:
     """A conversation in slot 0 of `engine`, whose cache length is the context."""
 
     def __init__(self, engine, tokenizer: Tokenizer, template: ChatTemplate, stop_ids: set[int],
-                 system: str | None = None, tools: list[dict] | None = None):
-        self.engine, self.tokenizer, self.template = engine, tokenizer, template
+                 reply_parser: type[ReplyParser], system: str | None = None, tools: list[dict] | None = None):
+        self.engine, self.tokenizer, self.template, self.reply_parser = engine, tokenizer, template, reply_parser
         self.stop_ids = set(stop_ids)
         self.max_context = engine.max_len
         self.tools = tools
@@ -140,7 +140,7 @@ class ChatSession:
         self.cache_ids = ids[:reused]
         stats = TurnStats(len(ids), reused, len(ids) - reused)
         self.turns.append(stats)
-        parser = ReplyParser(in_reasoning=self.tokenizer.decode(ids[-4:]).rstrip().endswith("<think>"))
+        parser = self.reply_parser(in_reasoning=self.tokenizer.decode(ids[-4:]).rstrip().endswith("<think>"))
         stream = self.tokenizer.stream()
         generated: list[int] = []
         finished = False

@@ -29,10 +29,10 @@ from runtime import models  # noqa: E402
 from runtime.bench import (BenchSettings, EngineRun, TransformersEngine, copy_bandwidth,  # noqa: E402
                            distinct_experts_per_step, random_prompts, time_reps, weight_bytes_per_step)
 from runtime.engine import Engine, select_decoder  # noqa: E402
-from runtime.demo import demo_config  # noqa: E402
+from runtime.models.deepseek_v3_demo import demo_config  # noqa: E402
 from runtime.int4 import Int4Experts  # noqa: E402
+from runtime.loader import load  # noqa: E402
 from runtime.loading import load_model  # noqa: E402
-from runtime.models.deepseek_v3 import MoE  # noqa: E402
 from runtime.sampling import Sampler  # noqa: E402
 
 K2_WIDTHS = {
@@ -90,10 +90,8 @@ def write_slice(folder: Path, moe_layers: int, seed: int = 0):
 def quantize_experts_int4(model, group_size: int = int4.DEFAULT_GROUP_SIZE):
     """Every MoE layer's experts -> INT4 (K2's grid and layout), on the GPU, replacing the BF16 ones."""
     grid = int4.GRIDS[int4.DEFAULT_GRID]
-    for layer in model.model.layers:
-        if not isinstance(layer.mlp, MoE):
-            continue
-        source = layer.mlp.experts
+    for block in model.moe_blocks().values():
+        source = block.experts
         n_experts, hidden, dim = source.gate_proj.shape
         with torch.device("cuda"):
             packed = Int4Experts(n_experts, dim, hidden, group_size)
@@ -104,7 +102,7 @@ def quantize_experts_int4(model, group_size: int = int4.DEFAULT_GROUP_SIZE):
                 scale = int4.absmax_scale(w_groups, grid)
                 q = int4.ungroup(int4.quantize_groups(w_groups, scale, grid), weights.shape[2])
                 part.packed[e], part.scale[e] = int4.pack(q), scale
-        layer.mlp.experts = packed
+        block.experts = packed
         del source
         gc.collect()
         torch.cuda.empty_cache()
@@ -127,13 +125,14 @@ def prefill_flops(model, tokens: int) -> float:
     attention's scores and values in the expanded (naive) form, causal."""
     args = model.args
     active = 0
-    for layer in model.model.layers:
+    moe_blocks = model.moe_blocks()
+    for i, layer in enumerate(model.model.layers):
         for name, p in layer.named_parameters():
             if "experts." in name and "shared" not in name:
                 continue
             if p.dim() == 2:
                 active += p.numel()
-        if isinstance(layer.mlp, MoE):
+        if i in moe_blocks:
             active += args.num_experts_per_tok * 3 * args.hidden_size * args.moe_intermediate_size
     active += model.lm_head.weight.numel() / tokens  # the head runs for the last token only
     attention = 2 * args.num_hidden_layers * args.num_attention_heads * (args.qk_head_dim + args.v_head_dim) * tokens * tokens / 2
@@ -212,7 +211,7 @@ def main():
                 del model
                 gc.collect()
                 torch.cuda.empty_cache()
-                engine = TransformersEngine(opts.folder, torch.bfloat16, device, sampler)
+                engine = TransformersEngine(load(opts.folder, weights=False), torch.bfloat16, device, sampler)
                 row = time_reps([engine], prompts, settings, device)["transformers"]
                 roofline = bandwidth / bf16_bytes
                 row.update(name="transformers", roofline_fraction=row["decode_tok_s"]["mean"] / roofline,

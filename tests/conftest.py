@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from runtime.demo import write_demo
+from runtime.models.deepseek_v3_demo import write_demo
 
 
 @pytest.fixture(scope="session")

@@ -43,3 +43,20 @@ def stored_tensors(folder: Path) -> dict:
         with safe_open(shard, framework="pt") as f:
             tensors.update({name: f.get_tensor(name) for name in f.keys()})
     return tensors
+
+
+def experts_loop(experts, x, weights, ids):
+    """Routed experts as the obvious loop over the experts hit, from their stacked [E, out, in] weights: the oracle of
+    the grouped and fused paths. x [N, dim], weights and ids [N, k]; ids < 0 are skipped."""
+    import torch
+    import torch.nn.functional as F
+
+    y = torch.zeros_like(x)
+    flat = ids.flatten()
+    for e in torch.bincount(flat[flat >= 0], minlength=experts.gate_proj.shape[0]).nonzero().flatten().tolist():
+        token, slot = (ids == e).nonzero(as_tuple=True)
+        xe = x[token]
+        gate, up, down = experts.gate_proj[e], experts.up_proj[e], experts.down_proj[e]
+        out = F.linear(F.silu(F.linear(xe, gate)) * F.linear(xe, up), down)
+        y.index_add_(0, token, (out * weights[token, slot, None]).to(y.dtype))
+    return y

@@ -9,6 +9,7 @@ import pexpect
 import pytest
 import torch
 
+from runtime.chat_format import ReplyParser
 from runtime.chat_template import ChatTemplate
 from runtime.engine import Engine
 from runtime.errors import K2Error
@@ -61,7 +62,7 @@ def _session(demo, demo_dir, max_context=512, template=None, tokenizer=None, sys
     recorder = RecordingModel(model)
     # The fixed-shape decode step of the CUDA graph decoder, uncaptured: the chat runs on what a GPU would run.
     engine = Engine(recorder, 1, max_context, decoder="static")
-    return ChatSession(engine, tokenizer, template, stops, system=system), recorder
+    return ChatSession(engine, tokenizer, template, stops, ReplyParser, system=system), recorder
 
 
 def _from_scratch(model, ids):

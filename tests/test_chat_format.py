@@ -1,13 +1,12 @@
 """K2 reply parsing. Expected values are read off the format itself (KIMI_K2.md §4, K2-Thinking's template), and the
 round trip goes through transformers' rendering of the parsed message with the real K2-Thinking template."""
 import json
-from pathlib import Path
 
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
-import runtime
 from runtime.chat_format import ReplyParser, ToolCall, parse_reply
+from runtime.models.deepseek_v3_demo import CHAT_TEMPLATE
 
 SECTION = "<|tool_calls_section_begin|>{}<|tool_calls_section_end|>"
 
@@ -112,7 +111,7 @@ def test_streaming_split_at_every_token_boundary(demo_dir):
 def test_parsed_message_renders_back_through_the_template():
     """The parsed reply, stored as an OpenAI message, is what K2-Thinking's template (rendered by transformers)
     writes for the current turn: reasoning, content and the tool-call section, byte for byte."""
-    template = (Path(runtime.__file__).parent / "demo_chat_template.jinja").read_text()
+    template = CHAT_TEMPLATE.read_text()
     reply_text = "<think>I need the weather.</think>Let me check." + SECTION.format(WEATHER + TIME)
     message = parse_reply(reply_text).to_message()
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "weather?"}, message]

@@ -2,17 +2,16 @@
 template (K2-Thinking's real one) and on Qwen3's ChatML template with hybrid thinking, copied below."""
 import json
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
-import runtime
 from runtime.chat_template import ChatTemplate
 from runtime.errors import K2Error
+from runtime.models.deepseek_v3_demo import CHAT_TEMPLATE
 from runtime.tokenizer import Tokenizer
 
-K2_TEMPLATE = (Path(runtime.__file__).parent / "demo_chat_template.jinja").read_text()
+K2_TEMPLATE = CHAT_TEMPLATE.read_text()
 QWEN3_TEMPLATE = r'''{%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0].role == 'system' %}

@@ -4,7 +4,7 @@ import json
 import tiktoken
 import torch
 
-from runtime.demo import write_demo
+from runtime.models.deepseek_v3_demo import write_demo
 from runtime.tokenizer import K2_SPLIT_PATTERN, Tokenizer, read_ranks
 from tests.helpers import run_k2, stored_tensors
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from tests.helpers import assert_one_line_error, run_k2
 from tests.hub_server import FakeHub, Fault
-from runtime.demo import write_demo
+from runtime.models.deepseek_v3_demo import write_demo
 from runtime.errors import K2Error
 from runtime.hub.download import DownloadRequest, download
 from runtime.loader import load

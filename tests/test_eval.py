@@ -9,7 +9,7 @@ import transformers
 from torch.distributions import Categorical, kl_divergence
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-from runtime.demo import write_demo
+from runtime.models.deepseek_v3_demo import write_demo
 from runtime.tokenizer import Tokenizer
 from tests.helpers import assert_one_line_error, run_k2
 

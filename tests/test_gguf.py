@@ -21,7 +21,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from quant.fp8 import dequantize_fp8_block
 from runtime.convert.gguf import ConvertConfig, convert_checkpoint
 from runtime.convert.quantize import QuantizeConfig, quantize_checkpoint
-from runtime.demo import write_demo
+from runtime.models.deepseek_v3_demo import write_demo
 from runtime.errors import K2Error
 from runtime.int4 import PackedInt4
 from runtime.loading import load_model

@@ -18,8 +18,9 @@ from runtime.int4 import Int4Experts
 from runtime.kernels import triton_missing_reason
 from runtime.kernels.fused_moe import FusedExperts, FusedInt4Experts, fused_moe_int4_torch, fused_moe_torch, unpack_tiles
 from runtime.loading import load_model
-from runtime.models.deepseek_v3 import Experts
+from runtime.models.experts import Experts
 from runtime.sampling import Sampler
+from tests.helpers import experts_loop
 
 E, DIM, HIDDEN, TOP_K, GROUP = 12, 256, 96, 4, 32
 BF16_TOL = 1e-2  # the acceptance bound for kernels that accumulate in fp32 what the loop rounds to bf16 per matmul
@@ -57,7 +58,7 @@ def test_grouped_experts_equal_per_expert_loop(n_tokens):
     experts = random_experts(torch.float32)
     x, weights, ids = random_routing(n_tokens, seed=n_tokens)
     with torch.inference_mode():
-        torch.testing.assert_close(experts(x, weights, ids), experts.forward_loop(x, weights, ids), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(experts(x, weights, ids), experts_loop(experts, x, weights, ids), rtol=1e-5, atol=1e-6)
 
 
 def test_experts_with_every_slot_skipped_give_zero():
@@ -77,7 +78,7 @@ def test_fused_torch_path_equals_per_expert_loop(dtype):
     x = x.to(dtype)
     fused = FusedExperts(experts.gate_proj.data, experts.up_proj.data, experts.down_proj.data)
     with torch.inference_mode():
-        err = rel_err(fused(x, weights, ids), experts.forward_loop(x, weights, ids))
+        err = rel_err(fused(x, weights, ids), experts_loop(experts, x, weights, ids))
     assert err < (1e-5 if dtype == torch.float32 else BF16_TOL), err
 
 
@@ -116,7 +117,7 @@ def test_int4_fused_module_equals_per_expert_loop_on_dequantized_weights(n_token
     fused = FusedInt4Experts.repack(packed_experts)
     x, weights, ids = random_routing(n_tokens, seed=11 + n_tokens)
     with torch.inference_mode():
-        err = rel_err(fused(x, weights, ids), dense.forward_loop(x, weights, ids))
+        err = rel_err(fused(x, weights, ids), experts_loop(dense, x, weights, ids))
     assert err < 1e-5, err
 
 
@@ -130,7 +131,7 @@ def test_int4_experts_selected_and_slot_loaded_keep_their_weights():
     x, weights, _ = random_routing(3, seed=3, skip_some=False)
     ids = torch.tensor([[0, 1, -1, -1]] * 3)
     with torch.inference_mode():
-        expected = dense.forward_loop(x, weights, torch.tensor([[4, 2, -1, -1]] * 3))
+        expected = experts_loop(dense, x, weights, torch.tensor([[4, 2, -1, -1]] * 3))
         assert rel_err(part(x, weights, ids), expected) < 1e-5
 
 
@@ -202,7 +203,7 @@ def test_triton_bf16_fused_moe_equals_per_expert_loop(kernel_device, n_tokens):
     x = x.bfloat16()
     with torch.inference_mode():
         fused = fused_moe_triton(x, weights, ids, experts.gate_proj, experts.up_proj, experts.down_proj)
-        err = rel_err(fused, experts.forward_loop(x, weights, ids))
+        err = rel_err(fused, experts_loop(experts, x, weights, ids))
     assert err < BF16_TOL, err
 
 
@@ -217,8 +218,8 @@ def test_triton_int4_fused_moe_equals_dequantized_loop(kernel_device, n_tokens):
     x = x.bfloat16()
     parts = [fused._pair(name) for name in ("gate_proj", "up_proj", "down_proj")]
     with torch.inference_mode():
-        err = rel_err(fused_moe_int4_triton(x, weights, ids, *parts, group_size=GROUP), dense.forward_loop(x, weights, ids))
-        assert rel_err(fused_moe_int4_torch(x, weights, ids, *parts), dense.forward_loop(x, weights, ids)) < BF16_TOL
+        err = rel_err(fused_moe_int4_triton(x, weights, ids, *parts, group_size=GROUP), experts_loop(dense, x, weights, ids))
+        assert rel_err(fused_moe_int4_torch(x, weights, ids, *parts), experts_loop(dense, x, weights, ids)) < BF16_TOL
     assert err < BF16_TOL, err
 
 

@@ -63,3 +63,22 @@ def test_no_module_imports_another_modules_private_names():
     assert len(files) > 50
     found = [line for path in files for line in private_imports(path.read_text(), str(path.relative_to(ROOT)))]
     assert found == []
+
+
+# The DeepSeek-V3 / Kimi K2 specifics: its config keys, its model_type and class, its MoE block. A second family is
+# then one module under runtime/models/, found by model_type; nothing else knows either.
+FAMILY_SPECIFICS = ("kv_lora_rank", "qk_rope_head_dim", "deepseek_v3", "DeepseekV3")
+
+
+def test_model_specifics_stay_in_runtime_models():
+    files = sorted(path for folder in ("k2cli", "quant", "runtime") for path in (ROOT / folder).rglob("*.py")
+                   if (ROOT / "runtime" / "models") not in path.parents)
+    assert len(files) > 40
+    found = []
+    for path in files:
+        source = path.read_text()
+        found += [f"{path.relative_to(ROOT)}: {word}" for word in FAMILY_SPECIFICS if word in source]
+        found += [f"{path.relative_to(ROOT)}:{node.lineno}: MoE" for node in ast.walk(ast.parse(source))
+                  if isinstance(node, ast.Name) and node.id == "MoE" or isinstance(node, ast.Attribute) and
+                  node.attr == "MoE" or isinstance(node, ast.alias) and node.name == "MoE"]
+    assert found == []

@@ -89,6 +89,10 @@ def test_plan_bytes_match_the_real_shards(demo_dir):
             stored += sum(f.get_tensor(n).numel() * f.get_tensor(n).element_size() for n in f.keys())
     assert plan["model_bytes"] == stored
     assert_complete_and_within_budget(plan, 4, 16)
+    # One taxonomy: layer 0's dense MLP (`mlp.gate_proj`) is a dense MLP, not the router (`mlp.gate`) of the rest.
+    layers = {entry["layer"]: set(entry["components"]) for entry in plan["stages"][0]["layers"]}
+    assert layers[0] == {"attention", "dense_mlp", "norms"}
+    assert layers[1] == {"attention", "norms", "router", "shared_experts"}
 
 
 def test_stage_split_is_optimal_against_brute_force():

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache, GenerationConfig
 
 from runtime.cache import SlotCache
-from runtime.demo import DEMO_BPE_RANKS, demo_config, write_demo
+from runtime.models.deepseek_v3_demo import DEMO_BPE_RANKS, demo_config, write_demo
 from runtime.engine import generate
 from runtime.loading import load_model
 from runtime.models.deepseek_v3 import Attention

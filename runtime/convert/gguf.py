@@ -27,13 +27,11 @@ import torch
 from tqdm import tqdm
 
 from quant.gguf import blocks
-from runtime import models
-from runtime.checkpoint import Checkpoint, read_json
-from runtime.convert import gguf_names as names
+from runtime.checkpoint import read_json
 from runtime.convert.gguf_vocab import add_vocab, read_vocab
 from runtime.convert.sources import Source, collect_sources, read_rows, release_rows, row_blocks
 from runtime.errors import K2Error
-from runtime.models.deepseek_v3 import ModelArgs
+from runtime.loader import load
 from runtime.safetensors_io import MappedShards
 
 Q = gguf.GGMLQuantizationType
@@ -42,8 +40,6 @@ FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.BF16: gguf.LlamaFileType.MOST
               Q.F16: gguf.LlamaFileType.MOSTLY_F16, Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
               Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0}
 AUTO = "auto"  # --experts-type: INT4 experts copied into Q4_0, other experts as --type
-_EXPERT = re.compile(r"(?P<layer>model\.layers\.\d+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight")
-_KV_B = "kv_b_proj"
 WINDOW_PER_WORKER = 4  # row blocks in flight per worker: enough to keep workers busy while one is written
 PROGRESS = "progress.json"  # in the temporary folder: the settings and inputs of the run, and the tensors done
 
@@ -69,7 +65,7 @@ class OutputTensor:
     shape: tuple[int, ...]  # numpy order, rows last: [experts, out, in] for stacked experts
     qtype: Q
     sources: tuple[Source, ...]  # one, or a layer's experts in expert order
-    part: str = "whole"  # or "k_b" / "v_b": a half of kv_b_proj, per head
+    part: str = "whole"  # or a part of its one source that the family's GGUF mapping cuts out (`encode_part`)
     int4_copy: bool = False  # INT4 groups copied into Q4_0 blocks, no rounding
     note: str | None = None  # why the type is not the one asked for
 
@@ -78,15 +74,15 @@ class OutputTensor:
         return blocks.nbytes(self.qtype, self.shape)
 
 
-def _choose_type(kind, shape: tuple[int, ...], sources: tuple[Source, ...], part: str,
+def _choose_type(arch, kind, shape: tuple[int, ...], sources: tuple[Source, ...], part: str,
                  config: ConvertConfig) -> tuple[Q, bool, str | None]:
     """(type, INT4 copied as is, note) of one output tensor."""
-    if len(shape) == 1 or kind in names.F32_KINDS:
+    if len(shape) == 1 or kind in arch.F32_KINDS:
         return Q.F32, False, None
     int4 = [s for s in sources if s.kind == "int4"]
     copyable = part == "whole" and len(int4) == len(sources) and all(
         blocks.int4_groups(s.shape[1], s.parts[1].shape[1]) for s in sources)
-    wanted = config.experts_type if kind in names.EXPERT_KINDS else AUTO
+    wanted = config.experts_type if kind in arch.EXPERT_KINDS else AUTO
     if copyable and wanted in (AUTO, "q4_0"):
         return Q.Q4_0, True, None  # an INT4 weight stays the INT4 weight it is
     qtype = TYPES[config.type if wanted == AUTO else wanted]
@@ -96,9 +92,10 @@ def _choose_type(kind, shape: tuple[int, ...], sources: tuple[Source, ...], part
     return qtype, False, note
 
 
-def plan_tensors(ckpt: Checkpoint, sources: list[Source], args: ModelArgs, config: ConvertConfig) -> list[OutputTensor]:
+def plan_tensors(loaded, sources: list[Source], config: ConvertConfig) -> list[OutputTensor]:
     """The GGUF tensors of a checkpoint in writing order, after checking its tensors against config.json."""
-    model = models.build_on_meta(ckpt.config)
+    model, arch = loaded.model, loaded.gguf_arch
+    args = model.args
     expected = model.checkpoint_shapes()
     if args.tie_word_embeddings:
         expected.pop("lm_head.weight", None)  # llama.cpp reads a missing output.weight as token_embd
@@ -114,28 +111,27 @@ def plan_tensors(ckpt: Checkpoint, sources: list[Source], args: ModelArgs, confi
         if s.shape != expected[s.name]:
             raise K2Error(f"tensor {s.name} has shape {list(s.shape)} but config.json implies {list(expected[s.name])}")
         seen.add(s.name)
-        if match := _EXPERT.fullmatch(s.name):
-            stacked = f"{match['layer']}.{match['proj']}.weight"
+        stacked, expert = model.locate(s.name)
+        if expert is not None:
+            stacked += ".weight"
             if stacked not in stacks:
                 stacks[stacked] = {}
-                jobs.append((stacked, stacks[stacked], (args.n_routed_experts, *s.shape), "whole"))
-            stacks[stacked][int(match["expert"])] = s
-        elif _KV_B in s.name:
-            heads, rank = args.num_attention_heads, args.kv_lora_rank
-            jobs.append((s.name.replace(_KV_B, "k_b_proj"), (s,), (heads, rank, args.qk_nope_head_dim), "k_b"))
-            jobs.append((s.name.replace(_KV_B, "v_b_proj"), (s,), (heads, args.v_head_dim, rank), "v_b"))
+                jobs.append((stacked, stacks[stacked], (args.routed_experts, *s.shape), "whole"))
+            stacks[stacked][expert] = s
+        elif parts := arch.split_tensor(s.name, args):
+            jobs.extend((name, (s,), shape, part) for name, shape, part in parts)
         else:
             jobs.append((s.name, (s,), s.shape, "whole"))
     missing = [n for n in expected if n not in seen]
     if missing:
         raise K2Error(f"the checkpoint lacks {len(missing)} tensor(s) that config.json implies, first {missing[0]}")
 
-    name_map = names.tensor_name_map(args.num_hidden_layers)
+    name_map = arch.tensor_name_map(args.num_hidden_layers)
     planned = []
     for hf_name, parts, shape, part in jobs:
         parts = tuple(parts[e] for e in sorted(parts)) if isinstance(parts, dict) else parts
-        kind, gguf_name = names.gguf_tensor(name_map, hf_name)
-        qtype, int4_copy, note = _choose_type(kind, shape, parts, part, config)
+        kind, gguf_name = arch.gguf_tensor(name_map, hf_name)
+        qtype, int4_copy, note = _choose_type(arch, kind, shape, parts, part, config)
         planned.append(OutputTensor(gguf_name, shape, qtype, parts, part, int4_copy, note))
     return planned
 
@@ -163,21 +159,17 @@ def _encode_rows(tensor: OutputTensor, source: Source, reader: MappedShards, r0,
     return data, report
 
 
-def _encode_kv_half(tensor: OutputTensor, reader: MappedShards):
-    """attn_k_b [heads, kv_lora_rank, nope] (transposed, as llama.cpp multiplies by it) or attn_v_b [heads, v, rank]."""
+def _encode_part(tensor: OutputTensor, reader: MappedShards, arch):
+    """A part the family's GGUF mapping cuts out of one whole source tensor."""
     source = tensor.sources[0]
-    heads = read_rows(source, reader, None, None).view(tensor.shape[0], -1, source.shape[1])  # [H, nope + v, rank]
-    if tensor.part == "k_b":
-        half = heads[:, :tensor.shape[2]].transpose(1, 2)
-    else:
-        half = heads[:, heads.shape[1] - tensor.shape[1]:]
+    part = arch.encode_part(tensor.part, read_rows(source, reader, None, None), tensor.shape)
     release_rows(source, reader, None, None)
-    return blocks.encode(half.contiguous().view(-1, tensor.shape[-1]).numpy(), tensor.qtype), None
+    return blocks.encode(part.contiguous().view(-1, tensor.shape[-1]).numpy(), tensor.qtype), None
 
 
-def _tasks(tensor: OutputTensor, reader: MappedShards):
+def _tasks(tensor: OutputTensor, reader: MappedShards, arch):
     if tensor.part != "whole":
-        yield partial(_encode_kv_half, tensor, reader)
+        yield partial(_encode_part, tensor, reader, arch)
         return
     for source in tensor.sources:
         for r0, r1 in row_blocks(source.shape):
@@ -279,23 +271,23 @@ def convert_checkpoint(model_dir: str | Path, out: str | Path, config: ConvertCo
         raise K2Error(f"a conversion to {out} was interrupted; --resume continues it, --force starts over")
     if resume and not interrupted:
         raise K2Error(f"there is no interrupted conversion to {out} to resume")
-    ckpt = Checkpoint.open(model_dir)
-    _, args = models.build(ckpt.config)
-    names.check_supported(ckpt.config, args)
+    loaded = load(model_dir, weights=False, complete=True)
+    ckpt, args, arch = loaded.checkpoint, loaded.args, loaded.gguf_arch
+    arch.check_supported(ckpt.config, args)
     reader = MappedShards()
     try:
         sources = collect_sources(ckpt, reader)
-        tensors = plan_tensors(ckpt, sources, args, config)
+        tensors = plan_tensors(loaded, sources, config)
         vocab = read_vocab(ckpt.folder, args.vocab_size)
         total = sum(t.nbytes for t in tensors)
         # gguf-py splits when a file would pass the limit (and warns when asked to split what fits in one).
         split = config.split_max_bytes if config.split_max_bytes and total > config.split_max_bytes else 0
-        writer = gguf.GGUFWriter(None, names.ARCH_NAME, split_max_size=split)
+        writer = gguf.GGUFWriter(None, arch.ARCH_NAME, split_max_size=split)
         writer.add_name(_model_name(ckpt.folder))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_file_type(_file_type(tensors))
-        names.add_hparams(writer, args)
-        add_vocab(writer, ckpt.folder, vocab, names.PRE_TOKENIZERS[ckpt.config["model_type"]])
+        arch.add_hparams(writer, args)
+        add_vocab(writer, ckpt.folder, vocab, arch.PRE_TOKENIZERS[ckpt.config["model_type"]])
         for t in tensors:
             writer.add_tensor_info(t.name, blocks.byte_shape(t.qtype, t.shape), np.dtype(np.uint8), t.nbytes,
                                    raw_dtype=t.qtype)
@@ -305,7 +297,7 @@ def convert_checkpoint(model_dir: str | Path, out: str | Path, config: ConvertCo
         if total > free:
             raise K2Error(f"{out.parent} has {free / 1e9:.2f} GB free; the GGUF needs {total / 1e9:.2f} GB")
         started = time.perf_counter()
-        scale_report, resumed = _write(writer, tensors, out, files, reader, workers or len(os.sched_getaffinity(0)),
+        scale_report, resumed = _write(writer, tensors, out, files, reader, arch, workers or len(os.sched_getaffinity(0)),
                                        progress, _fingerprint(ckpt.folder, config, tensors), resume)
         seconds = time.perf_counter() - started
     finally:
@@ -334,7 +326,7 @@ def _grouped_notes(tensors: list[OutputTensor]) -> dict[str, list[str]]:
 
 
 def _write(writer: gguf.GGUFWriter, tensors: list[OutputTensor], out: Path, files: list[Path], reader: MappedShards,
-           workers: int, progress: bool, fingerprint: dict, resume: bool) -> tuple[blocks.ScaleReport, int]:
+           arch, workers: int, progress: bool, fingerprint: dict, resume: bool) -> tuple[blocks.ScaleReport, int]:
     """Write every file in the temporary folder, then rename them into place: (INT4 scale report, tensors resumed)."""
     tmp = _temporary_folder(out)
     done, report = 0, blocks.ScaleReport()
@@ -386,7 +378,7 @@ def _write(writer: gguf.GGUFWriter, tensors: list[OutputTensor], out: Path, file
                     writer.write_tensor_data(_WrittenTensor(t.nbytes))
                     continue
                 bar.set_postfix_str(f"{i + 1}/{len(tensors)} tensors", refresh=False)
-                chunks = _in_order(pool, _tasks(t, reader), workers * WINDOW_PER_WORKER)
+                chunks = _in_order(pool, _tasks(t, reader, arch), workers * WINDOW_PER_WORKER)
                 writer.write_tensor_data(_StreamedTensor(t.nbytes, chunks, on_chunk))
                 save_progress(i + 1)
         writer.close()

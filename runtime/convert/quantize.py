@@ -22,15 +22,14 @@ from tqdm import tqdm
 
 from quant import int4
 from quant.methods import METHODS, Int4Spec
-from runtime import models
 from runtime.checkpoint import INDEX_FILE, Checkpoint, read_json
 from runtime.convert.sources import Source, collect_sources, natural_key, read_rows, release_rows, row_blocks
 from runtime.errors import K2Error
-from runtime.info import component_of, is_linear_weight
+from runtime.info import is_linear_weight
+from runtime.loader import load
 from runtime.safetensors_io import TORCH_DTYPES, MappedShards, PlannedTensor, ShardWriter, shard_nbytes
 
 MANIFEST = ".k2-quantize.json"
-FP32_TENSORS = ("e_score_correction_bias",)  # routing bias: fp32 in every K2 release
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 COPY_BYTES = 64 << 20
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -39,7 +38,7 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
 
 @dataclass(frozen=True)
 class Scope:
-    components: frozenset[str]  # runtime.info.component_of names whose linear weights become INT4
+    components: frozenset[str]  # the family's component names whose linear weights become INT4
     ignore: tuple[str, ...]  # compressed-tensors' ignore list that selects the same modules among `Linear`s
 
 
@@ -89,20 +88,30 @@ class ShardPlan:
     tensors: list[PlannedTensor] = field(default_factory=list)
 
 
-def is_target(source: Source, scope: Scope) -> bool:
-    return (len(source.shape) == 2 and is_linear_weight(source.name) and source.name != "lm_head.weight"
-            and component_of(source.name) in scope.components)
+@dataclass(frozen=True)
+class Roles:
+    """What becomes of each tensor of one model: INT4 (the linear weights of the scope's components, by the model
+    family's taxonomy), F32 (what the model keeps in fp32, such as K2's routing bias), or BF16."""
+
+    quantized: frozenset[str]
+    fp32_suffixes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, loaded, sources: list[Source], scope: Scope) -> "Roles":
+        component_of = loaded.family.component_of
+        quantized = frozenset(s.name for s in sources if len(s.shape) == 2 and is_linear_weight(s.name)
+                              and s.name != "lm_head.weight" and component_of(s.name) in scope.components)
+        return cls(quantized, loaded.model.fp32_tensors)
+
+    def output_dtype(self, source: Source) -> str:
+        if source.name.endswith(self.fp32_suffixes):
+            return "F32"
+        return "BF16" if source.dtype in FLOAT_DTYPES else source.dtype
 
 
-def output_dtype(source: Source) -> str:
-    if source.name.endswith(FP32_TENSORS):
-        return "F32"
-    return "BF16" if source.dtype in FLOAT_DTYPES else source.dtype
-
-
-def planned_outputs(source: Source, config: QuantizeConfig) -> list[PlannedTensor]:
-    if not is_target(source, SCOPES[config.scope]):
-        return [PlannedTensor(source.name, output_dtype(source), source.shape)]
+def planned_outputs(source: Source, config: QuantizeConfig, roles: Roles) -> list[PlannedTensor]:
+    if source.name not in roles.quantized:
+        return [PlannedTensor(source.name, roles.output_dtype(source), source.shape)]
     prefix = source.name[: -len(".weight")]
     if source.shape[1] % config.group_size:
         # compressed-tensors (and so vLLM and SGLang) cannot read a partial last group.
@@ -112,11 +121,11 @@ def planned_outputs(source: Source, config: QuantizeConfig) -> list[PlannedTenso
     return [PlannedTensor(f"{prefix}.{spec.suffix}", spec.dtype, shapes[spec.suffix]) for spec in int4.FORMAT]
 
 
-def plan_shards(sources: list[Source], config: QuantizeConfig) -> list[ShardPlan]:
+def plan_shards(sources: list[Source], config: QuantizeConfig, roles: Roles) -> list[ShardPlan]:
     """Consecutive sources packed into shards of at most `max_shard_bytes` (a single larger tensor gets its own)."""
     plans, size = [ShardPlan("")], 0
     for source in sources:
-        outputs = planned_outputs(source, config)
+        outputs = planned_outputs(source, config, roles)
         nbytes = sum(t.nbytes for t in outputs)
         if plans[-1].sources and size + nbytes > config.max_shard_bytes:
             plans.append(ShardPlan(""))
@@ -169,8 +178,7 @@ def _quantize_source(source: Source, writer: ShardWriter, reader: MappedShards, 
     return stats.as_dict(source.name) if stats else None
 
 
-def _copy_source(source: Source, writer: ShardWriter, reader: MappedShards):
-    dtype = output_dtype(source)
+def _copy_source(source: Source, writer: ShardWriter, reader: MappedShards, dtype: str):
     info = source.parts[0]
     if source.kind == "plain" and info.dtype == dtype:  # bytes as they are, no conversion
         for start in range(0, info.nbytes, COPY_BYTES):
@@ -263,13 +271,14 @@ def summarize(tensor_stats: list[dict], worst: int = 5) -> dict:
 def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: QuantizeConfig, resume: bool = False,
                         force: bool = False, workers: int | None = None, progress: bool = True) -> dict:
     """Write the INT4 checkpoint; returns what was done (shards, bytes, and per-tensor errors with `config.report`)."""
-    ckpt = Checkpoint.open(model_dir)
-    models.build(ckpt.config)  # an architecture we know, or one clear error before any work
+    loaded = load(model_dir, weights=False, complete=True)  # an architecture we know, or one clear error
+    ckpt = loaded.checkpoint
     out = Path(out)
     reader = MappedShards()
     try:
         sources = collect_sources(ckpt, reader)
-        plans = plan_shards(sources, config)
+        roles = Roles.of(loaded, sources, SCOPES[config.scope])
+        plans = plan_shards(sources, config, roles)
         manifest = _prepare_output(out, ckpt.folder, _fingerprint(ckpt, config), resume, force)
         done = {p.file for p in plans if p.file in manifest["shards"] and (out / p.file).exists()
                 and (out / p.file).stat().st_size == manifest["shards"][p.file]["bytes"]}
@@ -279,7 +288,7 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: Quantize
             raise K2Error(f"{out} has {_size(free)} free; the remaining shards need {_size(need)}")
         method = METHODS[config.method]()
         started = time.perf_counter()
-        _run(todo, out, manifest, reader, method, Int4Spec.of(config.group_size, config.grid), config,
+        _run(todo, out, manifest, reader, method, Int4Spec.of(config.group_size, config.grid), config, roles,
              workers or len(os.sched_getaffinity(0)), progress,
              total_bytes=sum(s.nbytes for s in sources), done_bytes=sum(s.nbytes for p in plans if p.file in done
                                                                        for s in p.sources))
@@ -292,7 +301,7 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: Quantize
     result = {"output": str(out), "shards": len(plans), "resumed_shards": len(done),
               "input_bytes": sum(s.nbytes for s in sources), "seconds": seconds,
               "output_bytes": sum(manifest["shards"][p.file]["bytes"] for p in plans),
-              "quantized_tensors": sum(is_target(s, SCOPES[config.scope]) for s in sources)}
+              "quantized_tensors": len(roles.quantized)}
     if config.report:
         result["report"] = {"settings": asdict(config), "summary": summarize(tensor_stats), "tensors": tensor_stats}
     (out / MANIFEST).unlink()
@@ -316,8 +325,7 @@ def _keep_freed_memory():
 
 
 def _run(plans: list[ShardPlan], out: Path, manifest: dict, reader: MappedShards, method, spec: Int4Spec,
-         config: QuantizeConfig, workers: int, progress: bool, total_bytes: int, done_bytes: int):
-    scope = SCOPES[config.scope]
+         config: QuantizeConfig, roles: Roles, workers: int, progress: bool, total_bytes: int, done_bytes: int):
     n_tensors = sum(len(p.sources) for p in plans)
     _keep_freed_memory()
     threads = torch.get_num_threads()
@@ -342,9 +350,9 @@ def _run(plans: list[ShardPlan], out: Path, manifest: dict, reader: MappedShards
                 writer = ShardWriter(out / plan.file, plan.tensors)
 
                 def convert(source: Source, writer=writer):
-                    if is_target(source, scope):
+                    if source.name in roles.quantized:
                         return _quantize_source(source, writer, reader, method, spec, config.report)
-                    _copy_source(source, writer, reader)
+                    _copy_source(source, writer, reader, roles.output_dtype(source))
 
                 futures = {pool.submit(convert, s): s for s in plan.sources}
                 stats = []

@@ -15,7 +15,7 @@ from torch import nn
 
 from quant import int4
 from runtime.kernels import say_once, triton_missing_reason, triton_runs_on
-from runtime.models.deepseek_v3 import grouped_experts
+from runtime.models.experts import grouped_experts
 
 try:
     import triton

@@ -1,24 +1,43 @@
-"""Architectures by `model_type`, with the aliases that share one implementation (Kimi K2 is DeepSeek-V3)."""
+"""Architecture families by `model_type`: each family module declares a `FAMILY` (runtime/models/family.py).
+
+A new family is one module listed in FAMILY_MODULES; nothing else in the toolkit needs to know it.
+"""
+import importlib
 from contextlib import contextmanager
 
 from runtime.errors import K2Error
+from runtime.models.family import Family
 
-ARCHITECTURES = {"deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3"}
+FAMILY_MODULES = ("runtime.models.deepseek_v3",)
+DEMO_MODULE = "runtime.models.deepseek_v3_demo"  # the built-in demo: a tiny Kimi K2
+
+
+def families() -> list[Family]:
+    return [importlib.import_module(name).FAMILY for name in FAMILY_MODULES]
+
+
+def family_of(config: dict) -> Family:
+    model_type = config.get("model_type")
+    for family in families():
+        if model_type in family.model_types:
+            return family
+    supported = sorted(t for family in families() for t in family.model_types)
+    raise K2Error(f"unsupported model_type {model_type!r} (supported: {', '.join(supported)})")
+
+
+def write_demo(folder, fp8: bool = False):
+    """Write the built-in demo checkpoint to `folder` (with `fp8`, its linear weights as FP8 blocks)."""
+    return importlib.import_module(DEMO_MODULE).write_demo(folder, fp8=fp8)
 
 
 def build(config: dict):
     """(model class, args) for a config.json dict."""
-    model_type = config.get("model_type")
-    family = ARCHITECTURES.get(model_type)
-    if family is None:
-        raise K2Error(f"unsupported model_type {model_type!r} (supported: {', '.join(sorted(ARCHITECTURES))})")
-    from runtime.models import deepseek_v3
-
+    family = family_of(config)
     try:
-        args = deepseek_v3.ModelArgs.from_dict(config)
+        args = family.args_class.from_dict(config)
     except TypeError as e:
-        raise K2Error(f"config.json does not describe a {model_type} model: {e}") from None
-    return deepseek_v3.DeepseekV3, args
+        raise K2Error(f"config.json does not describe a {config.get('model_type')} model: {e}") from None
+    return family.model_class, args
 
 
 @contextmanager

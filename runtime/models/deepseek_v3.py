@@ -1,6 +1,7 @@
 """DeepSeek-V3 architecture (Kimi K2 is the same model): MLA attention with a compressed cache, sigmoid-routed MoE.
 
-Module names follow the checkpoint's tensor names, so loading is a strict name match.
+Module names follow the checkpoint's tensor names, so loading is a strict name match. `FAMILY` at the end is what
+the rest of the toolkit knows of it (runtime/models/family.py).
 """
 import re
 from dataclasses import dataclass, fields
@@ -12,6 +13,8 @@ from torch import nn
 from runtime.cache import SlotCache
 from runtime.errors import K2Error
 from runtime.layers import MLP, RMSNorm, apply_rope_interleaved, rope_cos_sin, rope_frequencies, route_sigmoid_topk, yarn_mscale
+from runtime.models.experts import Experts
+from runtime.models.family import Family, hf_component_of
 
 _EXPERT_TENSOR = re.compile(r"(?P<layer>model\.layers\.\d+)\.mlp\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight")
 
@@ -69,6 +72,26 @@ class ModelArgs:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    # What every family's args answer (runtime/models/family.py).
+    cache_kind = "compressed latent (MLA)"
+
+    @property
+    def cache_width(self) -> int:
+        """Values per token and layer in the KV cache: the compressed latent and the shared rope key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def routed_experts(self) -> int:
+        return self.n_routed_experts or 0
+
+    @property
+    def experts_per_token(self) -> int:
+        return (self.num_experts_per_tok or 0) if self.routed_experts else 0
+
+    @property
+    def shared_experts(self) -> int:
+        return self.n_shared_experts or 0
 
     def is_moe_layer(self, i: int) -> bool:
         return bool(self.n_routed_experts) and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
@@ -160,94 +183,6 @@ class Router(nn.Module):
                                   self.normalize, self.scaling_factor)
 
 
-class Experts(nn.Module):
-    """One layer's routed experts, stacked [E, out, in]; checkpoint tensor `experts.{e}.{proj}.weight` is slice e."""
-
-    def __init__(self, n_experts: int, dim: int, hidden_dim: int):
-        super().__init__()
-        self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
-        self.up_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
-        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
-
-    @property
-    def n_experts(self) -> int:
-        return self.gate_proj.shape[0]
-
-    def select(self, ids: list[int], device: torch.device | str) -> "Experts":
-        """Experts `ids`, renumbered 0..len(ids)-1, copied to `device`: a placement splits a layer's experts so."""
-        part = Experts.__new__(Experts)
-        nn.Module.__init__(part)
-        index = torch.tensor(ids, device=self.gate_proj.device)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(part, name, nn.Parameter(getattr(self, name).index_select(0, index).to(device), requires_grad=False))
-        return part
-
-    def load_slot(self, slot: int, source: "Experts", expert: int):
-        """Overwrite expert `slot` with `source`'s expert `expert` (an expert cache refills itself so)."""
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(self, name).data[slot].copy_(getattr(source, name).data[expert], non_blocking=True)
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [N, dim], weights and ids [N, k] -> sum_k weights * expert_k(x). Ids < 0 are skipped: those slots'
-        experts live elsewhere (see runtime/offload.py)."""
-        return grouped_experts(x, weights, ids, self.n_experts, self.expert_weights)
-
-    def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.gate_proj[e], self.up_proj[e], self.down_proj[e]
-
-    def forward_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """`forward` as the obvious loop over the experts hit: the oracle of the grouped and fused paths."""
-        y = torch.zeros_like(x)
-        flat = ids.flatten()
-        for e in torch.bincount(flat[flat >= 0], minlength=self.gate_proj.shape[0]).nonzero().flatten().tolist():
-            token, slot = (ids == e).nonzero(as_tuple=True)
-            xe = x[token]
-            out = F.linear(F.silu(F.linear(xe, self.gate_proj[e])) * F.linear(xe, self.up_proj[e]), self.down_proj[e])
-            y.index_add_(0, token, (out * weights[token, slot, None]).to(y.dtype))
-        return y
-
-
-def grouped_experts(x, weights, ids, n_experts: int, expert_weights) -> torch.Tensor:
-    """Routed experts with the (token, slot) pairs sorted by expert: each expert runs its rows as one contiguous
-    slice, so its matmuls batch its tokens (prefill) and no per-expert search or scatter runs (decode).
-    `expert_weights(e)` gives expert e's (gate, up, down) [out, in] matrices; ids < 0 are skipped."""
-    if ids.shape[0] == 1:
-        return _one_token_experts(x, weights, ids, expert_weights)
-    k = ids.shape[1]
-    flat = ids.flatten()
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat + 1, minlength=n_experts + 1).tolist()  # the one host sync; [0]: skipped slots
-    pairs = order[counts[0]:]
-    token = pairs // k
-    xs = x[token]  # [pairs, dim], grouped by expert
-    outs, start = [], 0
-    for e, n in enumerate(counts[1:]):
-        if n:
-            gate, up, down = expert_weights(e)
-            xe = xs[start:start + n]
-            outs.append(F.linear(F.silu(F.linear(xe, gate)) * F.linear(xe, up), down))
-            start += n
-    y = torch.zeros_like(x)
-    if not outs:
-        return y
-    out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    return y.index_add_(0, token, (out * weights.flatten()[pairs, None]).to(y.dtype))
-
-
-def _one_token_experts(x, weights, ids, expert_weights) -> torch.Tensor:
-    """One token (decode at batch 1): its k experts in turn, mixed by one matmul with the routing weights."""
-    outs, kept = [], []
-    for slot, e in enumerate(ids[0].tolist()):  # the one host sync
-        if e >= 0:
-            gate, up, down = expert_weights(e)
-            outs.append(F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down))
-            kept.append(slot)
-    if not outs:
-        return torch.zeros_like(x)
-    mix = weights[:, kept] if len(kept) < ids.shape[1] else weights
-    return (mix @ torch.cat(outs).to(weights.dtype)).to(x.dtype)
-
-
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -288,6 +223,11 @@ class Backbone(nn.Module):
 
 
 class DeepseekV3(nn.Module):
+    # Linears the model reads as matrices, not only through forward: absorbed MLA decode splits kv_b_proj's weight
+    # into W_UK and W_UV, so it loads dequantized from an INT4 checkpoint.
+    dense_linears = ("self_attn.kv_b_proj",)
+    fp32_tensors = ("e_score_correction_bias",)  # kept in fp32 whatever the model dtype: routing needs it
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -326,6 +266,10 @@ class DeepseekV3(nn.Module):
             else:
                 shapes[name] = tuple(tensor.shape)
         return shapes
+
+    def moe_blocks(self) -> dict[int, "MoE"]:
+        """The layers' routed-expert blocks by layer index, each with `gate` (the router) and `experts`."""
+        return {i: layer.mlp for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)}
 
     @property
     def device(self) -> torch.device:
@@ -391,3 +335,15 @@ class StepInputs:
     rows: torch.Tensor  # [B, 1]: each row's slot in the cache buffers
     positions: torch.Tensor  # [B, T]: each token's position in its slot, where it is written
     span: int  # cache columns attention reads
+
+
+FAMILY = Family(
+    name="deepseek_v3",
+    model_types=("deepseek_v3", "kimi_k2"),
+    args_class=ModelArgs,
+    model_class=DeepseekV3,
+    component_of=hf_component_of,
+    gguf="runtime.models.deepseek_v3_gguf",
+    reply_format="kimi_k2",
+    reference_model_type="deepseek_v3",
+)

@@ -4,7 +4,8 @@ A family is one module under runtime/models/ (`deepseek_v3.py` serves DeepSeek-V
 model, its `ModelArgs` (the config.json keys it reads) and a `FAMILY` entry; runtime/models/__init__.py finds it by
 `model_type`. Info, plan, placement, offload, bench, quantize and convert read a model through this interface:
 
-- the model class builds from its args and has the forward interface the engine drives (`new_cache`, `step_inputs`,
+- the model class builds from its args, keeps Hugging Face's module layout (`model.embed_tokens`, `model.layers`,
+  `model.norm`, `lm_head`) and has the forward interface the engine drives (`new_cache`, `step_inputs`,
   `forward_layers`, `logits`, `forward`) and the checkpoint interface the loader fills (`locate`, `skip_tensor`,
   `checkpoint_shapes`), plus `moe_blocks()`: its layers' routed-expert blocks, each with a `gate` (the router, whose
   forward returns (weights, ids)) and `experts` (a `RoutedExperts`);
@@ -31,11 +32,16 @@ class RoutedExperts(Protocol):
         """x [N, dim], routing weights and expert ids [N, k] -> sum_k weights * expert_k(x); ids < 0 are skipped
         (those experts live elsewhere)."""
 
-    def select(self, ids: list[int], device: torch.device | str) -> "RoutedExperts":
+
+class MovableExperts(RoutedExperts, Protocol):
+    """Experts held as tensors (all but the placed and streamed wrappers): what a placement splits over devices and
+    what an expert cache refills itself from."""
+
+    def select(self, ids: list[int], device: torch.device | str) -> "MovableExperts":
         """Experts `ids`, renumbered 0..len(ids)-1, copied to `device` in the same layout."""
 
-    def load_slot(self, slot: int, source: "RoutedExperts", expert: int):
-        """Overwrite expert `slot` with `source`'s expert `expert` (how an expert cache refills itself)."""
+    def load_slot(self, slot: int, source: "MovableExperts", expert: int):
+        """Overwrite expert `slot` with `source`'s expert `expert`."""
 
 
 def hf_component_of(name: str) -> str:

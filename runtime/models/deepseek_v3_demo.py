@@ -25,6 +25,7 @@ K2_SPECIAL_OFFSETS = {
 }
 
 DEMO_BPE_RANKS = 1024
+CHAT_TEMPLATE = Path(__file__).with_name("deepseek_v3_demo_chat_template.jinja")  # Kimi K2-Thinking's own
 DEMO_SHARDS = 3
 DEMO_SEED = 0
 
@@ -199,7 +200,7 @@ def write_tokenizer(folder: Path, ranks: dict[bytes, int]):
         "tokenizer_class": "TikTokenTokenizer",
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
-    shutil.copyfile(Path(__file__).with_name("demo_chat_template.jinja"), folder / "chat_template.jinja")
+    shutil.copyfile(CHAT_TEMPLATE, folder / "chat_template.jinja")
     generation = {"bos_token_id": n_ranks, "eos_token_id": n_ranks + 2, "do_sample": True, "temperature": 1.0}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
 

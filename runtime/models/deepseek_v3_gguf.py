@@ -1,4 +1,6 @@
-"""llama.cpp's `deepseek2` architecture as data: tensor names from gguf-py's tensor map, the hyperparameter keys.
+"""The DeepSeek-V3 family in llama.cpp's `deepseek2` architecture: tensor names from gguf-py's tensor map, the
+hyperparameter keys, and kv_b_proj cut into the per-head halves llama.cpp loads. runtime/convert/gguf.py writes
+any family's GGUF through a module like this one.
 
 Current llama.cpp runs MLA with weight absorption: it loads `attn_k_b` / `attn_v_b` (the key and value halves of
 `kv_b_proj`, per head) instead of `attn_kv_b`, and treats attention as one shared key/value head of
@@ -7,6 +9,8 @@ Current llama.cpp runs MLA with weight absorption: it loads `attn_k_b` / `attn_v
 import gguf
 
 from runtime.errors import K2Error
+import torch
+
 from runtime.models.deepseek_v3 import ModelArgs
 
 ARCH = gguf.MODEL_ARCH.DEEPSEEK2
@@ -100,3 +104,21 @@ def add_hparams(writer: gguf.GGUFWriter, args: ModelArgs):
             # llama.cpp divides this key by 0.1 for deepseek2 (a convention kept from its converter) and scales
             # attention by (1 + 0.1 * mscale_all_dim * ln(factor))^2, as the model's softmax scale does.
             w.add_rope_scaling_yarn_log_mul(0.1 * scaling["mscale_all_dim"])
+
+
+def split_tensor(name: str, args: ModelArgs) -> list[tuple[str, tuple[int, ...], str]] | None:
+    """kv_b_proj -> its key and value halves per head, as (checkpoint-style name, shape, part); None for the rest."""
+    if "kv_b_proj" not in name:
+        return None
+    heads, rank = args.num_attention_heads, args.kv_lora_rank
+    return [(name.replace("kv_b_proj", "k_b_proj"), (heads, rank, args.qk_nope_head_dim), "k_b"),
+            (name.replace("kv_b_proj", "v_b_proj"), (heads, args.v_head_dim, rank), "v_b")]
+
+
+def encode_part(part: str, weight: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A part `split_tensor` planned, from kv_b_proj's weight [heads * (nope + v), rank]: attn_k_b [heads, rank, nope]
+    (transposed, as llama.cpp multiplies by it) or attn_v_b [heads, v, rank]."""
+    heads = weight.view(shape[0], -1, weight.shape[1])  # [H, nope + v, rank]
+    if part == "k_b":
+        return heads[:, :shape[2]].transpose(1, 2)
+    return heads[:, heads.shape[1] - shape[1]:]

@@ -33,10 +33,3 @@ class SlotCache:
         view.buffers = {i: t[start:start + n] for i, t in self.buffers.items()}
         view.max_len, view.lengths, view.first_row = self.max_len, self.lengths[start:start + n], self.first_row + start
         return view
-
-    def bytes_per_token_per_layer(self) -> int:
-        any_layer = next(iter(self.buffers.values()))
-        return any_layer.shape[-1] * any_layer.element_size()
-
-    def nbytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in self.buffers.values())

@@ -109,6 +109,8 @@ def _single_cuda_device(model) -> str | None:
 
 
 class Engine:
+    """Generation over `model` in `slots` cache rows of `max_len` tokens each, decoded by `decoder`."""
+
     def __init__(self, model, slots: int, max_len: int, decoder: str = "eager"):
         if decoder not in DECODERS:
             raise K2Error(f"unknown decoder {decoder!r} (one of {', '.join(DECODERS)})")
@@ -123,10 +125,6 @@ class Engine:
         self.next_ids = torch.zeros(slots, 1, dtype=torch.long, device=model.device)  # drawn, not yet cached
         self._step = EagerStep(model, self.cache) if decoder == "eager" else \
             StaticStep(model, self.cache, capture=decoder == "cuda-graph")
-
-    @property
-    def slots(self) -> int:
-        return self.cache.batch
 
     @property
     def max_len(self) -> int:
@@ -170,16 +168,21 @@ class Engine:
         """Feed every running slot its last drawn token and draw the next: ids [slots] on the device (a free slot's
         entry is meaningless). Each running slot's length grows by one."""
         running = [s is not None for s in self.samplers]
-        if not any(running):
-            raise K2Error("no request is running")
         lengths = self.cache.lengths
-        if int(lengths[running].max()) >= self.max_len:
+        if all(running):  # the common case (one request, or a full batch): no masking
+            active, longest = 1, int(lengths.max())
+            positions = None if self.decoder == "eager" else lengths.clone()
+        elif any(running):
+            # Free slots write their step past max_len, where no sequence reads.
+            active = torch.tensor(running)
+            longest = int(lengths[active].max())
+            positions = torch.where(active, lengths, self.max_len)
+        else:
+            raise K2Error("no request is running")
+        if longest >= self.max_len:
             raise K2Error(f"the cache holds {self.max_len} tokens per slot and a running slot is full")
-        active = torch.tensor(running)
-        # Free slots write their step past max_len, where no sequence reads; a static step always takes positions.
-        positions = None if all(running) and self.decoder == "eager" else torch.where(active, lengths, self.max_len)
         logits = self._step(self.next_ids, positions)
-        if positions is not None:
+        if positions is not None:  # without positions, the forward grew them itself
             lengths += active
         shared = self.samplers[0]
         if all(s is shared for s in self.samplers):  # one sampler for the whole batch (k2 bench)
@@ -205,26 +208,3 @@ class Engine:
                 token = int(self.step()[slot])
         finally:
             self.finish(slot)
-
-
-def generate(model, prompts: list[list[int]], max_new_tokens: int, samplers: list[Sampler] | None = None,
-             stop_ids=(), decoder: str = "eager") -> list[list[int]]:
-    """New ids per prompt (greedy unless `samplers` says otherwise), each prompt in its own slot, decoded together;
-    each ends at (and includes) its first stop id, or after `max_new_tokens`."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise K2Error("every prompt needs at least one token")
-    engine = Engine(model, len(prompts), max(map(len, prompts)) + max_new_tokens, decoder)
-    samplers = samplers or [Sampler.greedy(model.args.vocab_size, model.device) for _ in prompts]
-    outputs = [[int(engine.start(slot, prompt, sampler))] for slot, (prompt, sampler) in
-               enumerate(zip(prompts, samplers))]
-    for slot, out in enumerate(outputs):
-        if out[-1] in stop_ids or max_new_tokens == 1:
-            engine.finish(slot)
-    while any(s is not None for s in engine.samplers):
-        ids = engine.step().tolist()
-        for slot, out in enumerate(outputs):
-            if engine.samplers[slot] is not None:
-                out.append(ids[slot])
-                if ids[slot] in stop_ids or len(out) == max_new_tokens:
-                    engine.finish(slot)
-    return outputs

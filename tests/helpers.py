@@ -60,3 +60,27 @@ def experts_loop(experts, x, weights, ids):
         out = F.linear(F.silu(F.linear(xe, gate)) * F.linear(xe, up), down)
         y.index_add_(0, token, (out * weights[token, slot, None]).to(y.dtype))
     return y
+
+
+def generate(model, prompts: list[list[int]], max_new_tokens: int, samplers=None, stop_ids=(),
+             decoder: str = "eager") -> list[list[int]]:
+    """New ids per prompt from the engine (greedy unless `samplers` says otherwise), each prompt in its own slot,
+    decoded together; each ends at (and includes) its first stop id, or after `max_new_tokens`."""
+    from runtime.engine import Engine
+    from runtime.sampling import Sampler
+
+    engine = Engine(model, len(prompts), max(map(len, prompts)) + max_new_tokens, decoder)
+    samplers = samplers or [Sampler.greedy(model.args.vocab_size, model.device) for _ in prompts]
+    outputs = [[int(engine.start(slot, prompt, sampler))] for slot, (prompt, sampler) in
+               enumerate(zip(prompts, samplers))]
+    for slot, out in enumerate(outputs):
+        if out[-1] in stop_ids or max_new_tokens == 1:
+            engine.finish(slot)
+    while any(s is not None for s in engine.samplers):
+        ids = engine.step().tolist()
+        for slot, out in enumerate(outputs):
+            if engine.samplers[slot] is not None:
+                out.append(ids[slot])
+                if ids[slot] in stop_ids or len(out) == max_new_tokens:
+                    engine.finish(slot)
+    return outputs

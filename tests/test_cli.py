@@ -3,9 +3,8 @@ import json
 
 import torch
 
-from runtime.engine import generate
 from runtime.loading import load_model
-from tests.helpers import assert_one_line_error, run_k2
+from tests.helpers import assert_one_line_error, generate, run_k2
 
 
 def test_generate_on_default_demo_matches_library(tmp_path):

@@ -20,13 +20,13 @@ import pytest
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from safetensors import safe_open
 
-from tests.helpers import assert_one_line_error, run_k2
-from tests.hub_server import FakeHub, Fault
-from runtime.models.deepseek_v3_demo import write_demo
 from runtime.errors import K2Error
 from runtime.hub.download import DownloadRequest, download
 from runtime.loader import load
+from runtime.models.deepseek_v3_demo import write_demo
 from runtime.placement import decode_bytes_per_token, model_cost, stage_layer_ranges
+from tests.helpers import assert_one_line_error, run_k2
+from tests.hub_server import FakeHub, Fault
 
 REPO, BIG, GATED = "moonshotai/Kimi-K2-Demo", "moonshotai/Kimi-K2-Big", "moonshotai/Kimi-K2-Gated"
 TOKEN = "hf_valid_token"

@@ -21,10 +21,10 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from quant.fp8 import dequantize_fp8_block
 from runtime.convert.gguf import ConvertConfig, convert_checkpoint
 from runtime.convert.quantize import QuantizeConfig, quantize_checkpoint
-from runtime.models.deepseek_v3_demo import write_demo
 from runtime.errors import K2Error
 from runtime.int4 import PackedInt4
 from runtime.loading import load_model
+from runtime.models.deepseek_v3_demo import write_demo
 from runtime.tokenizer import K2_SPLIT_PATTERN
 from runtime.tokenizer import Tokenizer as K2Tokenizer
 from tests.helpers import assert_one_line_error, run_k2, stored_tensors
@@ -432,7 +432,7 @@ def test_llama_cpp_runs_the_conversion_as_our_runtime_does(demo_dir, int4_dir, t
     """F32 weights (INT4 experts as Q4_0) so the differences are llama.cpp's arithmetic: an f16 KV cache, and for
     Q4_0 weights activations rounded to Q8_0 by its CPU kernels; logits within `tolerance` of their largest."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from runtime.engine import generate
+    from tests.helpers import generate
 
     folder = demo_dir if model == "demo" else int4_dir
     convert(folder, tmp_path / "model.gguf", type="f32")

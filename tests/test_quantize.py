@@ -25,9 +25,9 @@ from quant.int4 import dequantize
 from runtime import models
 from runtime.convert import quantize as quantize_module
 from runtime.convert.quantize import QuantizeConfig, parse_size, quantize_checkpoint
-from runtime.models.deepseek_v3_demo import DEMO_BPE_RANKS, demo_config, write_sharded
 from runtime.errors import K2Error
 from runtime.info import is_linear_weight
+from runtime.models.deepseek_v3_demo import DEMO_BPE_RANKS, demo_config, write_sharded
 from tests.helpers import assert_one_line_error, copy_checkpoint, run_k2
 
 transformers.logging.set_verbosity_error()

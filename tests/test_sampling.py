@@ -8,12 +8,11 @@ from transformers.generation.logits_process import (LogitsProcessorList, MinPLog
                                                     RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from runtime.engine import generate
 from runtime.errors import K2Error
 from runtime.loader import load
 from runtime.loading import load_model
 from runtime.sampling import Sampler, SamplingParams, apply_repetition_penalty, filter_logits
-from tests.helpers import run_k2
+from tests.helpers import generate, run_k2
 
 PARAMS = [
     SamplingParams(temperature=0.7),

@@ -74,7 +74,7 @@ class ModelArgs:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     # What every family's args answer (runtime/models/family.py).
-    cache_kind = "compressed latent (MLA)"
+    cache_kind = "MLA compressed latent"
 
     @property
     def cache_width(self) -> int:

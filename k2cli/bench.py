@@ -4,12 +4,9 @@ from pathlib import Path
 
 import typer
 
-from k2cli.model_commands import MODEL_HELP
+from k2cli import options
 from runtime.errors import K2Error
-
-
-def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:,.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.1f} MiB"
+from runtime.units import format_bytes
 
 
 def _row(name: str, row: dict) -> str:
@@ -29,29 +26,26 @@ def print_bench(result: dict):
         compare = result["compare"]
         typer.echo(_row("transformers", compare["transformers"]))
         typer.echo(f"  k2 / transformers: decode {compare['decode_ratio']:.2f}x, prefill {compare['prefill_ratio']:.2f}x")
-    typer.echo(f"  memory peak: device {_gib(result['peak_device_bytes'])}, host {_gib(result['peak_host_bytes'])}")
-    typer.echo(f"  decode reads {_gib(result['weight_bytes_per_token'])} of weights per token "
+    typer.echo(f"  memory peak: device {format_bytes(result['peak_device_bytes'])}, "
+               f"host {format_bytes(result['peak_host_bytes'])}")
+    typer.echo(f"  decode reads {format_bytes(result['weight_bytes_per_token'])} of weights per token "
                f"({result['experts_read_per_step']:.1f} routed experts per step); copy bandwidth "
                f"{result['copy_bandwidth_bytes_s'] / 1e9:,.1f} GB/s -> roofline {result['roofline_decode_tok_s']:,.1f} tok/s, "
                f"achieved {100 * result['bandwidth_fraction']:.1f}%")
 
 
-def bench(model: str = typer.Argument("demo", help=MODEL_HELP),
+def bench(model: str = options.MODEL,
           prompt_len: int = typer.Option(512, "--prompt-len", min=1, help="Prompt tokens (random ids)."),
           gen: int = typer.Option(128, "--gen", min=2, help="New tokens per rep; decode speed excludes the first."),
-          batch: int = typer.Option(1, "--batch", min=1, help="Sequences decoded together."),
+          batch: int = options.BATCH,
           reps: int = typer.Option(5, "--reps", min=1, help="Measured repetitions (mean ± stddev)."),
           warmup: int = typer.Option(1, "--warmup", min=0, help="Unmeasured repetitions first."),
-          device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
-          dtype: str = typer.Option("auto", help="auto (the checkpoint's), float32, bfloat16 or float16."),
+          device: str = options.DEVICE, dtype: str = options.DTYPE,
           threads: int = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)."),
-          plan: Path = typer.Option(None, "--plan", help="Run placed as a `k2 plan --json` file says."),
-          device_map: str = typer.Option(None, "--device-map", help="Rename the plan's devices: cuda:0=cuda:1,..."),
+          plan: Path = options.PLAN, device_map: str = options.DEVICE_MAP,
           compare: str = typer.Option(None, "--compare", help="'transformers': also run transformers' model on the "
                                                               "same checkpoint, reps alternating, and print the ratio."),
-          eager: bool = typer.Option(False, "--eager", help="Decode with the model's own forward even on CUDA "
-                                                           "(no fused experts, no CUDA graph)."),
-          as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
+          eager: bool = options.EAGER, as_json: bool = options.JSON):
     """Measure prefill and decode speed, time to first token, peak memory and the achieved share of the bandwidth."""
     import torch
 

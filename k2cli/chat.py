@@ -11,8 +11,7 @@ from pathlib import Path
 
 import typer
 
-from k2cli import sampling_options as so
-from k2cli.model_commands import MODEL_HELP
+from k2cli import options
 from runtime.errors import K2Error
 
 DEFAULT_CONTEXT = 8192
@@ -308,26 +307,22 @@ class Repl:
             typer.echo(f"last turn: {s.turns[-1].line()}")
 
 
-def chat(model: str = typer.Argument("demo", help=MODEL_HELP),
+def chat(model: str = options.MODEL,
          prompt: str = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit (also: pipe it "
                                                                  "on stdin)."),
          system: str = typer.Option(None, "--system", "-s", help="System prompt."),
          think: bool = typer.Option(None, "--think/--no-think", help="Turn reasoning on or off, where the model's "
                                                                      "template has the switch."),
-         temperature: float = so.TEMPERATURE, top_k: int = so.TOP_K, top_p: float = so.TOP_P, min_p: float = so.MIN_P,
-         repetition_penalty: float = so.REPETITION_PENALTY, seed: int = so.SEED,
-         max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="At most this many new tokens per reply."),
+         temperature: float = options.TEMPERATURE, top_k: int = options.TOP_K, top_p: float = options.TOP_P,
+         min_p: float = options.MIN_P, repetition_penalty: float = options.REPETITION_PENALTY,
+         seed: int = options.SEED, max_tokens: int = options.max_tokens(1024),
          ctx: int = typer.Option(DEFAULT_CONTEXT, "--ctx", min=16, help="Context window in tokens (the KV cache is "
                                                                        "allocated for it; capped at the model's)."),
          tools: Path = typer.Option(None, "--tools", help="JSON file of tool definitions (OpenAI shape) the model may call."),
-         device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps, ..."),
-         dtype: str = typer.Option("auto", help="auto (the checkpoint's), float32, bfloat16 or float16."),
-         plan: Path = typer.Option(None, "--plan", help="Run placed as a `k2 plan --json` file says."),
-         device_map: str = typer.Option(None, "--device-map", help="Rename the plan's devices: cuda:0=cuda:1,..."),
-         eager: bool = typer.Option(False, "--eager", help="Decode with the model's own forward even on CUDA "
-                                                          "(no fused experts, no CUDA graph)."),
-         as_json: bool = typer.Option(False, "--json", help="With -p or piped input: print the reply message and the "
-                                                            "turn's numbers as JSON.")):
+         device: str = options.DEVICE, dtype: str = options.DTYPE, plan: Path = options.PLAN,
+         device_map: str = options.DEVICE_MAP, eager: bool = options.EAGER,
+         as_json: bool = options.json_flag("With -p or piped input: print the reply message and the turn's numbers "
+                                           "as JSON.")):
     """Chat with a model: streamed replies, reasoning dimmed, tool calls shown, the cache kept across turns.
 
     Default sampling is the model's generation_config.json; the flags override it.
@@ -355,7 +350,8 @@ def chat(model: str = typer.Argument("demo", help=MODEL_HELP),
     if loaded is None:  # a pipeline rank other than 0: it served rank 0 until the end
         return
     try:
-        params = loaded.sampling(**so.sampling_overrides(temperature, top_k, top_p, min_p, repetition_penalty, seed))
+        overrides = options.sampling_overrides(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        params = loaded.sampling(**overrides)
         template = loaded.template
         if think is not None and template.thinking_switch is None:
             raise K2Error("--think/--no-think: this model's chat template has no thinking switch")

@@ -5,13 +5,14 @@ from pathlib import Path
 
 import typer
 
+from k2cli import options
 from runtime.errors import K2Error
+from runtime.units import format_bytes
 
-MODEL_HELP = "Model folder, a Hugging Face repo id already downloaded, or 'demo' (a tiny K2 created on first use)."
 FORMATS = ("gguf",)
 
 
-def convert(model: str = typer.Argument(..., help=MODEL_HELP),
+def convert(model: str = options.REQUIRED_MODEL,
             out: Path = typer.Argument(..., help="The .gguf file to write; a split conversion writes "
                                                  "OUT-00001-of-0000N.gguf files next to it instead."),
             to: str = typer.Option(..., "--to", help="Output format: gguf (llama.cpp's deepseek2 architecture)."),
@@ -21,21 +22,19 @@ def convert(model: str = typer.Argument(..., help=MODEL_HELP),
             experts_type: str = typer.Option("auto", "--experts-type",
                                              help="Routed experts: auto (INT4 experts copied into Q4_0 with no "
                                                   "rounding, others as --type), bf16, f16, f32, q8_0 or q4_0."),
-            split_max_size: str = typer.Option(None, "--split-max-size",
-                                               help="Largest file, e.g. 50G: llama.cpp's split files past it."),
-            force: bool = typer.Option(False, "--force", help="Overwrite OUT (and its earlier split files)."),
-            resume: bool = typer.Option(False, "--resume", help="Continue an interrupted conversion to OUT."),
-            workers: int = typer.Option(None, "--workers", min=1, help="Worker threads (default: every core)."),
-            as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
+            split_max_size: str = options.size_option(None, "--split-max-size",
+                                                      "Largest file, e.g. 50G: llama.cpp's split files past it."),
+            force: bool = options.FORCE, resume: bool = options.RESUME, workers: int = options.WORKERS,
+            as_json: bool = options.JSON):
     """Convert a DeepSeek-V3-architecture checkpoint (Kimi K2, DeepSeek-V3) for llama.cpp, tensor by tensor."""
     if to not in FORMATS:
         raise K2Error(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
     from runtime.convert.gguf import ConvertConfig, convert_checkpoint
-    from runtime.convert.quantize import parse_size
     from runtime.resolve import resolve_model
+    from runtime.units import parse_size
 
-    config = ConvertConfig(type=weights_type, experts_type=experts_type,
-                           split_max_bytes=parse_size(split_max_size) if split_max_size else 0)
+    split_max_bytes = parse_size(split_max_size, "--split-max-size") if split_max_size is not None else 0
+    config = ConvertConfig(type=weights_type, experts_type=experts_type, split_max_bytes=split_max_bytes)
     result = convert_checkpoint(resolve_model(model), out, config, force=force, resume=resume, workers=workers,
                                 progress=sys.stderr.isatty())
     if as_json:
@@ -44,7 +43,7 @@ def convert(model: str = typer.Argument(..., help=MODEL_HELP),
     types = ", ".join(f"{n} {name}" for name, n in result["types"].items())
     resumed = f", {result['resumed_tensors']} kept from the interrupted run" if result["resumed_tensors"] else ""
     typer.echo(f"wrote {', '.join(result['output'])}: {result['tensors']} tensors ({types}{resumed}), "
-               f"{result['input_bytes'] / 1e9:.3f} GB -> {result['bytes'] / 1e9:.3f} GB in {result['seconds']:.1f} s")
+               f"{format_bytes(result['input_bytes'])} -> {format_bytes(result['bytes'])} in {result['seconds']:.1f} s")
     if result["int4_copied_tensors"]:
         typer.echo(f"INT4 -> Q4_0 without rounding: {result['int4_copied_tensors']} tensors, {result['int4_groups']:,} "
                    f"groups, {result['inexact_scale_groups']:,} with a scale fp16 cannot hold exactly"

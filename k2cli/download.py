@@ -41,7 +41,8 @@ def download(repo_id: str = typer.Argument(..., help="Repo id on the hub, e.g. m
     """Download a model from the Hugging Face hub: resumable, every file checked against the hub's hash."""
     from huggingface_hub.utils import logging as hf_logging
 
-    from runtime.hub.download import DownloadRequest, download as run_download, size_text
+    from runtime.hub.download import DownloadRequest, download as run_download
+    from runtime.units import format_bytes
 
     hf_logging.set_verbosity_error()  # the library's retry warnings would break into the progress bar
     request = DownloadRequest(repo_id, revision, include=include or None, exclude=exclude or None, local_dir=local_dir,
@@ -59,19 +60,19 @@ def download(repo_id: str = typer.Argument(..., help="Repo id on the hub, e.g. m
     if dry_run:
         _print_files(result)
         _print_part(result["part"])
-        typer.echo(f"{len(result['files'])} files, {size_text(result['total_bytes'])}; "
-                   f"{size_text(result['missing_bytes'])} to fetch into {result['folder']} "
-                   f"({size_text(result['free_bytes'])} free)")
+        typer.echo(f"{len(result['files'])} files, {format_bytes(result['total_bytes'])}; "
+                   f"{format_bytes(result['missing_bytes'])} to fetch into {result['folder']} "
+                   f"({format_bytes(result['free_bytes'])} free)")
         return
     _print_part(result["part"])
     fetched, seconds = result["fetched_bytes"], result["seconds"]
     if fetched:
-        done = f"fetched {size_text(fetched)} in {seconds:.1f} s ({fetched / seconds / 1e6:,.1f} MB/s)"
+        done = f"fetched {format_bytes(fetched)} in {seconds:.1f} s ({fetched / seconds / 1e6:,.1f} MB/s)"
         if result["resumed_bytes"]:
-            done += f", resumed from {size_text(result['resumed_bytes'])} already on disk"
+            done += f", resumed from {format_bytes(result['resumed_bytes'])} already on disk"
     else:
         done = "all already on disk"
-    typer.echo(f"{result['folder']}: {len(result['files'])} files, {size_text(result['total_bytes'])}; {done}")
+    typer.echo(f"{result['folder']}: {len(result['files'])} files, {format_bytes(result['total_bytes'])}; {done}")
     if result["part"]:
         typer.echo(f"next: run this part of the pipeline from {result['model']} (README: pipeline parallelism)")
     else:

@@ -5,15 +5,9 @@ from pathlib import Path
 
 import typer
 
-from k2cli import sampling_options as so
+from k2cli import options
 from runtime.errors import K2Error
-
-MODEL_HELP = "Model folder, a Hugging Face repo id already downloaded, or 'demo' (a tiny K2 created on first use)."
-DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
-def _gib(nbytes: int) -> str:
-    return f"{nbytes / 2**30:,.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.2f} MiB"
+from runtime.units import format_bytes
 
 
 def _count(n: int) -> str:
@@ -23,8 +17,7 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def info(model: str = typer.Argument("demo", help=MODEL_HELP),
-         as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
+def info(model: str = options.MODEL, as_json: bool = options.JSON):
     """Architecture, parameters, bytes by component and dtype, KV cache: from config.json and headers only."""
     from runtime.info import model_info
     from runtime.loader import load
@@ -45,11 +38,12 @@ def info(model: str = typer.Argument("demo", help=MODEL_HELP),
     typer.echo(f"  quantization: {result['quantization']}")
     typer.echo(f"  bytes ({result['bytes_source']}):")
     for name, comp in result["components"].items():
-        dtypes = ", ".join(f"{d} {_gib(b)}" for d, b in comp["bytes_by_dtype"].items())
-        typer.echo(f"    {name:<15} {_count(comp['parameters']):>10}  {_gib(comp['bytes']):>14}   {dtypes}")
-    typer.echo(f"    {'total':<15} {_count(params['total']):>10}  {_gib(result['total_bytes']):>14}")
+        dtypes = ", ".join(f"{d} {format_bytes(b)}" for d, b in comp["bytes_by_dtype"].items())
+        typer.echo(f"    {name:<15} {_count(comp['parameters']):>10}  {format_bytes(comp['bytes']):>14}   "
+                   f"{dtypes}")
+    typer.echo(f"    {'total':<15} {_count(params['total']):>10}  {format_bytes(result['total_bytes']):>14}")
     typer.echo(f"  KV cache ({kv['dtype']}, {kv['kind']}): {kv['bytes_per_token']:,} bytes per token, "
-               f"{_gib(kv['bytes_at_max_context'])} at the max context of {result['max_context']:,}")
+               f"{format_bytes(kv['bytes_at_max_context'])} at the max context of {result['max_context']:,}")
 
 
 def init_demo(folder: Path = typer.Argument(..., help="Where to write the checkpoint (must not exist)."),
@@ -63,22 +57,17 @@ def init_demo(folder: Path = typer.Argument(..., help="Where to write the checkp
     typer.echo(f"wrote {folder}; try: k2 info {folder}")
 
 
-def generate(model: str = typer.Argument("demo", help=MODEL_HELP),
+def generate(model: str = options.MODEL,
              prompt: str = typer.Option("The quick brown fox", "--prompt", "-p", help="Prompt text (tokenized as plain text)."),
              ids: str = typer.Option(None, "--ids", help="Comma-separated prompt token ids, instead of --prompt."),
-             max_tokens: int = typer.Option(32, "--max-tokens", "-n", min=1, help="New tokens to generate."),
-             device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps, ..."),
-             dtype: str = typer.Option("auto", help="auto (the checkpoint's), float32, bfloat16 or float16."),
-             plan: Path = typer.Option(None, "--plan", help="Run placed as a `k2 plan --json` file says (layers on "
-                                                          "GPUs, experts on the CPU or streamed)."),
-             device_map: str = typer.Option(None, "--device-map", help="Rename the plan's devices: cuda:0=cuda:1,..."),
+             max_tokens: int = options.max_tokens(32),
+             device: str = options.DEVICE, dtype: str = options.DTYPE, plan: Path = options.PLAN,
+             device_map: str = options.DEVICE_MAP,
              expert_stats: Path = typer.Option(None, "--expert-stats", help="Record how often each expert is chosen "
                                                                             "into this file, for `k2 plan`."),
-             temperature: float = so.TEMPERATURE, top_k: int = so.TOP_K, top_p: float = so.TOP_P,
-             min_p: float = so.MIN_P, repetition_penalty: float = so.REPETITION_PENALTY, seed: int = so.SEED,
-             eager: bool = typer.Option(False, "--eager", help="Decode with the model's own forward even on CUDA "
-                                                              "(no fused experts, no CUDA graph)."),
-             as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
+             temperature: float = options.TEMPERATURE, top_k: int = options.TOP_K, top_p: float = options.TOP_P,
+             min_p: float = options.MIN_P, repetition_penalty: float = options.REPETITION_PENALTY,
+             seed: int = options.SEED, eager: bool = options.EAGER, as_json: bool = options.JSON):
     """Raw completion without a chat template: greedy unless --temperature is above 0 (or a repetition penalty is
     set). For a conversation use `k2 chat`."""
     import time
@@ -87,7 +76,7 @@ def generate(model: str = typer.Argument("demo", help=MODEL_HELP),
     from runtime.offload import ExpertStats, expert_cache_hit_rate, parse_device_map
     from runtime.sampling import Sampler, SamplingParams
 
-    overrides = so.sampling_overrides(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    overrides = options.sampling_overrides(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     params = SamplingParams(**{"temperature": 0.0} | {k: v for k, v in overrides.items() if v is not None})
     if ids:
         try:

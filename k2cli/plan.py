@@ -3,13 +3,11 @@ import json
 
 import typer
 
-from k2cli.model_commands import MODEL_HELP
+from k2cli import options
+from runtime.units import format_bytes
 
 GB = 10**9
-
-
-def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:,.1f}G"
+USE_COLUMNS = ("weights", "experts", "kv_cache", "expert_cache")  # a device's *_bytes, in the table's order
 
 
 def _ranges(ids: list[int]) -> str:
@@ -35,18 +33,19 @@ def _layer_summary(entry: dict) -> str:
 
 def print_plan(result: dict):
     setup, prediction = result["setup"], result["prediction"]
-    typer.echo(f"{result['model']}: {_gib(result['model_bytes'])} of weights; ctx {setup['ctx']:,}, batch {setup['batch']}, "
-               f"offload {setup['offload']}, {setup['stages']} stage(s)")
+    typer.echo(f"{result['model']}: {format_bytes(result['model_bytes'])} of weights; ctx {setup['ctx']:,}, "
+               f"batch {setup['batch']}, offload {setup['offload']}, {setup['stages']} stage(s)")
     for stage in result["stages"]:
         embeddings = f", embeddings on {stage['embeddings']}" if stage["embeddings"] else ""
         typer.echo(f"stage {stage['stage']}: layers {stage['first_layer']}-{stage['last_layer']}{embeddings}")
-        typer.echo(f"  {'device':<8} {'budget':>8} {'weights':>8} {'experts':>8} {'kv':>7} {'cache':>7} {'free':>8}")
+        typer.echo(f"  {'device':<8} {'budget':>10} {'weights':>10} {'experts':>10} {'kv':>9} {'cache':>9} {'free':>10}")
         for d in stage["devices"]:
-            used = d["weights_bytes"] + d["experts_bytes"] + d["kv_cache_bytes"] + d["expert_cache_bytes"]
-            budget = _gib(d["budget_bytes"]) if d["budget_bytes"] is not None else "-"
-            free = _gib(d["budget_bytes"] - used) if d["budget_bytes"] is not None else "-"
-            typer.echo(f"  {d['device']:<8} {budget:>8} {_gib(d['weights_bytes']):>8} {_gib(d['experts_bytes']):>8} "
-                       f"{_gib(d['kv_cache_bytes']):>7} {_gib(d['expert_cache_bytes']):>7} {free:>8}")
+            used = [d[f"{column}_bytes"] for column in USE_COLUMNS]
+            budget, free = ((format_bytes(d["budget_bytes"], compact=True),
+                             format_bytes(d["budget_bytes"] - sum(used), compact=True))
+                            if d["budget_bytes"] is not None else ("-", "-"))
+            weights, experts, kv, cache = (format_bytes(nbytes, compact=True) for nbytes in used)
+            typer.echo(f"  {d['device']:<8} {budget:>10} {weights:>10} {experts:>10} {kv:>9} {cache:>9} {free:>10}")
         groups = []  # consecutive layers with the same placement share a line
         for entry in stage["layers"]:
             summary = _layer_summary(entry)
@@ -68,12 +67,14 @@ def print_plan(result: dict):
                "(override with --gpu-bw, --cpu-bw, --mps-bw, --disk-bw)")
 
 
-def plan(model: str = typer.Argument("demo", help=MODEL_HELP),
-         gpu: list[str] = typer.Option([], "--gpu", help="A GPU's memory, repeatable or counted: --gpu 80G, --gpu 8x141G."),
-         cpu_mem: str = typer.Option(None, "--cpu-mem", help="Host RAM for weights, e.g. 512G."),
-         mps: str = typer.Option(None, "--mps", help="Apple-silicon unified memory, e.g. 512G (75% is GPU-wireable)."),
+def plan(model: str = options.MODEL,
+         gpu: list[str] = options.size_option([], "--gpu", "A GPU's memory, repeatable or counted: --gpu 80GiB, "
+                                                           "--gpu 8x141G."),
+         cpu_mem: str = options.size_option(None, "--cpu-mem", "Host RAM for weights, e.g. 512GiB."),
+         mps: str = options.size_option(None, "--mps", "Apple-silicon unified memory, e.g. 512GiB (75% is "
+                                                       "GPU-wireable)."),
          ctx: int = typer.Option(4096, "--ctx", min=1, help="Context length the KV cache is sized for."),
-         batch: int = typer.Option(1, "--batch", min=1, help="Sequences decoded together."),
+         batch: int = options.BATCH,
          stages: int = typer.Option(1, "--stages", min=1, help="Pipeline hosts, each with the devices given."),
          offload: str = typer.Option("auto", "--offload",
                                      help="Routed experts: auto (hottest on GPU, rest CPU), cpu (all on CPU), "
@@ -85,14 +86,16 @@ def plan(model: str = typer.Argument("demo", help=MODEL_HELP),
          mps_bw: float = typer.Option(600, "--mps-bw", help="Apple-silicon memory bandwidth in GB/s."),
          disk_bw: float = typer.Option(5, "--disk-bw", help="Disk read bandwidth in GB/s, for experts left on disk."),
          margin: float = typer.Option(0.05, "--margin", min=0, max=0.9, help="Fraction of every memory kept free."),
-         as_json: bool = typer.Option(False, "--json", help="Print the whole plan as JSON.")):
+         as_json: bool = options.JSON):
     """Plan where every layer and expert goes and predict decode speed, from config.json and headers only."""
     from runtime.loader import load
-    from runtime.placement import HostSpec, make_plan, parse_gpus, parse_size
+    from runtime.placement import HostSpec, make_plan, parse_gpus
+    from runtime.units import parse_size
 
-    host = HostSpec(gpus=parse_gpus(gpu), cpu_mem=parse_size(cpu_mem) if cpu_mem else 0,
-                    mps=parse_size(mps) if mps else 0, gpu_bandwidth=gpu_bw * GB if gpu_bw else None,
-                    cpu_bandwidth=cpu_bw * GB, mps_bandwidth=mps_bw * GB, disk_bandwidth=disk_bw * GB, margin=margin)
+    host = HostSpec(gpus=parse_gpus(gpu), cpu_mem=parse_size(cpu_mem, "--cpu-mem") if cpu_mem is not None else 0,
+                    mps=parse_size(mps, "--mps") if mps is not None else 0,
+                    gpu_bandwidth=gpu_bw * GB if gpu_bw else None, cpu_bandwidth=cpu_bw * GB, mps_bandwidth=mps_bw * GB,
+                    disk_bandwidth=disk_bw * GB, margin=margin)
     result = make_plan(load(model, weights=False), host, stages=stages, ctx=ctx, batch=batch, offload=offload,
                        expert_stats=expert_stats)
     if as_json:

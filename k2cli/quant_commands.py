@@ -5,12 +5,12 @@ from pathlib import Path
 
 import typer
 
+from k2cli import options
 from runtime.errors import K2Error
+from runtime.units import format_bytes
 
-MODEL_HELP = "Model folder, a Hugging Face repo id already downloaded, or 'demo' (a tiny K2 created on first use)."
 
-
-def quantize(model: str = typer.Argument(..., help=MODEL_HELP),
+def quantize(model: str = options.REQUIRED_MODEL,
              out: Path = typer.Argument(..., help="Output folder (new or empty; see --resume and --force)."),
              int4: bool = typer.Option(False, "--int4", help="INT4 groups in Kimi K2-Thinking's compressed-tensors layout."),
              method: str = typer.Option("rtn", help="rtn (round to nearest) or mse (per-group clipping search)."),
@@ -18,22 +18,21 @@ def quantize(model: str = typer.Argument(..., help=MODEL_HELP),
                                                  "its weights); ct: -8..7, absmax/7.5 (compressed-tensors' minmax)."),
              group_size: int = typer.Option(32, "--group-size", help="Weights per scale: 16, 32, 64 or 128."),
              scope: str = typer.Option("experts", help="experts (as K2-Thinking), experts+shared, or all-linear."),
-             max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
-             resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into OUT."),
-             force: bool = typer.Option(False, "--force", help="Overwrite the weights already in OUT."),
+             max_shard_size: str = options.size_option("5GB", "--max-shard-size", "Largest output shard, e.g. 5GB."),
+             resume: bool = options.RESUME, force: bool = options.FORCE,
              report: Path = typer.Option(None, "--report", help="Write per-tensor SQNR (dB) and max error as JSON here."),
-             workers: int = typer.Option(None, "--workers", min=1, help="Worker threads (default: every core)."),
-             as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
+             workers: int = options.WORKERS, as_json: bool = options.JSON):
     """Quantize a checkpoint tensor by tensor; memory stays near one input shard plus one output shard."""
-    from runtime.convert.quantize import QuantizeConfig, parse_size, quantize_checkpoint
+    from runtime.convert.quantize import QuantizeConfig, quantize_checkpoint
     from runtime.resolve import resolve_model
+    from runtime.units import parse_size
 
     if not int4:
         raise K2Error("name the format: --int4 (the only one so far)")
     if resume and force:
         raise K2Error("--resume and --force exclude each other")
     config = QuantizeConfig(method=method, grid=grid, group_size=group_size, scope=scope,
-                            max_shard_bytes=parse_size(max_shard_size), report=report is not None)
+                            max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"), report=report is not None)
     result = quantize_checkpoint(resolve_model(model), out, config, resume=resume, force=force, workers=workers,
                                  progress=sys.stderr.isatty())
     if report is not None:
@@ -45,7 +44,7 @@ def quantize(model: str = typer.Argument(..., help=MODEL_HELP),
         return
     typer.echo(f"wrote {out}: {result['quantized_tensors']} INT4 tensors, {result['shards']} shards "
                f"({result['resumed_shards']} kept from the interrupted run), "
-               f"{result['input_bytes'] / 1e9:.3f} GB -> {result['output_bytes'] / 1e9:.3f} GB")
+               f"{format_bytes(result['input_bytes'])} -> {format_bytes(result['output_bytes'])}")
     if report is not None:
         summary = result["report"]["summary"]
         median = summary["median_sqnr_db"]
@@ -55,14 +54,12 @@ def quantize(model: str = typer.Argument(..., help=MODEL_HELP),
             typer.echo(f"  {s['sqnr_db']:7.2f} dB  max error {s['max_error']:.3e}  {s['name']}")
 
 
-def eval(model: str = typer.Argument("demo", help=MODEL_HELP),
+def eval(model: str = options.MODEL,
          text: Path = typer.Option(..., "--text", help="UTF-8 text file to score (e.g. a wikitext-2 test split)."),
          ref: str = typer.Option(None, "--ref", help="Reference model (the original of a quantized one) for KL and agreement."),
          ctx: int = typer.Option(512, "--ctx", min=2, help="Tokens per window."),
          max_windows: int = typer.Option(None, "--max-windows", min=1, help="Score only the first N windows."),
-         dtype: str = typer.Option("float32", help="Compute dtype for both models: float32 (so differences are the "
-                                                    "weights', not arithmetic's), bfloat16 or float16."),
-         as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")):
+         dtype: str = options.COMPUTE_DTYPE, as_json: bool = options.JSON):
     """Perplexity over a text; with --ref, mean KL(ref || model), top-1 agreement and the worst window."""
     from runtime.eval import evaluate
     from runtime.int4 import held_bytes

@@ -13,6 +13,7 @@ from pathlib import Path
 from runtime.checkpoint import Checkpoint
 from runtime.errors import K2Error
 from runtime.info import weight_bytes
+from runtime.units import format_bytes, parse_size
 
 GiB = 1 << 30
 GB = 10**9
@@ -31,18 +32,10 @@ MPS_WIRED_FRACTION = 0.75  # macOS lets the GPU wire about 75% of unified memory
 
 def gpu_bandwidth_for(capacity: int) -> float:
     """A guess from the card's memory size when --gpu-bw is not given (stated in the plan's assumptions)."""
-    for min_gib, bandwidth in ((120, 4000 * GB), (64, 2600 * GB), (40, 1500 * GB)):
-        if capacity >= min_gib * GiB:
+    for min_gb, bandwidth in ((120, 4000 * GB), (64, 2600 * GB), (40, 1500 * GB)):
+        if capacity >= min_gb * GB:
             return bandwidth
     return 900 * GB  # 24-32 GB consumer cards (RTX 4090: ~1 TB/s peak)
-
-
-def parse_size(text: str) -> int:
-    """'80G', '512GiB', '1.5T', '24000M' -> bytes (binary units: 80G is 80 GiB)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise K2Error(f"cannot read size {text!r} (examples: 80G, 512G, 1.5T)")
-    return int(float(match[1]) * 1024 ** "KMGT".find(match[2].upper()) * 1024) if match[2] else int(float(match[1]))
 
 
 def parse_gpus(specs: list[str]) -> list[int]:
@@ -52,7 +45,7 @@ def parse_gpus(specs: list[str]) -> list[int]:
         count, _, size = spec.rpartition("x")
         if count and not count.isdigit():
             raise K2Error(f"cannot read --gpu {spec!r} (examples: 80G, 8x141G)")
-        sizes += [parse_size(size)] * int(count or 1)
+        sizes += [parse_size(size, "--gpu")] * int(count or 1)
     return sizes
 
 
@@ -279,8 +272,8 @@ def plan_stage(cost: ModelCost, layer_range: range, host: HostSpec, ctx: int, ba
     for layer, owner in zip(layers, owners):
         if owner is None:
             if cpu is None or cpu in main:
-                raise K2Error(f"does not fit: layer {layer.index} needs {needs(layer, experts_with_layer) / GiB:,.1f} GiB "
-                              f"and {', '.join(d.name for d in main)} are full; "
+                raise K2Error(f"does not fit: layer {layer.index} needs {format_bytes(needs(layer, experts_with_layer))}"
+                              f" and {', '.join(d.name for d in main)} are full; "
                               f"{_remedy(needs(layer, experts_with_layer), cost)}")
             owner = cpu
         owner.used["weights"] += layer.dense_bytes
@@ -334,13 +327,13 @@ def plan_stage(cost: ModelCost, layer_range: range, host: HostSpec, ctx: int, ba
     total_experts = sum(layer.n_experts * layer.expert_bytes for layer, _ in moe)
     if disk.used["experts"] > max_disk_fraction * total_experts:
         raise K2Error(
-            f"does not fit: {disk.used['experts'] / GiB:,.1f} GiB of the {total_experts / GiB:,.1f} GiB of routed experts "
-            f"would be read from disk every token (more than {max_disk_fraction:.0%}); "
+            f"does not fit: {format_bytes(disk.used['experts'])} of the {format_bytes(total_experts)} of routed "
+            f"experts would be read from disk every token (more than {max_disk_fraction:.0%}); "
             f"{_remedy(disk.used['experts'] - max_disk_fraction * total_experts, cost)}")
     for d in devices:
         if d.free < 0:
-            raise K2Error(f"does not fit: {d.name} would need {sum(d.used.values()) / GiB:,.1f} GiB of its "
-                          f"{d.budget / GiB:,.1f} GiB budget; {_remedy(-d.free, cost)}")
+            raise K2Error(f"does not fit: {d.name} would need {format_bytes(sum(d.used.values()))} of its "
+                          f"{format_bytes(d.budget)} budget; {_remedy(-d.free, cost)}")
     used = devices + ([disk] if disk.used["experts"] else [])
     return {
         "layers": placed,
@@ -354,7 +347,7 @@ def plan_stage(cost: ModelCost, layer_range: range, host: HostSpec, ctx: int, ba
 
 def _remedy(short: float, cost: ModelCost) -> str:
     quantize = "" if cost.four_bit_experts else ", quantize the experts with `k2 quantize --int4`"
-    return (f"short by {short / GiB:,.1f} GiB (the model is {cost.total_bytes / GiB:,.1f} GiB): add GPU or CPU memory, "
+    return (f"short by {format_bytes(short)} (the model is {format_bytes(cost.total_bytes)}): add GPU or CPU memory, "
             f"split over more hosts with --stages{quantize}, or lower --ctx")
 
 

@@ -6,15 +6,16 @@ import random
 import pytest
 from safetensors import safe_open
 
-from runtime.placement import stage_layer_ranges
+from runtime.placement import GB, gpu_bandwidth_for, stage_layer_ranges
+from runtime.units import parse_size
 from tests.helpers import assert_one_line_error, run_k2
 from tests.k2_configs import KIMI_K2_THINKING_CONFIG, config_only_folder
 
-SETUPS = {
-    "8x H200": ["--gpu", "8x141G", "--cpu-mem", "1T"],
-    "1x H100 + 512G RAM": ["--gpu", "80G", "--cpu-mem", "512G"],
-    "2x M3 Ultra, pipelined": ["--mps", "512G", "--stages", "2"],
-    "4x RTX 4090 + 384G RAM": ["--gpu", "24G", "--gpu", "24G", "--gpu", "2x24G", "--cpu-mem", "384G"],
+SETUPS = {  # GPUs and DIMMs hold binary sizes (80GiB); 8x141G reads the H200's 141 GB as decimal, on the safe side
+    "8x H200": ["--gpu", "8x141G", "--cpu-mem", "1TiB"],
+    "1x H100 + 512G RAM": ["--gpu", "80GiB", "--cpu-mem", "512GiB"],
+    "2x M3 Ultra, pipelined": ["--mps", "512GiB", "--stages", "2"],
+    "4x RTX 4090 + 384G RAM": ["--gpu", "24GiB", "--gpu", "24GiB", "--gpu", "2x24GiB", "--cpu-mem", "384GiB"],
 }
 
 
@@ -107,6 +108,12 @@ def test_stage_split_is_optimal_against_brute_force():
         best = min(max(sum(costs[a:b]) for a, b in zip((0, *cuts), (*cuts, n)))
                    for cuts in itertools.combinations(range(1, n), stages - 1))
         assert max(sum(costs[i] for i in r) for r in ranges) == pytest.approx(best)
+
+
+def test_gpu_bandwidth_guess_reads_card_sizes_as_written():
+    """The guess's thresholds (>=40G...) follow the size rule: an A100 40GB given as --gpu 40G is a 1500 GB/s card."""
+    guesses = {"24GiB": 900, "40G": 1500, "80G": 2600, "80GiB": 2600, "141G": 4000}
+    assert {text: gpu_bandwidth_for(parse_size(text, "--gpu")) / GB for text in guesses} == guesses
 
 
 def test_bad_flags(k2_thinking):

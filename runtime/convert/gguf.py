@@ -33,6 +33,7 @@ from runtime.convert.sources import Source, collect_sources, read_rows, release_
 from runtime.errors import K2Error
 from runtime.loader import load
 from runtime.safetensors_io import MappedShards
+from runtime.units import format_bytes
 
 Q = gguf.GGMLQuantizationType
 TYPES = {"f32": Q.F32, "bf16": Q.BF16, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
@@ -295,7 +296,7 @@ def convert_checkpoint(model_dir: str | Path, out: str | Path, config: ConvertCo
         out.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(out.parent).free
         if total > free:
-            raise K2Error(f"{out.parent} has {free / 1e9:.2f} GB free; the GGUF needs {total / 1e9:.2f} GB")
+            raise K2Error(f"{out.parent} has {format_bytes(free)} free; the GGUF needs {format_bytes(total)}")
         started = time.perf_counter()
         scale_report, resumed = _write(writer, tensors, out, files, reader, arch, workers or len(os.sched_getaffinity(0)),
                                        progress, _fingerprint(ckpt.folder, config, tensors), resume)

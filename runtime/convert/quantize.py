@@ -9,7 +9,6 @@ import ctypes
 import hashlib
 import json
 import os
-import re
 import shutil
 import statistics
 import time
@@ -28,12 +27,11 @@ from runtime.errors import K2Error
 from runtime.info import is_linear_weight
 from runtime.loader import load
 from runtime.safetensors_io import TORCH_DTYPES, MappedShards, PlannedTensor, ShardWriter, shard_nbytes
+from runtime.units import format_bytes
 
 MANIFEST = ".k2-quantize.json"
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 COPY_BYTES = 64 << 20
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 @dataclass(frozen=True)
@@ -70,15 +68,6 @@ class QuantizeConfig:
                 raise K2Error(f"{what} must be one of {', '.join(map(str, allowed))}, not {value!r}")
         if self.max_shard_bytes <= 0:
             raise K2Error("--max-shard-size must be positive")
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MiB', '123' -> bytes (decimal units as Hugging Face's max_shard_size, binary with 'i')."""
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]I?B?|B?)\s*", text.upper())
-    if not match:
-        raise K2Error(f"cannot read size {text!r} (examples: 5GB, 500MB, 2GiB)")
-    unit = match[2] if match[2] in SIZE_UNITS else match[2] + "B"
-    return int(float(match[1]) * SIZE_UNITS[unit])
 
 
 @dataclass
@@ -197,10 +186,6 @@ def _copy_source(source: Source, writer: ShardWriter, reader: MappedShards, dtyp
 # the run
 
 
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
-
-
 def _fingerprint(ckpt: Checkpoint, config: QuantizeConfig) -> dict:
     """What a resumed run must share with the interrupted one: settings and the exact input files."""
     shards = sorted({info.shard for info in ckpt.tensors.values()})
@@ -285,7 +270,7 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: Quantize
         todo = [p for p in plans if p.file not in done]
         need, free = sum(shard_nbytes(p.tensors) for p in todo), shutil.disk_usage(out).free
         if need > free:
-            raise K2Error(f"{out} has {_size(free)} free; the remaining shards need {_size(need)}")
+            raise K2Error(f"{out} has {format_bytes(free)} free; the remaining shards need {format_bytes(need)}")
         method = METHODS[config.method]()
         started = time.perf_counter()
         _run(todo, out, manifest, reader, method, Int4Spec.of(config.group_size, config.grid), config, roles,

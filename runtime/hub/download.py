@@ -19,6 +19,7 @@ from runtime.hub.remote import Hub, Listing, save_listing, saved_listing
 from runtime.hub.selection import parse_layers, parse_stage, select_paths, shards_for_layers, stage_layers
 from runtime.hub.store import CHECK, DONE, MISSING, CacheStore, FileState, LocalDirStore
 from runtime.hub.transfer import Meter, fetch, hash_file, run_all
+from runtime.units import format_bytes
 
 INDEX = "model.safetensors.index.json"
 
@@ -49,10 +50,6 @@ def existing_parent(path: Path) -> Path:
 def disk_free(path: Path) -> int:
     """Free bytes on the file system that holds `path`, or will once it is created."""
     return shutil.disk_usage(existing_parent(path)).free
-
-
-def size_text(nbytes: int) -> str:
-    return f"{nbytes / 1e9:,.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:,.2f} MB"
 
 
 def _read_json(hub: Hub | None, listing: Listing, store, path: str) -> dict:
@@ -155,9 +152,9 @@ def download(req: DownloadRequest, free_bytes=disk_free) -> dict:
         raise K2Error(f"HF_HUB_OFFLINE=1 and {len(missing)} file(s) of {req.repo_id} are not in {store.folder}: "
                       f"{names}; unset HF_HUB_OFFLINE to download them")
     if result["free_bytes"] < result["missing_bytes"]:
-        raise K2Error(f"not enough disk space for {req.repo_id}: {size_text(result['missing_bytes'])} still to fetch, "
-                      f"{size_text(result['free_bytes'])} free in {existing_parent(store.folder)}; free some space or "
-                      "choose another --local-dir")
+        raise K2Error(f"not enough disk space for {req.repo_id}: {format_bytes(result['missing_bytes'])} still to "
+                      f"fetch, {format_bytes(result['free_bytes'])} free in {existing_parent(store.folder)}; free some "
+                      "space or choose another --local-dir")
     if not offline:
         save_listing(listing)
     result["fetched_bytes"] = _transfer(req, hub, listing, store, states)

@@ -1,0 +1,65 @@
+"""The arguments and options more than one command takes, each defined here once so they read and behave alike.
+
+Values are checked where they are used, once: --device by runtime.loader.check_device, --dtype by
+runtime.loader.torch_dtype, sizes by runtime.units.parse_size.
+"""
+import typer
+
+from runtime.units import SIZE_RULE
+
+MODEL_HELP = "Model folder, a Hugging Face repo id already downloaded, or 'demo' (a tiny K2 created on first use)."
+MODEL = typer.Argument("demo", help=MODEL_HELP)
+REQUIRED_MODEL = typer.Argument(..., help=MODEL_HELP)
+
+# Where and how a model runs: `k2 generate`, `k2 chat`, `k2 bench`.
+DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps, ...")
+DTYPE = typer.Option("auto", "--dtype", help="auto (the checkpoint's), float32, bfloat16 or float16.")
+# `k2 eval`'s --dtype: no "auto", since both models must compute alike.
+COMPUTE_DTYPE = typer.Option("float32", "--dtype", help="Compute dtype for both models: float32 (so differences are "
+                                                        "the weights', not arithmetic's), bfloat16 or float16.")
+PLAN = typer.Option(None, "--plan", help="Run placed as a `k2 plan --json` file says (layers on GPUs, experts on the "
+                                         "CPU or streamed).")
+DEVICE_MAP = typer.Option(None, "--device-map", help="Rename the plan's devices: cuda:0=cuda:1,...")
+EAGER = typer.Option(False, "--eager", help="Decode with the model's own forward even on CUDA (no fused experts, no "
+                                            "CUDA graph).")
+BATCH = typer.Option(1, "--batch", min=1, help="Sequences decoded together.")
+
+
+def max_tokens(default: int):
+    return typer.Option(default, "--max-tokens", "-n", min=1,
+                        help="At most this many new tokens (per reply, in a chat).")
+
+
+# Sampling (`k2 chat`, `k2 generate`); None: not given, the command's default applies.
+TEMPERATURE = typer.Option(None, "--temperature", "-t", min=0.0, help="Softmax temperature; 0 is greedy.")
+TOP_K = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (0: off).")
+TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0,
+                     help="Keep the smallest set of tokens holding this much probability.")
+MIN_P = typer.Option(None, "--min-p", min=0.0, max=1.0,
+                     help="Drop tokens less likely than this fraction of the top one.")
+REPETITION_PENALTY = typer.Option(None, "--repetition-penalty", min=0.0,
+                                  help="Divide the logits of tokens already in the context by this (1: off).")
+SEED = typer.Option(None, "--seed", help="Seed of the draws: the same seed gives the same reply.")
+
+
+def sampling_overrides(temperature, top_k, top_p, min_p, repetition_penalty, seed) -> dict:
+    return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+            "repetition_penalty": repetition_penalty, "seed": seed}
+
+
+# Checkpoint conversions: `k2 quantize`, `k2 convert`.
+RESUME = typer.Option(False, "--resume", help="Continue the interrupted run that was writing OUT.")
+FORCE = typer.Option(False, "--force", help="Overwrite what is already at OUT (weights, earlier split files).")
+WORKERS = typer.Option(None, "--workers", min=1, help="Worker threads (default: every core).")
+
+
+def size_option(default, flag: str, help: str):
+    # Every size flag states the rule: G alone is 10^9 bytes here, where some tools read it as 2^30.
+    return typer.Option(default, flag, help=f"{help} Units: {SIZE_RULE}.")
+
+
+def json_flag(help: str = "Print machine-readable JSON."):
+    return typer.Option(False, "--json", help=help)
+
+
+JSON = json_flag()

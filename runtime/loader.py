@@ -6,7 +6,7 @@ are read and the model is built on the meta device: what `k2 info`, `k2 plan`, `
 and it works on a folder that holds only config.json. The tokenizer, chat template and generation defaults are read
 when first asked for, so a command that needs none of them does not need their files.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -60,13 +60,11 @@ class LoadedModel:
     PipelineModel (with the model's interface) on rank 0 of a pipeline."""
 
     folder: Path
-    name: str  # as the user named it: "demo", a path, a repo id
     checkpoint: Checkpoint  # config.json and every stored tensor's name, dtype and shape
     model: object
     device: torch.device
     placed: bool = False  # spread over devices by a plan
     pipeline: object | None = None  # the PipelineModel on rank 0 under torchrun
-    _closers: list = field(default_factory=list)
 
     @property
     def config(self) -> dict:
@@ -148,9 +146,9 @@ class LoadedModel:
         return Engine(self.model, slots, max_len, self.decoder(eager))
 
     def close(self):
-        """Release what the model holds beyond this process (the other pipeline ranks)."""
-        while self._closers:
-            self._closers.pop()()
+        """Release the other pipeline ranks, if any: they serve rank 0 until it says stop."""
+        if self.pipeline is not None:
+            self.pipeline.close()
 
 
 def load(spec: str | Path = DEMO, device: str = "cpu", dtype: str | None = None, weights: bool = True,
@@ -161,10 +159,9 @@ def load(spec: str | Path = DEMO, device: str = "cpu", dtype: str | None = None,
     then gets None. Without weights, `complete` requires every shard's header (what reads all the weights needs);
     otherwise config.json alone is enough."""
     folder = resolve_model(str(spec))
-    name = str(spec)
     if not weights:
         checkpoint = Checkpoint.open(folder, require_weights=complete, allow_missing_shards=not complete)
-        return LoadedModel(folder, name, checkpoint, models.build_on_meta(checkpoint.config), torch.device("meta"))
+        return LoadedModel(folder, checkpoint, models.build_on_meta(checkpoint.config), torch.device("meta"))
     from runtime.pipeline import in_pipeline, open_stage
 
     target = check_device(device)
@@ -175,14 +172,12 @@ def load(spec: str | Path = DEMO, device: str = "cpu", dtype: str | None = None,
         pipeline = open_stage(folder, dtype, str(target), plan_data, device_map)
         if pipeline is None:
             return None
-        loaded = LoadedModel(folder, name, checkpoint, pipeline, pipeline.device, placed=plan_data is not None,
-                             pipeline=pipeline)
-        loaded._closers.append(pipeline.close)
-        return loaded
+        return LoadedModel(folder, checkpoint, pipeline, pipeline.device, placed=plan_data is not None,
+                           pipeline=pipeline)
     if plan_data is not None and len(plan_data["stages"]) != 1:
         raise K2Error(f"the plan has {len(plan_data['stages'])} stages: run it with "
                       f"torchrun --nproc-per-node {len(plan_data['stages'])}")
     model = load_model(folder, dtype, "cpu" if plan_data else target, progress=progress)
     if plan_data:
         apply_placement(model, plan_data["stages"][0], device_map)
-    return LoadedModel(folder, name, checkpoint, model, model.device, placed=plan_data is not None)
+    return LoadedModel(folder, checkpoint, model, model.device, placed=plan_data is not None)

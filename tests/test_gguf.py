@@ -425,6 +425,19 @@ def test_bad_inputs_are_one_line_errors(demo_dir, converted, tmp_path):
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_an_output_that_is_an_input_is_refused_even_with_force(demo_dir, tmp_path):
+    """OUT naming one of MODEL's files, directly or through a link, would destroy the input being read."""
+    model = shutil.copytree(demo_dir, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    shard = sorted(model.glob("model-*.safetensors"))[0]
+    assert_one_line_error(run_k2("convert", model, shard, "--to", "gguf", "--force"), shard.name, "MODEL")
+    (tmp_path / "link.gguf").symlink_to(model / "config.json")
+    with pytest.raises(K2Error, match="file of MODEL"):
+        convert_checkpoint(model, tmp_path / "link.gguf", ConvertConfig(), force=True, progress=False)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 @pytest.mark.skipif(os.environ.get("K2_LLAMA_CPP_TESTS") != "1",
                     reason="runs llama.cpp (pip install llama-cpp-python compiles it): set K2_LLAMA_CPP_TESTS=1")
 @pytest.mark.parametrize("model, tolerance", [("demo", 1e-3), ("int4", 1e-2)])

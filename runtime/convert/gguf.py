@@ -265,6 +265,10 @@ def convert_checkpoint(model_dir: str | Path, out: str | Path, config: ConvertCo
     if resume and force:
         raise K2Error("--resume and --force exclude each other")
     stale = _existing_outputs(out)
+    model_files = {p.resolve() for p in Path(model_dir).iterdir() if p.is_file()} if Path(model_dir).is_dir() else set()
+    clash = next((p for p in stale if p.resolve() in model_files), None)
+    if clash is not None:  # --force or not: overwriting what the conversion reads destroys the input
+        raise K2Error(f"{clash} is a file of MODEL, which the conversion reads; write OUT elsewhere")
     if stale and not force:
         raise K2Error(f"{stale[0]} exists; --force overwrites it")
     interrupted = (_temporary_folder(out) / PROGRESS).exists()

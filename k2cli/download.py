@@ -24,8 +24,10 @@ def download(repo_id: str = typer.Argument(..., help="Repo id on the hub, e.g. m
              revision: str = typer.Option("main", "--revision", "-r", help="Branch, tag or commit."),
              include: list[str] = typer.Option(None, "--include", help="Fetch only the files matching this glob "
                                                "(repeatable) instead of what k2 needs: weights, index, configs, "
-                                               "tokenizer, chat template."),
-             exclude: list[str] = typer.Option(None, "--exclude", help="Skip the files matching this glob (repeatable)."),
+                                               "tokenizer, chat template. `*` stays within a folder, `**` crosses "
+                                               "folders (huggingface_hub's `*` crosses them)."),
+             exclude: list[str] = typer.Option(None, "--exclude", help="Skip the files matching this glob (repeatable; "
+                                               "globs as for --include)."),
              local_dir: Path = typer.Option(None, "--local-dir", help="Download into this folder instead of the "
                                             "Hugging Face cache (where `k2 info REPO_ID` finds it)."),
              endpoint: str = typer.Option(None, "--endpoint", help="Hub or mirror URL (default: HF_ENDPOINT or "

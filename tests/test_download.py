@@ -132,6 +132,27 @@ def weight_map(source: Path) -> dict[str, str]:
 
 # --- what gets fetched ----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("path", ["../../../../../X/climbed.safetensors", "/tmp/absolute.safetensors",
+                                  "..\\..\\backslash.safetensors", "a/./../b.safetensors"])
+def test_a_listing_that_would_write_outside_the_folder_is_refused(hub, source, env, path):
+    repo = f"evil/listing-{abs(hash(path))}"
+    hub.add_repo(repo, source, extra={path: b"not a model"})
+    result = k2_download(hub, repo, "--include", "*.safetensors", "--local-dir", env / "out")
+    assert_one_line_error(result, repr(path), "outside the download folder")
+    assert sum(hub.sent.values()) == 0 and not (env / "out").exists()
+    assert not [p for p in env.parent.rglob("*.safetensors") if "climbed" in p.name or "backslash" in p.name]
+
+
+def test_globs_enter_folders_only_when_asked(hub, env):
+    def chosen(*globs):
+        return [f["path"] for f in fetch(hub, REPO, include=list(globs), dry_run=True)["files"]]
+
+    with pytest.raises(K2Error, match="no file .* matches"):
+        chosen("*.png")  # huggingface_hub's allow_patterns would take figures/banner.png
+    assert chosen("*.md") == ["README.md"]
+    assert chosen("**/*.png") == chosen("figures/*") == chosen("**.png") == ["figures/banner.png"]
+    assert chosen("**/*.md") == ["README.md"]  # `**/` also matches no folder at all
+
 def test_full_download_is_the_source_byte_for_byte_and_resolves_by_repo_id(hub, source, env):
     result = cli_json(hub, REPO)
     folder = snapshot(env, REPO, hub)

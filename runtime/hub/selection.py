@@ -3,7 +3,7 @@ shards."""
 import json
 import re
 import tempfile
-from fnmatch import fnmatchcase
+from functools import cache
 from pathlib import Path
 
 from runtime.errors import K2Error
@@ -18,13 +18,54 @@ DEFAULT_EXCLUDE = ("*.py",)
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
+@cache
+def glob_pattern(glob: str) -> re.Pattern:
+    """A --include/--exclude glob as a regex over a repo path: `*` and `?` stay within one folder, `**` crosses
+    folders (`**/` also matches none), `[...]` is a character class. Unlike huggingface_hub's allow_patterns
+    (fnmatch, where `*.safetensors` also matches `sub/x.safetensors`), a folder is entered only when asked."""
+    regex, i = [], 0
+    while i < len(glob):
+        if glob.startswith("**/", i):
+            regex.append("(?:.*/)?")
+            i += 3
+        elif glob.startswith("**", i):
+            regex.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            regex.append("[^/]*")
+            i += 1
+        elif glob[i] == "?":
+            regex.append("[^/]")
+            i += 1
+        elif glob[i] == "[" and (end := glob.find("]", i + 2)) != -1:
+            body = glob[i + 1:end]
+            regex.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            regex.append(re.escape(glob[i]))
+            i += 1
+    return re.compile("".join(regex))
+
+
 def _matches(path: str, globs) -> bool:
-    return any(fnmatchcase(path, glob) for glob in globs)
+    return any(glob_pattern(glob).fullmatch(path) for glob in globs)
+
+
+def check_remote_path(path: str):
+    """A path of the hub's listing stays inside the folder it is written to: relative, no '.' or '..' component, no
+    empty component, no backslash (a separator on Windows), no drive letter, no NUL."""
+    parts = path.split("/")
+    if (not path or "\0" in path or "\\" in path or path.startswith("/") or re.match(r"[A-Za-z]:", path)
+            or any(part in ("", ".", "..") for part in parts)):
+        raise K2Error(f"the hub lists a file named {path!r}, which would be written outside the download folder; "
+                      "refusing this listing")
 
 
 def select_paths(paths, include: list[str] | None = None, exclude: list[str] | None = None) -> list[str]:
-    """The repo files to fetch. By default the top-level files k2 reads; --include globs replace that set (matched
-    against the whole path, as huggingface_hub's allow_patterns), --exclude globs remove from it."""
+    """The repo files to fetch, after checking every listed path. By default the top-level files k2 reads;
+    --include globs replace that set, --exclude globs remove from it (see glob_pattern)."""
+    for path in paths:
+        check_remote_path(path)
     if include:
         chosen = [p for p in paths if _matches(p, include)]
     else:

@@ -167,9 +167,9 @@ def load(spec: str | Path = DEMO, device: str = "cpu", dtype: str | None = None,
     target = check_device(device)
     dtype = torch_dtype(dtype)
     plan_data = read_plan(plan) if plan else None
-    checkpoint = Checkpoint.open(folder, require_weights=False, allow_missing_shards=in_pipeline())
+    checkpoint = Checkpoint.open(folder, allow_missing_shards=in_pipeline())  # a stage's folder has its shards only
     if in_pipeline():
-        pipeline = open_stage(folder, dtype, str(target), plan_data, device_map)
+        pipeline = open_stage(checkpoint, dtype, str(target), plan_data, device_map)
         if pipeline is None:
             return None
         return LoadedModel(folder, checkpoint, pipeline, pipeline.device, placed=plan_data is not None,
@@ -177,7 +177,7 @@ def load(spec: str | Path = DEMO, device: str = "cpu", dtype: str | None = None,
     if plan_data is not None and len(plan_data["stages"]) != 1:
         raise K2Error(f"the plan has {len(plan_data['stages'])} stages: run it with "
                       f"torchrun --nproc-per-node {len(plan_data['stages'])}")
-    model = load_model(folder, dtype, "cpu" if plan_data else target, progress=progress)
+    model = load_model(checkpoint, dtype, "cpu" if plan_data else target, progress=progress)
     if plan_data:
         apply_placement(model, plan_data["stages"][0], device_map)
     return LoadedModel(folder, checkpoint, model, model.device, placed=plan_data is not None)

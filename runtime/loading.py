@@ -80,12 +80,14 @@ def _wanted(name: str, layer_ids: set[int] | None, embed: bool, head: bool) -> b
     return embed if "embed_tokens" in name else head
 
 
-def load_model(folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+def load_model(source: str | Path | Checkpoint, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                progress: bool = False, layer_ids=None, embed: bool = True, head: bool = True) -> nn.Module:
-    """The model with weights from `folder`; with `layer_ids`, only those layers (plus the embedding and/or the head
-    when asked) are read, the rest stay on the meta device and take no memory."""
+    """The model with weights from `source` (a folder, or its Checkpoint already opened); with `layer_ids`, only
+    those layers (plus the embedding and/or the head when asked) are read, the rest stay on the meta device and take
+    no memory."""
     layer_ids = None if layer_ids is None else set(layer_ids)
-    ckpt = Checkpoint.open(folder, allow_missing_shards=layer_ids is not None)
+    ckpt = source if isinstance(source, Checkpoint) else \
+        Checkpoint.open(source, allow_missing_shards=layer_ids is not None)
     method = _quant_method(ckpt.config)
     if method not in (None, "fp8", "compressed-tensors"):
         raise K2Error(f"loading {method!r} quantized checkpoints is not supported (BF16/FP16/FP32, FP8 and "

@@ -8,12 +8,12 @@ processes, so it cannot be one captured graph).
 """
 import os
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from runtime.cache import SlotCache
+from runtime.checkpoint import Checkpoint
 from runtime.errors import K2Error
 from runtime.loading import load_model
 from runtime.offload import apply_placement
@@ -35,17 +35,18 @@ def _rss_bytes() -> int:
 class Stage:
     """This rank's part of the model and the point-to-point traffic around it."""
 
-    def __init__(self, folder: Path, dtype, device: str, rank: int, world: int, backend: str,
+    def __init__(self, checkpoint: Checkpoint, dtype, device: str, rank: int, world: int, backend: str,
                  plan: dict | None = None, device_map: dict | None = None):
         self.rank, self.world = rank, world
         # NCCL moves only GPU tensors, so control messages travel on the GPU there.
         self.control_device = torch.device(device) if backend == "nccl" else torch.device("cpu")
         if plan is None:
-            self.layer_ids = list(pipeline_stage_ranges(folder, world)[rank])
+            self.layer_ids = list(pipeline_stage_ranges(checkpoint.folder, world)[rank])
         else:
             self.layer_ids = [entry["layer"] for entry in plan["stages"][rank]["layers"]]
         load_to = "cpu" if plan else device
-        self.model = load_model(folder, dtype, load_to, layer_ids=self.layer_ids, embed=rank == 0, head=rank == world - 1)
+        self.model = load_model(checkpoint, dtype, load_to, layer_ids=self.layer_ids, embed=rank == 0,
+                                head=rank == world - 1)
         if plan:
             apply_placement(self.model, plan["stages"][rank], device_map)
         self.device = self.model.layer_device(self.layer_ids[0])  # where hidden states arrive
@@ -119,8 +120,9 @@ class PipelineModel:
         B, T = tokens.shape
         _broadcast(torch.tensor([OP_FORWARD, B, T, cache.first_row, int(last_only)]), self.stage.control_device)
         _broadcast(tokens, self.stage.control_device)
-        _broadcast(cache.lengths.clone(), self.stage.control_device)
-        self.stage.run(tokens.to(self.device), cache.first_row, cache.lengths.clone(), last_only)
+        lengths = cache.lengths.clone()
+        _broadcast(lengths, self.stage.control_device)
+        self.stage.run(tokens.to(self.device), cache.first_row, lengths, last_only)
         dtype = self.stage.model.model.embed_tokens.weight.dtype
         logits = torch.empty(B, 1 if last_only else T, self.args.vocab_size, dtype=dtype, device=self.device)
         _checked(dist.recv, logits, self.stage.world - 1)
@@ -149,7 +151,7 @@ def serve(stage: Stage):
             _checked(dist.send, logits.contiguous(), 0)
 
 
-def open_stage(folder: Path, dtype, device: str, plan: dict | None = None,
+def open_stage(checkpoint: Checkpoint, dtype, device: str, plan: dict | None = None,
                device_map: dict | None = None) -> "PipelineModel | None":
     """Under torchrun: this rank's stage, placed as `plan` (from `k2 plan --json`) says when given. Rank 0 gets a
     PipelineModel; the other ranks serve rank 0 until it is done and get None."""
@@ -168,7 +170,7 @@ def open_stage(folder: Path, dtype, device: str, plan: dict | None = None,
         dist.init_process_group(backend, timeout=timeout)
     except (RuntimeError, ValueError, dist.DistError) as e:
         raise K2Error(f"pipeline: cannot form the process group of {world} ranks: {str(e).splitlines()[0]}") from None
-    stage = Stage(folder, dtype, device, rank, world, backend, plan, device_map)
+    stage = Stage(checkpoint, dtype, device, rank, world, backend, plan, device_map)
     layout = [None] * world
     dist.all_gather_object(layout, {"rank": rank, "layers": [stage.layer_ids[0], stage.layer_ids[-1]],
                                     "weight_bytes": stage.weight_bytes(), "rss_bytes": _rss_bytes()})

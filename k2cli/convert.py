@@ -6,6 +6,7 @@ from pathlib import Path
 import typer
 
 from k2cli import options
+from k2cli.interrupt import resumable
 from runtime.errors import K2Error
 from runtime.units import format_bytes
 
@@ -35,8 +36,10 @@ def convert(model: str = options.REQUIRED_MODEL,
 
     split_max_bytes = parse_size(split_max_size, "--split-max-size") if split_max_size is not None else 0
     config = ConvertConfig(type=weights_type, experts_type=experts_type, split_max_bytes=split_max_bytes)
-    result = convert_checkpoint(resolve_model(model), out, config, force=force, resume=resume, workers=workers,
-                                progress=sys.stderr.isatty())
+    with resumable(f"the tensors written so far are kept next to {out}; the same command with --resume continues "
+                   f"from them"):
+        result = convert_checkpoint(resolve_model(model), out, config, force=force, resume=resume, workers=workers,
+                                    progress=sys.stderr.isatty())
     if as_json:
         typer.echo(json.dumps(result))
         return

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import typer
 
+from k2cli.interrupt import resumable
+
 
 def _print_files(result: dict):
     labels = {"done": "have", "check": "have", "partial": "partial", "missing": "to fetch"}
@@ -50,7 +52,8 @@ def download(repo_id: str = typer.Argument(..., help="Repo id on the hub, e.g. m
     request = DownloadRequest(repo_id, revision, include=include or None, exclude=exclude or None, local_dir=local_dir,
                               endpoint=endpoint, workers=workers, stage=stage, layers=layers, verify=verify,
                               dry_run=dry_run, progress=sys.stderr.isatty() and not as_json)
-    result = run_download(request)
+    with resumable("the files and partial files fetched so far are kept; the same command resumes them"):
+        result = run_download(request)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

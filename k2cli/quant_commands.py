@@ -6,6 +6,7 @@ from pathlib import Path
 import typer
 
 from k2cli import options
+from k2cli.interrupt import resumable
 from runtime.errors import K2Error
 from runtime.units import format_bytes
 
@@ -33,8 +34,9 @@ def quantize(model: str = options.REQUIRED_MODEL,
         raise K2Error("--resume and --force exclude each other")
     config = QuantizeConfig(method=method, grid=grid, group_size=group_size, scope=scope,
                             max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"), report=report is not None)
-    result = quantize_checkpoint(resolve_model(model), out, config, resume=resume, force=force, workers=workers,
-                                 progress=sys.stderr.isatty())
+    with resumable(f"the finished shards are kept in {out}; the same command with --resume continues from them"):
+        result = quantize_checkpoint(resolve_model(model), out, config, resume=resume, force=force, workers=workers,
+                                     progress=sys.stderr.isatty())
     if report is not None:
         tmp = report.with_name(f".{report.name}.tmp")
         tmp.write_text(json.dumps(result["report"], indent=2))

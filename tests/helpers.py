@@ -14,6 +14,34 @@ def run_k2(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+def run_k2_here(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
+    """`k2` run in this process through the same entry point and error handler as the installed script: for the many
+    bad-input cases, where a child process would spend its time importing torch. Same result shape as run_k2."""
+    import contextlib
+    import io
+
+    from k2cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = os.environ.get("K2_HOME")
+    if home:
+        os.environ["K2_HOME"] = str(home)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        if home:
+            if saved is None:
+                os.environ.pop("K2_HOME")
+            else:
+                os.environ["K2_HOME"] = saved
+    return subprocess.CompletedProcess(["k2", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str):
     assert result.returncode != 0, result.stdout
     assert "Traceback" not in result.stderr, result.stderr

@@ -4,7 +4,7 @@ import json
 import typer
 
 from k2cli import options
-from runtime.units import format_bytes
+from runtime.units import format_bytes, table_unit
 
 GB = 10**9
 USE_COLUMNS = ("weights", "experts", "kv_cache", "expert_cache")  # a device's *_bytes, in the table's order
@@ -39,13 +39,14 @@ def print_plan(result: dict):
         embeddings = f", embeddings on {stage['embeddings']}" if stage["embeddings"] else ""
         typer.echo(f"stage {stage['stage']}: layers {stage['first_layer']}-{stage['last_layer']}{embeddings}")
         typer.echo(f"  {'device':<8} {'budget':>10} {'weights':>10} {'experts':>10} {'kv':>9} {'cache':>9} {'free':>10}")
-        for d in stage["devices"]:
-            used = [d[f"{column}_bytes"] for column in USE_COLUMNS]
-            budget, free = ((format_bytes(d["budget_bytes"], compact=True),
-                             format_bytes(d["budget_bytes"] - sum(used), compact=True))
-                            if d["budget_bytes"] is not None else ("-", "-"))
-            weights, experts, kv, cache = (format_bytes(nbytes, compact=True) for nbytes in used)
-            typer.echo(f"  {d['device']:<8} {budget:>10} {weights:>10} {experts:>10} {kv:>9} {cache:>9} {free:>10}")
+        rows = [(d["device"], [d["budget_bytes"], *(d[f"{c}_bytes"] for c in USE_COLUMNS)]) for d in stage["devices"]]
+        rows = [(device, [*sizes, sizes[0] - sum(sizes[1:]) if sizes[0] is not None else None]) for device, sizes in rows]
+        # Each column in the one unit its largest figure needs: the rows compare at a glance, small models show.
+        units = [table_unit(sizes[i] for _, sizes in rows if sizes[i] is not None) for i in range(len(rows[0][1]))]
+        for device, sizes in rows:
+            budget, weights, experts, kv, cache, free = (format_bytes(n, unit) if n is not None else "-"
+                                                         for n, unit in zip(sizes, units))
+            typer.echo(f"  {device:<8} {budget:>10} {weights:>10} {experts:>10} {kv:>9} {cache:>9} {free:>10}")
         groups = []  # consecutive layers with the same placement share a line
         for entry in stage["layers"]:
             summary = _layer_summary(entry)
@@ -57,7 +58,7 @@ def print_plan(result: dict):
             typer.echo(f"  layers {_ranges(layers):<8} {summary}")
         if stage["lm_head"]:
             typer.echo(f"  lm_head on {stage['lm_head']}")
-    reads = ", ".join(f"{device} {nbytes / GB:,.1f} GB" for device, nbytes in prediction["bytes_read_per_step"].items())
+    reads = ", ".join(f"{device} {format_bytes(nbytes)}" for device, nbytes in prediction["bytes_read_per_step"].items())
     typer.echo(f"predicted decode: {prediction['tokens_per_s']:,.1f} tok/s at batch {setup['batch']} "
                f"(reads per step: {reads})")
     a = result["assumptions"]

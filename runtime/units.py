@@ -13,6 +13,7 @@ SIZE_RULE = "K, M, G, T (with or without B) count powers of 1000, Ki, Mi, Gi, Ti
 SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(i?))?b?\s*", re.IGNORECASE)
 PREFIXES = "kmgt"
 BINARY_UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+UNIT_BYTES = dict(BINARY_UNITS, B=1)
 
 
 def parse_size(text: str, flag: str) -> int:
@@ -26,12 +27,24 @@ def parse_size(text: str, flag: str) -> int:
     return int(Decimal(number) * scale)  # Decimal: 1.1K is 1100 bytes, not 1099.9999
 
 
-def format_bytes(nbytes: float, compact: bool = False) -> str:
-    """'1.50 GiB', '512.00 MiB', '900 B'. compact: always GiB with one decimal and no space ('75.0GiB'), for table
-    columns whose rows must compare at a glance."""
-    if compact:
-        return f"{nbytes / (1 << 30):,.1f}GiB"
-    for unit, size in BINARY_UNITS:
+def format_bytes(nbytes: float, unit: str | None = None) -> str:
+    """'1.50 GiB', '512.00 MiB', '900 B': the largest unit the size reaches. With `unit` (from `table_unit`), that
+    unit with one decimal and no space ('75.0GiB'), for table columns whose rows must compare at a glance."""
+    if unit is not None:
+        return f"{nbytes:,.0f}B" if unit == "B" else f"{nbytes / UNIT_BYTES[unit]:,.1f}{unit}"
+    for name, size in BINARY_UNITS:
         if abs(nbytes) >= size:
-            return f"{nbytes / size:,.2f} {unit}"
+            return f"{nbytes / size:,.2f} {name}"
     return f"{nbytes:.0f} B"
+
+
+def table_unit(sizes) -> str:
+    """The one unit a column of sizes is printed in: the largest one the largest size reaches, so a small model's
+    table reads '1.2MiB', not '0.0GiB'."""
+    largest = max((abs(n) for n in sizes), default=0)
+    return next((name for name, size in BINARY_UNITS if largest >= size), "B")
+
+
+def format_shortfall(need: int, free: int) -> str:
+    """'10.00 MiB free, 10.00 MiB needed: 312 B short': the shortfall in its own unit, so a small one still shows."""
+    return f"{format_bytes(free)} free, {format_bytes(need)} needed: {format_bytes(need - free)} short"

@@ -313,7 +313,7 @@ def test_verify_finds_corrupt_and_missing_files_and_fetches_them_again(hub, sour
 def test_preflight_refuses_when_the_disk_is_short_before_fetching_anything(hub, source, env):
     request = DownloadRequest(REPO, endpoint=hub.endpoint, local_dir=env / "model")
     needed = sum(p.stat().st_size for p in source.iterdir())
-    with pytest.raises(K2Error, match=rf"not enough disk space .*: {needed / 2**20:.2f} MiB still to fetch, 1000 B free"):
+    with pytest.raises(K2Error, match=rf"not enough disk space .*: 1000 B free, {needed / 2**20:.2f} MiB needed: .* short"):
         download(request, free_bytes=lambda folder: 1000)
     assert hub.sent == {} and not (env / "model").exists()
 

@@ -8,6 +8,7 @@ import importlib.resources
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -316,7 +317,7 @@ def test_interrupted_conversion_resumes_in_place(demo_dir, converted, tmp_path, 
         return encode_rows(*args)
 
     monkeypatch.setattr(export, "_encode_rows", full_disk_at_the_30th_block)
-    with pytest.raises(OSError):
+    with pytest.raises(K2Error, match=f"cannot write {out}: No space left on device; .* --resume continues"):
         convert(demo_dir, out, type="bf16")
     assert not out.exists()
     with pytest.raises(K2Error, match="--resume continues it"):
@@ -423,6 +424,15 @@ def test_bad_inputs_are_one_line_errors(demo_dir, converted, tmp_path):
     with pytest.raises(K2Error, match="--experts-type"):
         ConvertConfig(experts_type="q2_k")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_disk_short_by_one_byte_says_so(demo_dir, converted, tmp_path, monkeypatch):
+    from runtime.convert import gguf as export
+
+    needed = sum(int(t.n_bytes) for t in read_gguf(converted["bf16"][0])[1].values())  # the tensor data's bytes
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda path: SimpleNamespace(free=needed - 1))
+    with pytest.raises(K2Error, match=rf"not enough space in {tmp_path} for the GGUF: .* free, .* needed: 1 B short"):
+        convert(demo_dir, tmp_path / "x.gguf", type="bf16")
 
 
 def test_an_output_that_is_an_input_is_refused_even_with_force(demo_dir, tmp_path):

@@ -3,6 +3,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -250,14 +251,30 @@ def test_full_disk(demo_dir, tmp_path, monkeypatch):
     def no_space(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(quantize_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=10**6))
-    with pytest.raises(K2Error, match="976.56 KiB free; the remaining shards need"):
+    quantize_checkpoint(demo_dir, tmp_path / "whole", QuantizeConfig(), progress=False)
+    needed = sum(p.stat().st_size for p in (tmp_path / "whole").glob("*.safetensors"))
+    monkeypatch.setattr(quantize_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=needed - 1))
+    with pytest.raises(K2Error, match=rf"not enough space in {tmp_path / 'a'} for the remaining shards: .* 1 B short"):
         quantize_checkpoint(demo_dir, tmp_path / "a", QuantizeConfig(), progress=False)
     monkeypatch.undo()
     monkeypatch.setattr(os, "posix_fallocate", no_space)
     with pytest.raises(K2Error, match="No space left on device"):
         quantize_checkpoint(demo_dir, tmp_path / "b", QuantizeConfig(), progress=False)
     assert not list((tmp_path / "b").glob(".*.tmp"))
+    monkeypatch.undo()
+
+    copyfile = shutil.copyfile
+
+    def full_after_the_weights(source, target):  # what shutil reports: the source's name, not the file being written
+        if Path(source).parent == demo_dir:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(source))
+        return copyfile(source, target)
+
+    monkeypatch.setattr(shutil, "copyfile", full_after_the_weights)
+    out = tmp_path / "c"
+    with pytest.raises(K2Error, match=rf"cannot write {out}: No space left on device; .* --resume continues"):
+        quantize_checkpoint(demo_dir, out, QuantizeConfig(), progress=False)
+    assert not list(out.glob(".*.tmp"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

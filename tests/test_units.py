@@ -1,12 +1,13 @@
 """One size rule for every size flag and one way to print bytes (runtime/units.py), and the commands reading by it."""
 import json
+import re
 
 import gguf
 import pytest
 
 from runtime.errors import K2Error
-from runtime.units import format_bytes, parse_size
-from tests.helpers import assert_one_line_error, run_k2
+from runtime.units import UNIT_BYTES, format_bytes, parse_size
+from tests.helpers import assert_one_line_error, run_k2, run_k2_here
 
 SIZES = {
     "80": 80, "3B": 3, "0": 0, " 7 ": 7,
@@ -35,7 +36,7 @@ def test_bytes_print_in_binary_units_and_read_back_the_same():
     printed = {0: "0 B", 900: "900 B", 1023: "1023 B", 1024: "1.00 KiB", 10**6: "976.56 KiB",
                512 * 2**20: "512.00 MiB", 3 * 2**29: "1.50 GiB", 1917 * 2**30: "1,917.00 GiB"}
     assert {n: format_bytes(n) for n in printed} == printed
-    assert format_bytes(75 * 2**30, compact=True) == "75.0GiB" and format_bytes(0, compact=True) == "0.0GiB"
+    assert format_bytes(75 * 2**30, "GiB") == "75.0GiB" and format_bytes(0, "GiB") == "0.0GiB"
     for nbytes in (900, 3 * 2**29, 512 * 2**20):
         assert parse_size(format_bytes(nbytes), "--gpu") == nbytes
 
@@ -45,6 +46,26 @@ def test_plan_reads_memory_sizes_by_the_rule(demo_dir):
     assert result.returncode == 0, result.stderr
     setup = json.loads(result.stdout)["setup"]
     assert setup["gpus"] == [1_500_000_000, 1_610_612_736, 1_610_612_736] and setup["cpu_mem"] == 64 * 10**9
+
+
+def test_plan_table_prints_each_column_in_a_unit_its_sizes_reach(demo_dir):
+    """A 5 MiB model on a 5G GPU: the table's figures read back as the JSON's bytes (to the printed digit), and no
+    column of non-zero sizes prints as all zeros (it used to print 0.0GiB for everything)."""
+    args = ("plan", demo_dir, "--gpu", "5G", "--cpu-mem", "6G")
+    table, plan = run_k2_here(*args), run_k2_here(*args, "--json")
+    assert table.returncode == 0 and plan.returncode == 0, table.stderr + plan.stderr
+    lines = table.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["device", "budget"])
+    rows = {line.split()[0]: line.split()[1:] for line in lines[header + 1:header + 3]}
+    devices = json.loads(plan.stdout)["stages"][0]["devices"]
+    columns = ("budget", "weights", "experts", "kv_cache", "expert_cache")
+    for column in range(len(columns)):
+        printed = [rows[d["device"]][column] for d in devices]
+        truth = [d[f"{columns[column]}_bytes"] for d in devices]
+        unit = re.sub(r"[\d.,]", "", printed[0])
+        assert all(abs(parse_size(text.replace(",", ""), "t") - nbytes) <= UNIT_BYTES[unit] * 0.05 + 1
+                   for text, nbytes in zip(printed, truth)), (columns[column], printed, truth)
+        assert any(parse_size(text.replace(",", ""), "t") > 0 for text in printed) == any(truth), (printed, truth)
 
 
 def split_limit_bounds(files: list[str]) -> tuple[int, int]:

@@ -31,9 +31,10 @@ from runtime.checkpoint import read_json
 from runtime.convert.gguf_vocab import add_vocab, read_vocab
 from runtime.convert.sources import Source, collect_sources, read_rows, release_rows, row_blocks
 from runtime.errors import K2Error
+from runtime.files import writing_to
 from runtime.loader import load
 from runtime.safetensors_io import MappedShards
-from runtime.units import format_bytes
+from runtime.units import format_shortfall
 
 Q = gguf.GGMLQuantizationType
 TYPES = {"f32": Q.F32, "bf16": Q.BF16, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
@@ -300,10 +301,12 @@ def convert_checkpoint(model_dir: str | Path, out: str | Path, config: ConvertCo
         out.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(out.parent).free
         if total > free:
-            raise K2Error(f"{out.parent} has {format_bytes(free)} free; the GGUF needs {format_bytes(total)}")
+            raise K2Error(f"not enough space in {out.parent} for the GGUF: {format_shortfall(total, free)}")
         started = time.perf_counter()
-        scale_report, resumed = _write(writer, tensors, out, files, reader, arch, workers or len(os.sched_getaffinity(0)),
-                                       progress, _fingerprint(ckpt.folder, config, tensors), resume)
+        with writing_to(out, "the tensors written so far are kept; free space, then --resume continues"):
+            scale_report, resumed = _write(writer, tensors, out, files, reader, arch,
+                                           workers or len(os.sched_getaffinity(0)), progress,
+                                           _fingerprint(ckpt.folder, config, tensors), resume)
         seconds = time.perf_counter() - started
     finally:
         reader.close()

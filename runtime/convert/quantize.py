@@ -7,7 +7,6 @@ renamed when complete; a manifest in the output folder lists finished shards, so
 """
 import ctypes
 import hashlib
-import json
 import os
 import shutil
 import statistics
@@ -24,10 +23,11 @@ from quant.methods import METHODS, Int4Spec
 from runtime.checkpoint import INDEX_FILE, Checkpoint, read_json
 from runtime.convert.sources import Source, collect_sources, natural_key, read_rows, release_rows, row_blocks
 from runtime.errors import K2Error
+from runtime.files import copy_atomic, write_json_atomic, writing_to
 from runtime.info import is_linear_weight
 from runtime.loader import load
 from runtime.safetensors_io import TORCH_DTYPES, MappedShards, PlannedTensor, ShardWriter, shard_nbytes
-from runtime.units import format_bytes
+from runtime.units import format_shortfall
 
 MANIFEST = ".k2-quantize.json"
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -194,12 +194,6 @@ def _fingerprint(ckpt: Checkpoint, config: QuantizeConfig) -> dict:
             "input": {s.name: [s.stat().st_size, s.stat().st_mtime_ns] for s in shards}}
 
 
-def _write_json_atomic(path: Path, data: dict, **kwargs):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, **kwargs))
-    os.replace(tmp, path)
-
-
 def _prepare_output(out: Path, model_dir: Path, fingerprint: dict, resume: bool, force: bool) -> dict:
     """The manifest to continue from: a fresh one, or the interrupted run's when resuming."""
     if out.exists() and not out.is_dir():
@@ -224,26 +218,24 @@ def _prepare_output(out: Path, model_dir: Path, fingerprint: dict, resume: bool,
     for stale in [*out.glob("*.safetensors"), *out.glob(".*.tmp"), out / INDEX_FILE, manifest_path]:
         stale.unlink(missing_ok=True)
     manifest = {"version": 1, "fingerprint": fingerprint, "shards": {}}
-    _write_json_atomic(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
     return manifest
 
 
 def _finalize(ckpt: Checkpoint, out: Path, plans: list[ShardPlan], config: QuantizeConfig, observer: str):
     weight_map = {t.name: plan.file for plan in plans for t in plan.tensors}
     total = sum(t.nbytes for plan in plans for t in plan.tensors)
-    _write_json_atomic(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    write_json_atomic(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     for item in sorted(ckpt.folder.iterdir()):  # tokenizer, chat template, generation config, model card...
         if item.is_file() and not item.name.startswith(".") and item.suffix != ".safetensors" \
                 and item.name not in (INDEX_FILE, "config.json"):
-            tmp = out / f".{item.name}.tmp"
-            shutil.copyfile(item, tmp)
-            os.replace(tmp, out / item.name)
+            copy_atomic(item, out / item.name)
     model_config = dict(ckpt.config)
     model_config["quantization_config"] = int4.compressed_tensors_config(
         config.group_size, observer, list(SCOPES[config.scope].ignore))
     for key in [k for k in ("torch_dtype", "dtype") if k in model_config] or ["torch_dtype"]:
         model_config[key] = "bfloat16"
-    _write_json_atomic(out / "config.json", model_config, indent=2)
+    write_json_atomic(out / "config.json", model_config, indent=2)
 
 
 def summarize(tensor_stats: list[dict], worst: int = 5) -> dict:
@@ -270,14 +262,15 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: Quantize
         todo = [p for p in plans if p.file not in done]
         need, free = sum(shard_nbytes(p.tensors) for p in todo), shutil.disk_usage(out).free
         if need > free:
-            raise K2Error(f"{out} has {format_bytes(free)} free; the remaining shards need {format_bytes(need)}")
+            raise K2Error(f"not enough space in {out} for the remaining shards: {format_shortfall(need, free)}")
         method = METHODS[config.method]()
         started = time.perf_counter()
-        _run(todo, out, manifest, reader, method, Int4Spec.of(config.group_size, config.grid), config, roles,
-             workers or len(os.sched_getaffinity(0)), progress,
-             total_bytes=sum(s.nbytes for s in sources), done_bytes=sum(s.nbytes for p in plans if p.file in done
-                                                                       for s in p.sources))
-        _finalize(ckpt, out, plans, config, method.observer)
+        with writing_to(out, "the finished shards are kept; free space, then --resume continues"):
+            _run(todo, out, manifest, reader, method, Int4Spec.of(config.group_size, config.grid), config, roles,
+                 workers or len(os.sched_getaffinity(0)), progress,
+                 total_bytes=sum(s.nbytes for s in sources), done_bytes=sum(s.nbytes for p in plans if p.file in done
+                                                                           for s in p.sources))
+            _finalize(ckpt, out, plans, config, method.observer)
         seconds = time.perf_counter() - started
     finally:
         reader.close()
@@ -323,7 +316,7 @@ def _run(plans: list[ShardPlan], out: Path, manifest: dict, reader: MappedShards
         writer.finish()
         stats = sorted(stats, key=lambda s: natural_key(s["name"]))
         manifest["shards"][plan.file] = {"bytes": writer.nbytes, "stats": stats}
-        _write_json_atomic(out / MANIFEST, manifest)
+        write_json_atomic(out / MANIFEST, manifest)
 
     committing = None
     try:

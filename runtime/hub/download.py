@@ -19,7 +19,7 @@ from runtime.hub.remote import Hub, Listing, save_listing, saved_listing
 from runtime.hub.selection import parse_layers, parse_stage, select_paths, shards_for_layers, stage_layers
 from runtime.hub.store import CHECK, DONE, MISSING, CacheStore, FileState, LocalDirStore
 from runtime.hub.transfer import Meter, fetch, hash_file, run_all
-from runtime.units import format_bytes
+from runtime.units import format_shortfall
 
 INDEX = "model.safetensors.index.json"
 
@@ -152,9 +152,9 @@ def download(req: DownloadRequest, free_bytes=disk_free) -> dict:
         raise K2Error(f"HF_HUB_OFFLINE=1 and {len(missing)} file(s) of {req.repo_id} are not in {store.folder}: "
                       f"{names}; unset HF_HUB_OFFLINE to download them")
     if result["free_bytes"] < result["missing_bytes"]:
-        raise K2Error(f"not enough disk space for {req.repo_id}: {format_bytes(result['missing_bytes'])} still to "
-                      f"fetch, {format_bytes(result['free_bytes'])} free in {existing_parent(store.folder)}; free some "
-                      "space or choose another --local-dir")
+        raise K2Error(f"not enough disk space in {existing_parent(store.folder)} for what {req.repo_id} still needs: "
+                      f"{format_shortfall(result['missing_bytes'], result['free_bytes'])}; free some space or choose "
+                      "another --local-dir")
     if not offline:
         save_listing(listing)
     result["fetched_bytes"] = _transfer(req, hub, listing, store, states)

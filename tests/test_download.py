@@ -133,7 +133,8 @@ def weight_map(source: Path) -> dict[str, str]:
 # --- what gets fetched ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", ["../../../../../X/climbed.safetensors", "/tmp/absolute.safetensors",
-                                  "..\\..\\backslash.safetensors", "a/./../b.safetensors"])
+                                  "..\\..\\backslash.safetensors", "a/./../b.safetensors",
+                                  "weights/C:climbed.safetensors"])
 def test_a_listing_that_would_write_outside_the_folder_is_refused(hub, source, env, path):
     repo = f"evil/listing-{abs(hash(path))}"
     hub.add_repo(repo, source, extra={path: b"not a model"})

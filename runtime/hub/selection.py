@@ -53,10 +53,11 @@ def _matches(path: str, globs) -> bool:
 
 def check_remote_path(path: str):
     """A path of the hub's listing stays inside the folder it is written to: relative, no '.' or '..' component, no
-    empty component, no backslash (a separator on Windows), no drive letter, no NUL."""
+    empty component, no backslash (a separator on Windows), no drive letter starting any component (Windows joins
+    `a/C:b` as a drive path; huggingface_hub's own check raises a ValueError on it), no NUL."""
     parts = path.split("/")
-    if (not path or "\0" in path or "\\" in path or path.startswith("/") or re.match(r"[A-Za-z]:", path)
-            or any(part in ("", ".", "..") for part in parts)):
+    if (not path or "\0" in path or "\\" in path or path.startswith("/")
+            or any(part in ("", ".", "..") or re.match(r"[A-Za-z]:", part) for part in parts)):
         raise K2Error(f"the hub lists a file named {path!r}, which would be written outside the download folder; "
                       "refusing this listing")
 

@@ -222,7 +222,10 @@ def test_stages_fetch_disjoint_shards_that_hold_their_layers_and_together_all(hu
 
 # --- resume and verify ----------------------------------------------------------------------------------------
 
-def test_a_transfer_killed_mid_file_resumes_without_resending_what_is_on_disk(hub, big_source, env):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+def test_a_transfer_killed_mid_file_resumes_without_resending_what_is_on_disk(hub, big_source, env, sig):
+    """Killed, or stopped with Ctrl-C: then promptly (the transfer is still held open by the server), with one line
+    saying what was kept and how to resume, and exit 130."""
     shard = "model-00001-of-00001.safetensors"
     size = (big_source / shard).stat().st_size
     blobs = env / "hf" / "hub" / f"models--{BIG.replace('/', '--')}" / "blobs"
@@ -236,11 +239,15 @@ def test_a_transfer_killed_mid_file_resumes_without_resending_what_is_on_disk(hu
         while (not partial.exists() or partial.stat().st_size == 0) and time.monotonic() < deadline:
             time.sleep(0.05)  # the client writes the chunks it has whole, then waits for more
         time.sleep(0.5)
-        child.send_signal(signal.SIGKILL)
-        child.wait(10)
+        child.send_signal(sig)
+        _, stderr = child.communicate(timeout=10)
     finally:
         child.kill()
         fault.release.set()
+    if sig == signal.SIGINT:
+        assert child.returncode == 130
+        assert stderr.decode().splitlines() == ["interrupted: the files and partial files fetched so far are "
+                                                     "kept; the same command resumes them"], stderr.decode()
     kept = partial.stat().st_size
     assert 0 < kept <= HOLD_AT < size
     hub.faults.clear()

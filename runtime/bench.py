@@ -16,7 +16,7 @@ import torch
 
 from runtime.engine import Engine
 from runtime.errors import K2Error
-from runtime.sampling import Sampler
+from runtime.sampling import NON_FINITE, Sampler, feedable, non_finite_error
 
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}  # past every cache level, small enough for any test machine
 PROBE_STEPS = 16  # decode steps whose routing is recorded to count the experts a step reads
@@ -136,21 +136,31 @@ class TransformersEngine:
     def decode(self, n: int) -> torch.Tensor:
         out = []
         for _ in range(n):
-            logits = self.model(input_ids=self.next_ids[:, None], past_key_values=self.cache, use_cache=True).logits
+            logits = self.model(input_ids=feedable(self.next_ids)[:, None], past_key_values=self.cache,
+                                use_cache=True).logits
             self.next_ids = self.sampler(logits[:, -1])
             out.append(self.next_ids)
         return torch.stack(out, dim=1)
 
 
+def check_finite(ids: torch.Tensor):
+    """ids [B, T], the new tokens of every row: raise at the first one drawn from non-finite logits. Reads the ids,
+    so call it after the timing."""
+    bad = (ids == NON_FINITE).any(dim=0).nonzero()
+    if len(bad):
+        raise non_finite_error(int(bad[0]) + 1)
+
+
 def _time_rep(engine, prompts: torch.Tensor, gen: int, device: torch.device) -> dict[str, float]:
     _sync(device)
     start = time.perf_counter()
-    engine.prefill(prompts)
+    first_ids = engine.prefill(prompts)
     _sync(device)
     first = time.perf_counter()
-    engine.decode(gen - 1)
+    rest = engine.decode(gen - 1)
     _sync(device)
     end = time.perf_counter()
+    check_finite(torch.cat([first_ids[:, None], rest], dim=1))
     batch, prompt_len = prompts.shape
     return {"prefill_tok_s": batch * prompt_len / (first - start), "ttft_s": first - start,
             "decode_tok_s": batch * (gen - 1) / (end - first)}

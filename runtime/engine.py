@@ -16,7 +16,7 @@ import torch
 from runtime.errors import K2Error
 from runtime.kernels import say_once
 from runtime.models.experts import Experts
-from runtime.sampling import Sampler
+from runtime.sampling import NON_FINITE, Sampler, feedable, non_finite_error
 
 DECODERS = ("eager", "static", "cuda-graph")
 PREFILL_CHUNK = 2048  # prompt tokens per forward: bounds the per-head K/V a long prompt's prefill materializes
@@ -122,7 +122,7 @@ class Engine:
         self.model, self.decoder = model, decoder
         self.cache = model.new_cache(slots, max_len)
         self.samplers: list[Sampler | None] = [None] * slots  # the running requests' samplers; None: slot free
-        self.next_ids = torch.zeros(slots, 1, dtype=torch.long, device=model.device)  # drawn, not yet cached
+        self.next_ids = torch.zeros(slots, 1, dtype=torch.long, device=model.device)  # drawn (feedable), not yet cached
         self._step = EagerStep(model, self.cache) if decoder == "eager" else \
             StaticStep(model, self.cache, capture=decoder == "cuda-graph")
 
@@ -137,7 +137,8 @@ class Engine:
     @torch.inference_mode()
     def start(self, slot: int, prompt: list[int], sampler: Sampler, keep: int = 0) -> torch.Tensor:
         """Begin a request in `slot`: keep the first `keep` tokens the slot holds (a prefix `prompt` shares with
-        them), prefill the rest of `prompt`, and draw the first new token ([1], on the device)."""
+        them), prefill the rest of `prompt`, and draw the first new token ([1], on the device; `NON_FINITE` if the
+        logits were not finite)."""
         if keep >= len(prompt):
             raise K2Error(f"cannot keep {keep} tokens of a {len(prompt)}-token prompt: at least one is computed")
         if len(prompt) > self.max_len:
@@ -149,7 +150,7 @@ class Engine:
             logits = self.model(tokens[:, start:start + PREFILL_CHUNK], view, last_only=True)
         sampler.observe(torch.tensor([prompt], device=self.model.device))
         first = sampler(logits[:, -1])
-        self.next_ids[slot] = first
+        self.next_ids[slot] = feedable(first)
         self.samplers[slot] = sampler
         return first
 
@@ -166,7 +167,8 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> torch.Tensor:
         """Feed every running slot its last drawn token and draw the next: ids [slots] on the device (a free slot's
-        entry is meaningless). Each running slot's length grows by one."""
+        entry is meaningless; `NON_FINITE` where a slot's logits were not finite). Each running slot's length grows by
+        one."""
         running = [s is not None for s in self.samplers]
         lengths = self.cache.lengths
         if all(running):  # the common case (one request, or a full batch): no masking
@@ -186,22 +188,25 @@ class Engine:
             lengths += active
         shared = self.samplers[0]
         if all(s is shared for s in self.samplers):  # one sampler for the whole batch (k2 bench)
-            self.next_ids = shared(logits)[:, None]
+            drawn = shared(logits)
         else:
-            next_ids = self.next_ids.clone()
+            drawn = self.next_ids[:, 0].clone()
             for slot, sampler in enumerate(self.samplers):
                 if sampler is not None:
-                    next_ids[slot] = sampler(logits[slot:slot + 1])
-            self.next_ids = next_ids
-        return self.next_ids[:, 0]
+                    drawn[slot] = sampler(logits[slot:slot + 1])[0]
+        self.next_ids = feedable(drawn)[:, None]
+        return drawn
 
     def stream(self, slot: int, prompt: list[int], sampler: Sampler, max_new_tokens: int, stop_ids=(),
                keep: int = 0) -> Iterator[int]:
         """Start a request in `slot` and yield its ids as they are drawn, at most `max_new_tokens`, the last one a
-        stop id if one came. Each id but the last is in the cache when the next is drawn; the slot is then free."""
+        stop id if one came. Each id but the last is in the cache when the next is drawn; the slot is then free.
+        Raises at the first token drawn from non-finite logits."""
         try:
             token = int(self.start(slot, prompt, sampler, keep))  # one host sync per token: the caller prints it
             for n in range(1, max_new_tokens + 1):
+                if token == NON_FINITE:
+                    raise non_finite_error(n)
                 yield token
                 if token in stop_ids or n == max_new_tokens:
                     return

@@ -2,7 +2,9 @@
 
 Everything stays on the device: no `.item()` or data-dependent Python branch, so a decode step never waits for the
 host. The draw uses the exponential race (argmax of p / Exp(1) is a sample of p) with a seeded generator, so the same
-seed gives the same tokens.
+seed gives the same tokens. A row of logits holding a NaN or +inf (or only -inf) draws `NON_FINITE` instead of a token
+(argmax would pick the NaN's index, token 0 for an all-NaN row, forever): the sync that already happens where a caller
+reads the ids reveals it, and `non_finite_error` says what went wrong.
 """
 import math
 from dataclasses import dataclass, fields, replace
@@ -10,6 +12,20 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from runtime.errors import K2Error
+
+NON_FINITE = -1  # the id drawn from a row of logits holding a NaN or +inf, or only -inf
+
+
+def non_finite_error(token: int) -> K2Error:
+    """The error for a `NON_FINITE` id drawn as new token number `token` (from 1) of a request."""
+    return K2Error(f"the model produced non-finite logits (NaN/inf) at token {token}: its weights or the dtype "
+                   "overflow; try --dtype float32")
+
+
+def feedable(ids: torch.Tensor) -> torch.Tensor:
+    """Drawn ids as the next step's input: a `NON_FINITE` row feeds token 0 (an embedding lookup of -1 is an index
+    error, a device-side assert on CUDA) until its caller reads the ids and stops it."""
+    return ids.clamp_min(0)
 
 
 @dataclass(frozen=True)
@@ -111,8 +127,12 @@ class Sampler:
             self.seen.scatter_(1, ids, True)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] -> ids [B] (int64, on the logits' device)."""
+        """logits [B, V] -> ids [B] (int64, on the logits' device); `NON_FINITE` for a row holding a NaN or +inf,
+        or only -inf."""
         logits = logits.float()
+        # One reduction: the max is NaN if any logit is, inf if one is, -inf if all are. Other -inf logits are tokens
+        # masked on purpose (as the bias below does), not a broken row.
+        finite = logits.amax(dim=-1).isfinite()
         if self.bias is not None:
             logits = logits + self.bias
         if self.seen is not None:
@@ -125,4 +145,4 @@ class Sampler:
             race = torch.empty_like(probs).exponential_(generator=self.generator).clamp_min_(torch.finfo(probs.dtype).tiny)
             ids = (probs / race).argmax(dim=-1)
         self.observe(ids[:, None])
-        return ids
+        return torch.where(finite, ids, NON_FINITE)

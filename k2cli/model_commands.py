@@ -72,6 +72,7 @@ def generate(model: str = options.MODEL,
     set). For a conversation use `k2 chat`."""
     import time
 
+    from runtime.engine import new_token_budget
     from runtime.loader import load
     from runtime.offload import ExpertStats, expert_cache_hit_rate, parse_device_map
     from runtime.sampling import Sampler, SamplingParams
@@ -95,12 +96,18 @@ def generate(model: str = options.MODEL,
         vocab = loaded.args.vocab_size
         if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
             raise K2Error(f"prompt ids must lie in [0, {vocab})")
+        context = loaded.context()
+        budget = new_token_budget(len(prompt_ids), max_tokens, context)
+        if budget < max_tokens:
+            typer.echo(f"warning: the prompt's {len(prompt_ids)} tokens plus --max-tokens {max_tokens} exceed the "
+                       f"model's context of {context} (max_position_embeddings): stopping after {budget} new tokens",
+                       err=True)
         local_model = loaded.pipeline.stage.model if loaded.pipeline else loaded.model
         stats = ExpertStats(local_model) if expert_stats else None
-        engine = loaded.engine(1, len(prompt_ids) + max_tokens, eager=eager)
+        engine = loaded.engine(1, len(prompt_ids) + budget, eager=eager)
         start = time.perf_counter()
         sampler = Sampler(params, vocab, device=loaded.device)
-        new_ids = list(engine.stream(0, prompt_ids, sampler, max_tokens, loaded.eos_ids))
+        new_ids = list(engine.stream(0, prompt_ids, sampler, budget, loaded.eos_ids))
         seconds = time.perf_counter() - start
     finally:
         loaded.close()  # releases the other pipeline ranks, also when rank 0 fails

@@ -22,6 +22,16 @@ DECODERS = ("eager", "static", "cuda-graph")
 PREFILL_CHUNK = 2048  # prompt tokens per forward: bounds the per-head K/V a long prompt's prefill materializes
 
 
+def new_token_budget(prompt_tokens: int, max_new_tokens: int, context: int) -> int:
+    """The new tokens a request may draw when the prompt and its reply together must fit `context` tokens (the
+    model's max_position_embeddings, or less where asked): past the positions it was trained for, a model's output is
+    silently wrong. Refuses a prompt that leaves no room for one new token."""
+    if prompt_tokens >= context:
+        raise K2Error(f"the prompt has {prompt_tokens} tokens and the context holds {context} (the model's "
+                      "max_position_embeddings, or --ctx where smaller): no room for a new token")
+    return min(max_new_tokens, context - prompt_tokens)
+
+
 def select_decoder(device: torch.device | str, eager: bool = False, placed: bool = False,
                    pipeline: bool = False) -> str:
     """The decoder for a model on `device`: the CUDA graph on a CUDA device unless asked for `eager`, or the model

@@ -134,6 +134,12 @@ class LoadedModel:
                           "generation_config.json, none found in the chat template)")
         return stop_ids
 
+    def context(self, ctx: int | None = None) -> int:
+        """The tokens a sequence (prompt and reply) may hold: the positions the model was built for, or `ctx` if
+        fewer."""
+        limit = self.args.max_position_embeddings
+        return limit if ctx is None else min(ctx, limit)
+
     def decoder(self, eager: bool = False) -> str:
         from runtime.engine import select_decoder
 

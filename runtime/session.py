@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from runtime.chat_format import Event, ReplyParser
 from runtime.chat_template import ChatTemplate
+from runtime.engine import new_token_budget
 from runtime.errors import K2Error
 from runtime.sampling import Sampler, SamplingParams
 from runtime.tokenizer import Tokenizer
@@ -150,7 +151,7 @@ class ChatSession:
                              f"{dropped} oldest message(s){', kept the system prompt' if self.system is not None else ''}")
             model = self.engine.model
             sampler = Sampler(params, model.args.vocab_size, device=model.device)
-            budget = min(max_new_tokens, self.max_context - len(ids))
+            budget = new_token_budget(len(ids), max_new_tokens, self.max_context)
             first_at = None
             for token in self.engine.stream(0, ids, sampler, budget, self.stop_ids, keep=reused):
                 now = time.perf_counter()

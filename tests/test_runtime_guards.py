@@ -1,5 +1,5 @@
 """Run-time guards against silent wrong answers: logits that are not finite stop a request with one error line
-(never token 0 forever)."""
+(never token 0 forever), and no request runs past the positions the model was built for."""
 import json
 import re
 
@@ -14,7 +14,7 @@ from runtime.loader import load
 from runtime.loading import load_model
 from runtime.sampling import NON_FINITE, Sampler, SamplingParams
 from runtime.session import ChatSession
-from tests.helpers import assert_one_line_error, copy_checkpoint, generate, run_k2_here
+from tests.helpers import assert_one_line_error, copy_checkpoint, edit_json, generate, run_k2_here
 
 VOCAB = 1000
 GREEDY = SamplingParams(temperature=0)
@@ -140,3 +140,28 @@ def test_generate_chat_and_bench_refuse_logits_that_overflow_the_dtype(fp16_over
                     ("bench", folder, "--prompt-len", "4", "--gen", "2", "--reps", "1", "--warmup", "0")):
         assert_one_line_error(run_k2_here(*command, "--dtype", "float16"), f"{NON_FINITE_MESSAGE} 1:",
                               "--dtype float32")
+
+
+# The context -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def short_context_dir(demo_dir, tmp_path_factory):
+    folder = copy_checkpoint(demo_dir, tmp_path_factory.mktemp("short") / "k2-demo")
+    edit_json(folder / "config.json", max_position_embeddings=8, rope_scaling=None)
+    return folder
+
+
+@pytest.mark.parametrize("prompt_len", [8, 12])
+def test_generate_refuses_a_prompt_that_fills_the_context(short_context_dir, prompt_len):
+    ids = ",".join(map(str, range(5, 5 + prompt_len)))
+    assert_one_line_error(run_k2_here("generate", short_context_dir, "--ids", ids, "-n", "2"),
+                          f"the prompt has {prompt_len} tokens", "the context holds 8", "max_position_embeddings")
+
+
+def test_generate_stops_where_prompt_and_reply_fill_the_context(short_context_dir, demo_dir, one_thread):
+    result = run_k2_here("generate", short_context_dir, "--ids", "5,6,7,8,9", "-n", "10", "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ("warning: the prompt's 5 tokens plus --max-tokens 10 exceed the model's context "
+                                     "of 8 (max_position_embeddings): stopping after 3 new tokens")
+    # Within the context the limit changes nothing: the ids are the engine's first three.
+    assert json.loads(result.stdout)["new_ids"] == generate(load_model(short_context_dir), [[5, 6, 7, 8, 9]], 3)[0]

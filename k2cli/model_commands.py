@@ -93,6 +93,8 @@ def generate(model: str = options.MODEL,
             if not loaded.has_tokenizer:
                 raise K2Error(f"{loaded.folder} has no tokenizer (tiktoken.model or tokenizer.json); pass --ids")
             prompt_ids = loaded.tokenizer.encode(prompt)
+        if not prompt_ids:
+            raise K2Error("the prompt is empty: there is nothing to continue")
         vocab = loaded.args.vocab_size
         if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
             raise K2Error(f"prompt ids must lie in [0, {vocab})")

@@ -165,3 +165,7 @@ def test_generate_stops_where_prompt_and_reply_fill_the_context(short_context_di
                                      "of 8 (max_position_embeddings): stopping after 3 new tokens")
     # Within the context the limit changes nothing: the ids are the engine's first three.
     assert json.loads(result.stdout)["new_ids"] == generate(load_model(short_context_dir), [[5, 6, 7, 8, 9]], 3)[0]
+
+
+def test_generate_refuses_an_empty_prompt(demo_dir):
+    assert_one_line_error(run_k2_here("generate", demo_dir, "--prompt", ""), "the prompt is empty")

@@ -79,7 +79,7 @@ def generate(model: str = options.MODEL,
 
     overrides = options.sampling_overrides(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     params = SamplingParams(**{"temperature": 0.0} | {k: v for k, v in overrides.items() if v is not None})
-    if ids:
+    if ids is not None:
         try:
             prompt_ids = [int(i) for i in ids.split(",")]
         except ValueError:
@@ -89,7 +89,7 @@ def generate(model: str = options.MODEL,
     if loaded is None:  # a pipeline rank other than 0: it served rank 0 until the end
         return
     try:
-        if not ids:
+        if ids is None:
             if not loaded.has_tokenizer:
                 raise K2Error(f"{loaded.folder} has no tokenizer (tiktoken.model or tokenizer.json); pass --ids")
             prompt_ids = loaded.tokenizer.encode(prompt)
@@ -122,5 +122,5 @@ def generate(model: str = options.MODEL,
                                "expert_cache_hit_rate": expert_cache_hit_rate(local_model)}))
         return
     if text is not None:
-        typer.echo(f"{prompt}{text}" if not ids else text)
+        typer.echo(f"{prompt}{text}" if ids is None else text)
     typer.echo(f"[{len(prompt_ids)} prompt + {len(new_ids)} new tokens in {seconds:.2f} s: {new_ids}]", err=True)

@@ -169,3 +169,4 @@ def test_generate_stops_where_prompt_and_reply_fill_the_context(short_context_di
 
 def test_generate_refuses_an_empty_prompt(demo_dir):
     assert_one_line_error(run_k2_here("generate", demo_dir, "--prompt", ""), "the prompt is empty")
+    assert_one_line_error(run_k2_here("generate", demo_dir, "--ids", ""), "--ids")

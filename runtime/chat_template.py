@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from runtime.errors import K2Error
-from runtime.tokenizer import MARK_END, MARK_START, Tokenizer, read_tokenizer_config, special_tokens_map
+from runtime.tokenizer import MARK_END, MARK_START, Tokenizer, read_tokenizer_config
 
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 THINKING_SWITCHES = ("enable_thinking", "thinking")  # Qwen3's name, K2.5's name
@@ -142,15 +142,14 @@ class ChatTemplate:
         source = None
         if (folder / "chat_template.jinja").exists():
             source = (folder / "chat_template.jinja").read_text()
-        elif isinstance(config.get("chat_template"), str):
-            source = config["chat_template"]
-        elif isinstance(config.get("chat_template"), list):
-            named = {t.get("name"): t.get("template") for t in config["chat_template"] if isinstance(t, dict)}
-            source = named.get("default")
+        elif isinstance(config.chat_template, str):
+            source = config.chat_template
+        elif config.chat_template is not None:
+            source = {t.name: t.template for t in config.chat_template}.get("default")
         if not source:
             raise K2Error(f"{folder} has no chat template (chat_template.jinja or tokenizer_config.json "
                           "chat_template); use `k2 generate` for raw completion")
-        return cls(source, special_tokens_map(config))
+        return cls(source, config.special_tokens())
 
     @property
     def thinking_switch(self) -> str | None:

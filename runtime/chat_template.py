@@ -11,6 +11,7 @@ every `~` goes through a meter, and the sandbox's own hooks (calls, filters, att
 `%`) read it too. The meter lives in a ContextVar, not in signals or threads, so a render in any thread is bounded
 alone, whatever else runs.
 """
+import functools
 import json
 import re
 import time
@@ -18,6 +19,14 @@ import types
 from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
+
+import jinja2
+import jinja2.ext
+import jinja2.meta
+import jinja2.visitor
+from jinja2 import nodes
+from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from runtime.errors import K2Error
 from runtime.tokenizer import MARK_END, MARK_START, MAX_TEXT_CHARS, Tokenizer, read_tokenizer_config
@@ -125,141 +134,140 @@ def _is_method(obj) -> bool:
     return owner is not None and not isinstance(owner, types.ModuleType)
 
 
-def _environment():
-    import functools
+class _GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (assistant-mask templates) renders its body unchanged."""
 
-    import jinja2
-    import jinja2.ext
-    import jinja2.visitor
-    from jinja2 import nodes
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    tags = {"generation"}
 
-    class GenerationBlock(jinja2.ext.Extension):
-        """`{% generation %}...{% endgeneration %}` (assistant-mask templates) renders its body unchanged."""
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
-        tags = {"generation"}
+    def _body(self, caller):
+        return caller()
 
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
-        def _body(self, caller):
-            return caller()
+class _Namespace(jinja2.utils.Namespace):
+    # Private names on a namespace are a path to CPython internals; templates never need them.
+    def __init__(*args, **kwargs):
+        self, values = args[0], dict(*args[1:], **kwargs)
+        for name in values:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, values)
 
-    class Namespace(jinja2.utils.Namespace):
-        # Private names on a namespace are a path to CPython internals; templates never need them.
-        def __init__(*args, **kwargs):
-            self, values = args[0], dict(*args[1:], **kwargs)
-            for name in values:
-                Namespace._check(name)
-            jinja2.utils.Namespace.__init__(self, values)
+    def __setitem__(self, name, value):
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
 
-        def __setitem__(self, name, value):
-            Namespace._check(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"a template may not set {name!r} on a namespace")
 
-        @staticmethod
-        def _check(name):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"a template may not set {name!r} on a namespace")
 
-    class Metered(jinja2.visitor.NodeTransformer):
-        """Rewrites a parsed template so that each loop step, each write and each `~` calls a `k2_*` hook of the
-        environment: the places where a template spends time or text without calling anything the sandbox sees."""
+class _Metered(jinja2.visitor.NodeTransformer):
+    """Rewrites a parsed template so that each loop step, each write and each `~` calls a `k2_*` hook of the
+    environment: the places where a template spends time or text without calling anything the sandbox sees."""
 
-        def __init__(self, environment):
-            self.environment = environment
+    def __init__(self, environment):
+        self.environment = environment
 
-        def hook(self, name, args, lineno):
-            call = nodes.Call(nodes.EnvironmentAttribute(name), list(args), [], None, None)
-            return call.set_lineno(lineno).set_environment(self.environment)
+    def hook(self, name, args, lineno):
+        call = nodes.Call(nodes.EnvironmentAttribute(name), list(args), [], None, None)
+        return call.set_lineno(lineno).set_environment(self.environment)
 
-        def visit_For(self, node):
-            self.generic_visit(node)
-            node.iter = self.hook("k2_loop", [node.iter], node.lineno)
-            return node
+    def visit_For(self, node):
+        self.generic_visit(node)
+        node.iter = self.hook("k2_loop", [node.iter], node.lineno)
+        return node
 
-        def visit_Output(self, node):
-            self.generic_visit(node)
-            node.nodes = [self.hook("k2_write", [child], child.lineno) for child in node.nodes]
-            return node
+    def visit_Output(self, node):
+        self.generic_visit(node)
+        node.nodes = [self.hook("k2_write", [child], child.lineno) for child in node.nodes]
+        return node
 
-        def visit_Concat(self, node):
-            self.generic_visit(node)
-            return self.hook("k2_concat", node.nodes, node.lineno)
+    def visit_Concat(self, node):
+        self.generic_visit(node)
+        return self.hook("k2_concat", node.nodes, node.lineno)
 
-    class MeteredEnvironment(ImmutableSandboxedEnvironment):
-        """The sandbox with every hook it offers reading the render's meter."""
 
-        intercepted_binops = frozenset({"*", "**", "+", "%"})
+class _MeteredEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox with every hook it offers reading the render's meter."""
 
-        def metered(self, ast):
-            """The parsed template `ast`, rewritten to call the `k2_*` hooks below."""
-            return Metered(self).visit(ast)
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
 
-        def call_binop(self, context, operator, left, right):
-            meter = _meter()
+    def metered(self, ast):
+        """The parsed template `ast`, rewritten to call the `k2_*` hooks below."""
+        return _Metered(self).visit(ast)
+
+    def call_binop(self, context, operator, left, right):
+        meter = _meter()
+        meter.tick()
+        _check_binop(meter, operator, left, right)
+        return meter.built(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context, __obj, *args, **kwargs):
+        if getattr(__obj, "__self__", None) is __self:  # a k2_* hook: only a metered template names them
+            return __context.call(__obj, *args, **kwargs)
+        meter = _meter()
+        meter.tick()
+        if _is_method(__obj):
+            meter.sizes((*args, *kwargs.values()))
+        return meter.built(super().call(__context, __obj, *args, **kwargs))
+
+    def getattr(self, obj, attribute):
+        _meter().tick()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        _meter().tick()
+        return super().getitem(obj, argument)
+
+    def k2_loop(self, iterable):
+        meter = _meter()
+        for item in iterable:
             meter.tick()
-            _check_binop(meter, operator, left, right)
-            return meter.built(super().call_binop(context, operator, left, right))
+            yield item
 
-        def call(__self, __context, __obj, *args, **kwargs):
-            if getattr(__obj, "__self__", None) is __self:  # a k2_* hook: only a metered template names them
-                return __context.call(__obj, *args, **kwargs)
-            meter = _meter()
-            meter.tick()
-            if _is_method(__obj):
-                meter.sizes((*args, *kwargs.values()))
-            return meter.built(super().call(__context, __obj, *args, **kwargs))
+    def k2_write(self, value):
+        return _meter().write(value)
 
-        def getattr(self, obj, attribute):
-            _meter().tick()
-            return super().getattr(obj, attribute)
+    def k2_concat(self, *values):
+        meter, texts = _meter(), [str(value) for value in values]
+        meter.will_build(sum(map(len, texts)))
+        return meter.built("".join(texts))
 
-        def getitem(self, obj, argument):
-            _meter().tick()
-            return super().getitem(obj, argument)
 
-        def k2_loop(self, iterable):
-            meter = _meter()
-            for item in iterable:
-                meter.tick()
-                yield item
+def _metered_filter(function):
+    @functools.wraps(function)  # keeps jinja's pass_context/pass_environment marks
+    def filter(*args, **kwargs):
+        meter = _meter()
+        meter.tick()
+        meter.sizes((*args[1:], *kwargs.values()))  # args[0] is what is filtered (or what the filter asks for)
+        return meter.built(function(*args, **kwargs))
 
-        def k2_write(self, value):
-            return _meter().write(value)
+    return filter
 
-        def k2_concat(self, *values):
-            meter, texts = _meter(), [str(value) for value in values]
-            meter.will_build(sum(map(len, texts)))
-            return meter.built("".join(texts))
 
-    def metered_filter(function):
-        @functools.wraps(function)  # keeps jinja's pass_context/pass_environment marks
-        def filter(*args, **kwargs):
-            meter = _meter()
-            meter.tick()
-            meter.sizes((*args[1:], *kwargs.values()))  # args[0] is what is filtered (or what the filter asks for)
-            return meter.built(function(*args, **kwargs))
+def _raise_exception(message):
+    raise TemplateError(message)
 
-        return filter
 
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # jinja's own tojson escapes HTML characters; transformers' writes plain JSON.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # jinja's own tojson escapes HTML characters; transformers' writes plain JSON.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = MeteredEnvironment(trim_blocks=True, lstrip_blocks=True,
-                             extensions=[GenerationBlock, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
+def _environment() -> _MeteredEnvironment:
+    env = _MeteredEnvironment(trim_blocks=True, lstrip_blocks=True,
+                              extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
     # Single calls the meter cannot stop, which no chat template uses: lipsum(n) writes n paragraphs; wordwrap chops
     # a long word in time quadratic in its length (hours for a few million characters).
     del env.globals["lipsum"], env.filters["wordwrap"]
-    env.filters = {name: metered_filter(function) for name, function in env.filters.items()}
-    env.globals.update(raise_exception=raise_exception, namespace=Namespace,
+    env.filters = {name: _metered_filter(function) for name, function in env.filters.items()}
+    env.globals.update(raise_exception=_raise_exception, namespace=_Namespace,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt),
                        dict=lambda *args, **kwargs: dict(*args, **kwargs))
     return env
@@ -317,9 +325,6 @@ def _one_line(text: str) -> str:
 
 class ChatTemplate:
     def __init__(self, source: str, special_tokens: dict[str, str] | None = None, origin: str = "the chat template"):
-        import jinja2
-        import jinja2.meta
-
         self.source = source
         self.special_tokens = special_tokens or {}  # bos_token, eos_token, ... as the template reads them
         self.origin = origin  # names the template in errors: "the chat template in FOLDER/chat_template.jinja"
@@ -327,10 +332,10 @@ class ChatTemplate:
         try:
             ast = env.parse(source)
             self.variables = jinja2.meta.find_undeclared_variables(ast)
-            literals = {node.data for node in ast.find_all(jinja2.nodes.TemplateData)}
-            literals |= {node.value for node in ast.find_all(jinja2.nodes.Const) if isinstance(node.value, str)}
+            literals = {node.data for node in ast.find_all(nodes.TemplateData)}
+            literals |= {node.value for node in ast.find_all(nodes.Const) if isinstance(node.value, str)}
             self.template = env.from_string(env.metered(ast))
-        except jinja2.TemplateSyntaxError as e:
+        except TemplateSyntaxError as e:
             raise K2Error(f"{origin} has a syntax error at line {e.lineno}: {_one_line(e.message)}") from None
         except RecursionError:
             raise K2Error(f"{origin} nests deeper than Python can parse") from None
@@ -368,8 +373,6 @@ class ChatTemplate:
                **kwargs) -> str:
         """The prompt text, exactly as transformers' apply_chat_template(tokenize=False) writes it, or a one-line
         K2Error; within MAX_RENDER_SECONDS and MAX_RENDER_CHARS (a RenderLimitError past them)."""
-        import jinja2
-
         variables = {**self.special_tokens, **_plain(kwargs)}
         messages, tools = normalize_messages(messages), _plain(tools)
         meter = _METER.set(_Meter())
@@ -383,9 +386,9 @@ class ChatTemplate:
                                    "recursive loop that calls itself without end)") from None
         except MemoryError:
             raise RenderLimitError(f"{self.origin}: rendering ran out of memory") from None
-        except jinja2.exceptions.SecurityError as e:
+        except SecurityError as e:
             raise K2Error(f"{self.origin} tried something the sandbox forbids: {_one_line(e)}") from None
-        except jinja2.TemplateError as e:
+        except TemplateError as e:
             raise K2Error(f"{self.origin} refused the conversation: {_one_line(e)}") from None
         except (TypeError, AttributeError, LookupError, ValueError, ArithmeticError) as e:
             raise K2Error(f"{self.origin} failed on this conversation: {type(e).__name__}: {_one_line(e)}") from None

@@ -77,7 +77,7 @@ def eval(model: str = options.MODEL,
         raise K2Error(f"{text} is not UTF-8 text: {e.reason} at byte {e.start}") from None
     progress = sys.stderr.isatty()
     loaded = load(model, dtype=dtype, progress=progress)
-    ids = loaded.tokenizer.encode(content)
+    ids = loaded.tokenizer.encode_document(content)
     model_obj = loaded.model
     ref_obj = load(ref, dtype=dtype, progress=progress).model if ref else None
     windows = None

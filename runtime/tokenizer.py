@@ -37,6 +37,8 @@ NUM_RESERVED_SPECIAL = 256
 # the whole process, past any error handling, when an allocation fails on text of hundreds of MB.
 MAX_TEXT_CHARS = 10_000_000
 
+_PIECE_END = re.compile(r"\n(?=\S)")  # where encode_document may cut a long text
+
 # A control token that came from user text is wrapped in these private-use characters before the template renders it
 # (the convention of transformers' `sanitize_control_tokens`), so it can be told from the template's own markers.
 MARK_START, MARK_END = "\U000f0000", "\U000f0001"
@@ -152,6 +154,20 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Ordinary text: a user typing a special token's name gets its characters, never the special id."""
         return self._encode(_bounded(text))
+
+    def encode_document(self, text: str) -> list[int]:
+        """Ordinary text of any length (a corpus to score), encoded in pieces of at most MAX_TEXT_CHARS that end
+        where a line break meets a non-space character: a boundary the pre-tokenizers of K2, DeepSeek-V3 and Qwen
+        split text at anyway, so the ids are those one call would give."""
+        ids, start = [], 0
+        while len(text) - start > MAX_TEXT_CHARS:
+            cut = max((m.end() for m in _PIECE_END.finditer(text, start, start + MAX_TEXT_CHARS)), default=None)
+            if cut is None:
+                raise K2Error(f"{MAX_TEXT_CHARS:,} characters without a line break starting a word: split the text "
+                              "into lines")
+            ids += self.encode(text[start:cut])
+            start = cut
+        return ids + self.encode(text[start:])
 
     def encode_with_added(self, text: str) -> list[int]:
         """Text whose added tokens (special or not) become their ids: for text a chat template wrote."""

@@ -306,6 +306,20 @@ def test_text_longer_than_a_tokenizer_call_takes(qwen, deepseek, monkeypatch):
                 encode("x" * 101)
 
 
+def test_a_corpus_longer_than_a_call_encodes_as_one_call_would(qwen, qwen_rank_file, deepseek, monkeypatch):
+    """k2 eval scores a text of any size: cut into pieces the tokenizer takes, its ids are still those of one call
+    of the real tokenizers (tiktoken on Qwen's ranks with K2's pattern; transformers on DeepSeek-V3's)."""
+    text = "\n".join(TEXTS) * 4
+    monkeypatch.setattr(tokenizer_module, "MAX_TEXT_CHARS", 1000)
+    ranks = tiktoken.load.load_tiktoken_bpe(str(qwen_rank_file))
+    oracle = tiktoken.Encoding("k2-split", pat_str=K2_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    assert qwen.encode_document(text) == oracle.encode_ordinary(text)
+    ours, reference = deepseek
+    assert ours.encode_document(text) == reference._encode_without_added_tokens(text)
+    with pytest.raises(K2Error, match="without a line break"):
+        qwen.encode_document("x" * 1001)
+
+
 # The same through `k2 generate` on a copy of the demo ----------------------------------------------------------
 
 def _generate(model, home, prompt="hi"):

@@ -146,6 +146,25 @@ def run_turn(session, text: str, params, max_tokens: int, out, thoughts=None) ->
     return True
 
 
+def read_tools(path: Path) -> list[dict]:
+    """The --tools file, checked (runtime/tools.py); the list goes to the template as written."""
+    from runtime.tools import check_tools
+
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as e:
+        raise K2Error(f"--tools {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise K2Error(f"--tools {path}: not JSON ({e})") from None
+    except RecursionError:
+        raise K2Error(f"--tools {path}: JSON nested too deeply") from None
+    try:
+        check_tools(data)
+    except K2Error as e:
+        raise K2Error(f"--tools {path}: {e}") from None
+    return data
+
+
 class Repl:
     """The interactive loop: reads lines with readline editing and history, runs slash commands and turns."""
 
@@ -191,8 +210,8 @@ class Repl:
     def run(self):
         self._setup_readline()
         style = Style(sys.stdout)
-        typer.echo(f"{style.bold}k2 chat{style.reset} · {self.model_name} · context {self.session.max_context} tokens · "
-                   f"{self.params.describe()} · /help for commands, Ctrl-D to leave")
+        typer.echo(f"{style.bold}k2 chat{style.reset} · {self.model_name} · context {self.session.max_context} "
+                   f"tokens · {self.params.describe()} · /help for commands, Ctrl-D to leave")
         try:
             while True:
                 try:
@@ -318,7 +337,8 @@ def chat(model: str = options.MODEL,
          seed: int = options.SEED, max_tokens: int = options.max_tokens(1024),
          ctx: int = typer.Option(DEFAULT_CONTEXT, "--ctx", min=16, help="Context window in tokens (the KV cache is "
                                                                        "allocated for it; capped at the model's)."),
-         tools: Path = typer.Option(None, "--tools", help="JSON file of tool definitions (OpenAI shape) the model may call."),
+         tools: Path = typer.Option(None, "--tools", help="JSON file of tool definitions (OpenAI shape) the model "
+                                                          "may call."),
          device: str = options.DEVICE, dtype: str = options.DTYPE, plan: Path = options.PLAN,
          device_map: str = options.DEVICE_MAP, eager: bool = options.EAGER,
          as_json: bool = options.json_flag("With -p or piped input: print the reply message and the turn's numbers "
@@ -337,14 +357,7 @@ def chat(model: str = options.MODEL,
         prompt = sys.stdin.read()
         if not prompt.strip():
             raise K2Error("no message: pass -p TEXT, pipe a message on stdin, or run in a terminal")
-    tool_list = None
-    if tools:
-        try:
-            tool_list = json.loads(tools.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise K2Error(f"--tools {tools}: {e}") from None
-        if not isinstance(tool_list, list):
-            raise K2Error(f"--tools {tools}: expected a JSON list of tool definitions")
+    tool_list = read_tools(tools) if tools else None
     loaded = load(model, device=device, dtype=dtype, plan=plan, device_map=parse_device_map(device_map),
                   progress=sys.stderr.isatty())
     if loaded is None:  # a pipeline rank other than 0: it served rank 0 until the end

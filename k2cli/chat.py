@@ -353,6 +353,8 @@ def chat(model: str = options.MODEL,
     from runtime.session import ChatSession
 
     interactive = prompt is None and sys.stdin.isatty()
+    if prompt is not None and not prompt.strip():  # as the interactive prompt refuses an empty line
+        raise K2Error("-p/--prompt is empty: give the message to send")
     if prompt is None and not interactive:
         prompt = sys.stdin.read()
         if not prompt.strip():

@@ -18,7 +18,7 @@ from runtime.loading import load_model
 from runtime.sampling import SamplingParams
 from runtime.session import ChatSession, Notice
 from runtime.tokenizer import Tokenizer
-from tests.helpers import assert_one_line_error, run_k2
+from tests.helpers import assert_one_line_error, run_k2, run_k2_here
 from tests.test_chat_template import QWEN3_TEMPLATE
 
 GREEDY = SamplingParams(temperature=0)
@@ -52,7 +52,8 @@ class RecordingModel:
 
 @pytest.fixture(scope="module")
 def demo(demo_dir):
-    return load_model(demo_dir, dtype=torch.float32), Tokenizer.from_folder(demo_dir), ChatTemplate.from_folder(demo_dir)
+    return (load_model(demo_dir, dtype=torch.float32), Tokenizer.from_folder(demo_dir),
+            ChatTemplate.from_folder(demo_dir))
 
 
 def _session(demo, demo_dir, max_context=512, template=None, tokenizer=None, system="Be brief."):
@@ -162,7 +163,8 @@ def test_overflowing_context_drops_oldest_turns_but_keeps_the_system_prompt(demo
     session, recorder = _session(demo, demo_dir, max_context=110, system="You are a terse assistant.")
     notices = []
     for i in range(5):
-        notices += [e for e in _turn(session, f"Question number {i}: what is {i} plus {i}?", 3) if isinstance(e, Notice)]
+        events = _turn(session, f"Question number {i}: what is {i} plus {i}?", 3)
+        notices += [e for e in events if isinstance(e, Notice)]
         prompt = session.template.encode(session.tokenizer, session.messages[:-1], None, True)
         assert len(prompt) + 3 <= 110
     assert notices and "dropped the 2 oldest message(s), kept the system prompt" in notices[0].text
@@ -235,3 +237,10 @@ def test_k2_chat_for_scripts(demo_dir):
     answer = json.loads(piped.stdout)
     assert answer["message"]["role"] == "assistant" and answer["stats"]["new_tokens"] <= 6
     assert_one_line_error(run_k2("chat", demo_dir, "-p", "hi", "--no-think"), "no thinking switch")
+
+
+@pytest.mark.parametrize("prompt", ["", " \n\t "])
+def test_k2_chat_refuses_an_empty_message(prompt, tmp_path):
+    """As the interactive prompt refuses an empty line and piped input refuses an empty stdin: no empty user turn."""
+    assert_one_line_error(run_k2_here("chat", "-p", prompt, home=tmp_path), "-p/--prompt is empty")
+    assert list(tmp_path.iterdir()) == []  # refused before the demo model was even written

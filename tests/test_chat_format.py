@@ -3,9 +3,11 @@ round trip goes through transformers' rendering of the parsed message with the r
 import json
 
 import pytest
+from transformers.utils import get_json_schema
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from runtime.chat_format import ReplyParser, ToolCall, parse_reply
+from runtime.chat_format import (CALL_BEGIN, HOLD_LIMIT, SECTION_BEGIN, SECTION_END, UNKNOWN_NAME, ReplyParser,
+                                 ToolCall, parse_reply)
 from runtime.models.deepseek_v3_demo import CHAT_TEMPLATE
 
 SECTION = "<|tool_calls_section_begin|>{}<|tool_calls_section_end|>"
@@ -17,33 +19,106 @@ def call(call_id: str, arguments: str) -> str:
 
 WEATHER = call("functions.get_weather:0", '{"city": "Paris"}')
 TIME = call("functions.get_time:1", '{"zone": "Europe/Paris", "format": "24h"}')
+WEATHER_CALL = ("functions.get_weather:0", "get_weather", '{"city": "Paris"}', None)
+TIME_CALL = ("functions.get_time:1", "get_time", '{"zone": "Europe/Paris", "format": "24h"}', None)
+LONG = HOLD_LIMIT  # a stretch of text exactly as long as a stream may hold back
 
+
+def get_weather(city: str) -> str:
+    """The weather now.
+
+    Args:
+        city: The city.
+    """
+
+
+def get_time(zone: str, format: str = "24h") -> str:
+    """The time now.
+
+    Args:
+        zone: An IANA time zone.
+        format: 12h or 24h.
+    """
+
+
+# The tool list of a request, as transformers writes it from Python functions (OpenAI's shape).
+TOOLS = {"tools": [get_json_schema(get_weather), get_json_schema(get_time)]}
+THINKING = {"reasoning_model": True}  # K2-Thinking: `</think>` is in its vocabulary
+
+# name: (reply text, reasoning, content, calls as (id, name, arguments, None or a fragment of the error)[, options])
 CASES = {
     "plain answer": ("The capital of France is Paris.", "", "The capital of France is Paris.", []),
     "think then answer": ("<think>The user asks for a capital.\nParis.</think>It is Paris.",
                           "The user asks for a capital.\nParis.", "It is Paris.", []),
     "tool call after think": ("<think>I need the weather.</think>Let me check." + SECTION.format(WEATHER),
-                              "I need the weather.", "Let me check.",
-                              [("functions.get_weather:0", "get_weather", '{"city": "Paris"}', None)]),
+                              "I need the weather.", "Let me check.", [WEATHER_CALL]),
     "two parallel tool calls": ("<think>Both.</think>" + SECTION.format(WEATHER + TIME), "Both.", "",
-                                [("functions.get_weather:0", "get_weather", '{"city": "Paris"}', None),
-                                 ("functions.get_time:1", "get_time", '{"zone": "Europe/Paris", "format": "24h"}', None)]),
+                                [WEATHER_CALL, TIME_CALL]),
     "tool call inside an unclosed think": ("<think>I should call the tool" + SECTION.format(WEATHER),
-                                           "I should call the tool", "",
-                                           [("functions.get_weather:0", "get_weather", '{"city": "Paris"}', None)]),
+                                           "I should call the tool", "", [WEATHER_CALL]),
     "chinese and emoji": ("<think>用户在打招呼 🙂</think>你好！👋 有什么可以帮你？", "用户在打招呼 🙂", "你好！👋 有什么可以帮你？", []),
     "markers look-alikes stay text": ("a <thinking> b < /think> c <|tool", "", "a <thinking> b < /think> c <|tool", []),
     "unclosed think": ("<think>still going", "still going", "", []),
+    # Text in a tool-call section outside any call comes back as content, closed section or not.
+    "unclosed section keeps its text": ("Let me check." + SECTION_BEGIN + "I will look it up", "",
+                                        "Let me check.I will look it up", []),
+    "unclosed section after a call": (SECTION_BEGIN + WEATHER + "Anything else?", "", "Anything else?", [WEATHER_CALL]),
+    "text between calls": (SECTION.format(WEATHER + "and " + TIME), "", "and ", [WEATHER_CALL, TIME_CALL]),
+    "line breaks between markers are layout": (SECTION.format("\n" + WEATHER + "\n") + "\n" + SECTION_BEGIN + "\n",
+                                               "", "\n", [WEATHER_CALL]),
+    "section marker in time": (SECTION_BEGIN + "x" * LONG + WEATHER, "", "x" * LONG, [WEATHER_CALL]),
+    "section marker too late: given up": (SECTION_BEGIN + "x" * LONG + "y" + WEATHER + SECTION_END, "",
+                                          "x" * LONG + "y" + WEATHER + SECTION_END, []),
+    "call id cut by the end of the reply": (SECTION_BEGIN + CALL_BEGIN + "functions.get_weather:0", "", "",
+                                            [("functions.get_weather:0", "get_weather", "", "ended inside")]),
+    "call id that never ends: given up": (SECTION_BEGIN + CALL_BEGIN + "functions.get_weather:0" + "z" * LONG, "",
+                                          "functions.get_weather:0" + "z" * LONG, []),
+    "long arguments stay one call": (SECTION.format(call("functions.write:0", json.dumps({"text": "w" * LONG}))), "",
+                                     "", [("functions.write:0", "write", json.dumps({"text": "w" * LONG}), None)]),
+    # A reasoning model's reply that starts inside the think block (no <think>) is reasoning up to </think>.
+    "reasoning without <think>": ("The user greets me.</think>Hello!", "The user greets me.", "Hello!", [], THINKING),
+    "reasoning without <think>, then a call": ("I need the weather.</think>" + SECTION.format(WEATHER),
+                                               "I need the weather.", "", [WEATHER_CALL], THINKING),
+    "reasoning model's plain answer": ("Hello! How can I help?", "", "Hello! How can I help?", [], THINKING),
+    "reasoning model's call without reasoning": ("Checking." + SECTION.format(WEATHER), "", "Checking.",
+                                                 [WEATHER_CALL], THINKING),
+    "</think> in time": ("r" * LONG + "</think>ok", "r" * LONG, "ok", [], THINKING),
+    "</think> too late is text": ("r" * LONG + "s</think>ok", "", "r" * LONG + "s</think>ok", [], THINKING),
+    "<think> again after the prompt's": ("<think>Thinking.</think>Answer.", "Thinking.", "Answer.", [],
+                                         {"in_reasoning": True}),
+    # Ids that do not say functions.NAME:INDEX: the request's tools name the function, or the call is flagged.
+    "bare counter id": (SECTION.format(call("0", '{"city": "Paris"}')), "", "",
+                        [("0", "get_weather", '{"city": "Paris"}', None)], TOOLS),
+    "id without its index": (SECTION.format(call("functions.get_time", '{"zone": "UTC"}')), "", "",
+                             [("functions.get_time", "get_time", '{"zone": "UTC"}', None)], TOOLS),
+    "id without functions.": (SECTION.format(call("get_weather:2", "{}")), "", "",
+                              [("get_weather:2", "get_weather", "{}", None)], TOOLS),
+    "id naming no offered tool": (SECTION.format(call("functions.invalid.0", '{"city": "Paris"}')), "", "",
+                                  [("functions.invalid.0", "invalid", '{"city": "Paris"}', "names no offered tool")],
+                                  TOOLS),
+    "bare counter fitting no tool": (SECTION.format(call("3", '{"q": 1}')), "", "",
+                                     [("3", UNKNOWN_NAME, '{"q": 1}', "fit none of the offered tools")], TOOLS),
+    "bare counter without tools": (SECTION.format(call("0", '{"city": "Paris"}')), "", "",
+                                   [("0", UNKNOWN_NAME, '{"city": "Paris"}', "not functions.NAME:INDEX")]),
 }
+
+
+def _options(name: str) -> dict:
+    return CASES[name][4] if len(CASES[name]) > 4 else {}
+
+
+def _check(reply, reasoning, content, calls):
+    assert reply.reasoning_content == reasoning
+    assert reply.content == content
+    assert [(c.id, c.name, c.arguments) for c in reply.tool_calls] == [call[:3] for call in calls]
+    for c, (*_, error) in zip(reply.tool_calls, calls):
+        assert c.error is None if error is None else error in c.error, c.error
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_finished_reply(name):
-    text, reasoning, content, calls = CASES[name]
-    reply = parse_reply(text)
-    assert reply.reasoning_content == reasoning
-    assert reply.content == content
-    assert [(c.id, c.name, c.arguments, c.error) for c in reply.tool_calls] == calls
+    text, reasoning, content, calls = CASES[name][:4]
+    _check(parse_reply(text, **_options(name)), reasoning, content, calls)
 
 
 def test_malformed_arguments_are_kept_raw_and_flagged():
@@ -71,8 +146,8 @@ def test_prompt_that_opens_the_think_block():
     assert (reply.reasoning_content, reply.content) == ("reasoning here", "answer")
 
 
-def _chunked(text: str, cuts: list[int], in_reasoning=False):
-    parser = ReplyParser(in_reasoning)
+def _chunked(text: str, cuts: list[int], **options):
+    parser = ReplyParser(**options)
     events = []
     for a, b in zip([0] + cuts, cuts + [len(text)]):
         events += parser.feed(text[a:b])
@@ -82,41 +157,55 @@ def _chunked(text: str, cuts: list[int], in_reasoning=False):
 
 @pytest.mark.parametrize("name", CASES)
 def test_streaming_split_at_every_boundary_equals_the_whole(name):
-    text = CASES[name][0]
-    whole = parse_reply(text)
+    text, options = CASES[name][0], _options(name)
+    whole = parse_reply(text, **options)
     for cut in range(len(text) + 1):  # every two-piece split, markers cut anywhere
-        reply, events = _chunked(text, [cut])
+        reply, events = _chunked(text, [cut], **options)
         assert reply == whole, cut
         # The events alone rebuild the reply: what a streaming client shows is what the history stores.
         assert "".join(e.text for e in events if e.kind == "reasoning") == whole.reasoning_content
         assert "".join(e.text for e in events if e.kind == "content") == whole.content
         assert [e.tool_call for e in events if e.kind == "tool_call"] == whole.tool_calls
-    assert _chunked(text, list(range(1, len(text))))[0] == whole  # one character at a time
+    assert _chunked(text, list(range(1, len(text))), **options)[0] == whole  # one character at a time
 
 
-def test_streaming_split_at_every_token_boundary(demo_dir):
+TOKEN_CASES = {
+    "think, content, calls": ("<think>Weather first. 天气</think>Checking 🙂" + SECTION.format(WEATHER + TIME), {}),
+    "no <think>, a bare counter id": ("Weather first. 天气</think>Checking 🙂" + SECTION.format(
+        call("0", '{"city": "Paris"}') + TIME), THINKING | TOOLS),
+}
+
+
+@pytest.mark.parametrize("name", TOKEN_CASES)
+def test_streaming_split_at_every_token_boundary(name, demo_dir):
     """Cut where the demo's K2 tokenizer cuts: special tokens arrive whole, text in BPE pieces."""
     from runtime.tokenizer import Tokenizer
 
+    text, options = TOKEN_CASES[name]
     tokenizer = Tokenizer.from_folder(demo_dir)
-    text = "<think>Weather first. 天气</think>Checking 🙂" + SECTION.format(WEATHER + TIME)
     ids = tokenizer.encode_with_added(text)
     stream = tokenizer.stream()
     pieces = [stream.push(i) for i in ids] + [stream.finish()]
     assert "".join(pieces) == text
     cuts = [len("".join(pieces[:k])) for k in range(1, len(pieces))]
-    assert _chunked(text, cuts)[0] == parse_reply(text)
+    whole = parse_reply(text, **options)
+    assert _chunked(text, cuts, **options)[0] == whole
+    assert whole.reasoning_content == "Weather first. 天气" and len(whole.tool_calls) == 2
 
 
-def test_parsed_message_renders_back_through_the_template():
+@pytest.mark.parametrize("name", ["tool call after think", "two parallel tool calls", "bare counter id",
+                                  "id without its index"])
+def test_parsed_message_renders_back_through_the_template(name):
     """The parsed reply, stored as an OpenAI message, is what K2-Thinking's template (rendered by transformers)
-    writes for the current turn: reasoning, content and the tool-call section, byte for byte."""
+    writes for the current turn: reasoning, content and the tool-call section, byte for byte; a malformed call id
+    too, as the model wrote it, so the tool's result answers the id the model gave."""
     template = CHAT_TEMPLATE.read_text()
-    reply_text = "<think>I need the weather.</think>Let me check." + SECTION.format(WEATHER + TIME)
-    message = parse_reply(reply_text).to_message()
+    reply_text = CASES[name][0]
+    message = parse_reply(reply_text, **_options(name)).to_message()
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "weather?"}, message]
     rendered = render_jinja_template([messages], chat_template=template)[0][0]
-    assert rendered.endswith("<|im_assistant|>assistant<|im_middle|>" + reply_text + "<|im_end|>")
+    written = reply_text if reply_text.startswith("<think>") else "<think></think>" + reply_text
+    assert rendered.endswith("<|im_assistant|>assistant<|im_middle|>" + written + "<|im_end|>")
 
 
 def test_tool_call_message_shape():

@@ -370,7 +370,7 @@ def chat(model: str = options.MODEL,
         template = loaded.template
         if think is not None and template.thinking_switch is None:
             raise K2Error("--think/--no-think: this model's chat template has no thinking switch")
-        engine = loaded.engine(1, min(ctx, loaded.args.max_position_embeddings), eager=eager)
+        engine = loaded.engine(1, loaded.context(ctx), eager=eager)
         session = ChatSession(engine, loaded.tokenizer, template, loaded.chat_stop_ids(), loaded.reply_parser,
                               system=system, tools=tool_list)
         if think is not None:

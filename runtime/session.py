@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from runtime.chat_format import Event, ReplyParser
+from runtime.chat_format import THINK_CLOSE, THINK_OPEN, Event, ReplyParser
 from runtime.chat_template import ChatTemplate
 from runtime.engine import new_token_budget
 from runtime.errors import K2Error
@@ -141,7 +141,12 @@ class ChatSession:
         self.cache_ids = ids[:reused]
         stats = TurnStats(len(ids), reused, len(ids) - reused)
         self.turns.append(stats)
-        parser = self.reply_parser(in_reasoning=self.tokenizer.decode(ids[-4:]).rstrip().endswith("<think>"))
+        # Where the prompt leaves the reply: inside a think block it opened, after one it closed (a thinking switch
+        # turned off), or neither, where a model that has `</think>` may start reasoning without writing `<think>`.
+        tail = self.tokenizer.decode(ids[-4:]).rstrip()
+        parser = self.reply_parser(in_reasoning=tail.endswith(THINK_OPEN), tools=self.tools,
+                                   reasoning_model=THINK_CLOSE in self.tokenizer.special_tokens
+                                   and not tail.endswith(THINK_CLOSE))
         stream = self.tokenizer.stream()
         generated: list[int] = []
         finished = False

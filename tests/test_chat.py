@@ -186,6 +186,48 @@ def test_thinking_switch_reaches_the_template(demo, demo_dir):
     assert qwen.tokenizer.decode(qwen.prompt_ids()).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
+class ScriptedModel(RecordingModel):
+    """The model, made to write `script`: each forward's last logits put every token but the next one at -inf."""
+
+    def __init__(self, model, script: list[int]):
+        super().__init__(model)
+        self.script = list(script)
+
+    def __call__(self, tokens, cache, positions=None, last_only=False):
+        logits = super().__call__(tokens, cache, positions, last_only)
+        forced = torch.full_like(logits[..., -1, :], float("-inf"))
+        forced[..., self.script.pop(0)] = 0.0
+        logits[..., -1, :] = forced
+        return logits
+
+
+@pytest.mark.parametrize("thinking", [True, False], ids=["thinking-template", "qwen3-no-think"])
+def test_a_reply_the_session_parses_with_the_request_s_tools_and_where_the_prompt_left_it(demo, demo_dir, thinking):
+    """The reply starts inside the think block without writing `<think>` and calls a tool by a bare counter id:
+    the session gives the parser the request's tools and where the prompt left the reply. After Qwen3's template
+    closed the think block (thinking off), the same text is content, never held back as reasoning."""
+    model, tokenizer, template = demo
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    reply = ('Paris, then.</think><|tool_calls_section_begin|><|tool_call_begin|>0<|tool_call_argument_begin|>'
+             '{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>')
+    stops = load(demo_dir, weights=False).eos_ids
+    script = tokenizer.encode_with_added(reply) + [min(stops)]
+    template = template if thinking else ChatTemplate(QWEN3_TEMPLATE)
+    engine = Engine(ScriptedModel(model, script), 1, 512, decoder="eager")
+    session = ChatSession(engine, tokenizer, template, stops, ReplyParser, tools=tools)
+    if not thinking:
+        session.set_thinking(False)
+    list(session.send("Weather in Paris?", GREEDY, 64))
+    message = session.messages[-1]
+    assert [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] \
+        == [("0", "get_weather", {"city": "Paris"})]
+    if thinking:
+        assert message["reasoning_content"] == "Paris, then." and not message["content"]
+    else:
+        assert message["content"] == "Paris, then.</think>" and "reasoning_content" not in message
+
+
 # The real command ----------------------------------------------------------------------------------------------------
 
 def test_k2_chat_in_a_terminal(demo_dir, tmp_path):

@@ -217,6 +217,13 @@ class TiktokenTokenizer(Tokenizer):
         self.special_tokens = special_tokens
         self.special_flags = {text: True for text in special_tokens}
         self.encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
+        self._ids = range(len(ranks)), set(special_tokens.values())
+
+    def _has(self, token_id: int) -> bool:
+        # A model's vocabulary may be larger than its tokenizer's (padded, or a config that lies): an id no token has
+        # decodes to nothing, as the tokenizers library decodes it, never a KeyError mid-reply.
+        ranked, special = self._ids
+        return token_id in ranked or token_id in special
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "TiktokenTokenizer":
@@ -239,10 +246,10 @@ class TiktokenTokenizer(Tokenizer):
         return self.encoding.encode(text, allowed_special="all")
 
     def decode(self, ids: list[int]) -> str:
-        return self.encoding.decode(ids, errors="replace")
+        return self.encoding.decode([i for i in ids if self._has(i)], errors="replace")
 
     def stream(self) -> StreamDecoder:
-        return _BytesStream(self.encoding.decode_single_token_bytes)
+        return _BytesStream(lambda i: self.encoding.decode_single_token_bytes(i) if self._has(i) else b"")
 
 
 class _BytesStream(StreamDecoder):

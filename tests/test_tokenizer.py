@@ -306,6 +306,19 @@ def test_text_longer_than_a_tokenizer_call_takes(qwen, deepseek, monkeypatch):
                 encode("x" * 101)
 
 
+def test_an_id_past_the_tokenizer_decodes_to_nothing_as_the_tokenizers_library_decodes_it(qwen, deepseek):
+    """A model's vocabulary may be larger than its tokenizer's; a sampled id with no token must not end a reply."""
+    ours, reference = deepseek
+    past = reference.backend_tokenizer.get_vocab_size(with_added_tokens=True) + 5
+    ids = ours.encode("Hello, world")
+    assert ours.decode([*ids, past]) == reference.decode([*ids, past]) == "Hello, world"
+    ids = qwen.encode("Hello, world")
+    gap = max(qwen.special_tokens.values()) + 1
+    assert qwen.decode([ids[0], gap, *ids[1:]]) == "Hello, world"
+    stream = qwen.stream()
+    assert "".join([stream.push(i) for i in [ids[0], gap, *ids[1:]]] + [stream.finish()]) == "Hello, world"
+
+
 def test_a_corpus_longer_than_a_call_encodes_as_one_call_would(qwen, qwen_rank_file, deepseek, monkeypatch):
     """k2 eval scores a text of any size: cut into pieces the tokenizer takes, its ids are still those of one call
     of the real tokenizers (tiktoken on Qwen's ranks with K2's pattern; transformers on DeepSeek-V3's)."""

@@ -5,6 +5,7 @@ A new family is one module listed in FAMILY_MODULES; nothing else in the toolkit
 import importlib
 from contextlib import contextmanager
 
+from runtime import config_schema
 from runtime.errors import K2Error
 from runtime.models.family import Family
 
@@ -30,14 +31,17 @@ def write_demo(folder, fp8: bool = False):
     return importlib.import_module(DEMO_MODULE).write_demo(folder, fp8=fp8)
 
 
+def read_args(config: dict, source="config.json"):
+    """The family's args of a config.json dict read from `source`, after checking every key the toolkit reads
+    against its schema (runtime/config_schema.py): a bad value is K2Error `source: field: ...`."""
+    config_schema.validate(config_schema.ConfigKeys, config, source)
+    return config_schema.read_args(family_of(config).args_class, config, source)
+
+
 def build(config: dict):
     """(model class, args) for a config.json dict."""
-    family = family_of(config)
-    try:
-        args = family.args_class.from_dict(config)
-    except TypeError as e:
-        raise K2Error(f"config.json does not describe a {config.get('model_type')} model: {e}") from None
-    return family.model_class, args
+    args = read_args(config)
+    return family_of(config).model_class, args
 
 
 @contextmanager

@@ -4,70 +4,76 @@ Module names follow the checkpoint's tensor names, so loading is a strict name m
 the rest of the toolkit knows of it (runtime/models/family.py).
 """
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Annotated, Literal, Self
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
 from runtime.cache import SlotCache
+from runtime.config_schema import NonNegative, Positive, RopeScaling, config_args
 from runtime.errors import K2Error
 from runtime.layers import MLP, RMSNorm, apply_rope_interleaved, rope_cos_sin, rope_frequencies, route_sigmoid_topk, yarn_mscale
 from runtime.models.experts import Experts
-from runtime.models.family import Family, hf_component_of
+from runtime.models.family import Family, hf_component_of, hf_layer_of
 
 _EXPERT_TENSOR = re.compile(r"(?P<layer>model\.layers\.\d+)\.mlp\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight")
 
 
-@dataclass
+@config_args
 class ModelArgs:
-    """The `config.json` keys the model reads; unknown keys are ignored."""
+    """The `config.json` keys the model reads, with what the model needs of them; unknown keys are ignored."""
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    moe_intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    kv_lora_rank: int
-    qk_nope_head_dim: int
-    qk_rope_head_dim: int
-    v_head_dim: int
-    q_lora_rank: int | None = None
-    n_routed_experts: int | None = None
-    n_shared_experts: int | None = None
-    num_experts_per_tok: int | None = None
+    vocab_size: Positive
+    hidden_size: Positive
+    intermediate_size: Positive
+    moe_intermediate_size: Positive
+    num_hidden_layers: Positive
+    num_attention_heads: Positive
+    kv_lora_rank: Positive
+    qk_nope_head_dim: Positive
+    qk_rope_head_dim: Annotated[int, Field(gt=0, multiple_of=2)]  # rotated in pairs
+    v_head_dim: Positive
+    q_lora_rank: Positive | None = None
+    n_routed_experts: NonNegative | None = None
+    n_shared_experts: NonNegative | None = None
+    num_experts_per_tok: Positive | None = None
     routed_scaling_factor: float = 1.0
-    n_group: int | None = 1
-    topk_group: int | None = 1
+    n_group: Positive | None = 1
+    topk_group: Positive | None = 1
     norm_topk_prob: bool = True
-    scoring_func: str = "sigmoid"
-    first_k_dense_replace: int = 0
-    moe_layer_freq: int = 1
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    max_position_embeddings: int = 4096
+    scoring_func: Literal["sigmoid"] = "sigmoid"  # the routing implemented (DeepSeek-V3, Kimi K2)
+    first_k_dense_replace: NonNegative = 0
+    moe_layer_freq: Positive = 1
+    hidden_act: Literal["silu"] = "silu"
+    rms_norm_eps: Annotated[float, Field(ge=0)] = 1e-6
+    rope_theta: Annotated[float, Field(gt=1)] = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: Positive = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    num_nextn_predict_layers: int = 0
+    num_nextn_predict_layers: NonNegative = 0
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "ModelArgs":
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in config.items() if k in known}
-        # transformers 5 writes `rope_parameters` (theta inside) where the published configs have rope_scaling.
-        rope = config.get("rope_parameters")
-        if rope and "rope_scaling" not in config:
-            values["rope_theta"] = rope.get("rope_theta", cls.rope_theta)
-            values["rope_scaling"] = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
-        args = cls(**values)
-        if args.scoring_func != "sigmoid":
-            raise K2Error(f"unsupported scoring_func {args.scoring_func!r}: only sigmoid routing (DeepSeek-V3, Kimi K2) is implemented")
-        if args.hidden_act != "silu":
-            raise K2Error(f"unsupported hidden_act {args.hidden_act!r}: only silu is implemented")
-        return args
+    @model_validator(mode="after")
+    def _routing_possible(self) -> Self:
+        """Routing picks num_experts_per_tok experts within the topk_group best of n_group equal groups (scored by
+        their two best experts)."""
+        if not self.n_routed_experts:
+            return self
+        n_group, topk_group = self.n_group or 1, self.topk_group or 1
+        if self.num_experts_per_tok is None:
+            raise ValueError(f"n_routed_experts is {self.n_routed_experts} but num_experts_per_tok is not given")
+        if self.n_routed_experts % n_group or (n_group > 1 and self.n_routed_experts // n_group < 2):
+            raise ValueError(f"n_routed_experts ({self.n_routed_experts}) must split into n_group ({n_group}) "
+                             "groups of at least two experts")
+        if topk_group > n_group:
+            raise ValueError(f"topk_group ({topk_group}) exceeds n_group ({n_group})")
+        if self.num_experts_per_tok > topk_group * (self.n_routed_experts // n_group):
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the "
+                             f"{topk_group * (self.n_routed_experts // n_group)} experts routing may choose from")
+        return self
 
     @property
     def qk_head_dim(self) -> int:
@@ -243,10 +249,9 @@ class DeepseekV3(nn.Module):
         last layer (`num_nextn_predict_layers` of them), and stale rope buffers."""
         if name.endswith("rotary_emb.inv_freq"):
             return True
-        if not name.startswith("model.layers."):
-            return False
-        layer = int(name.split(".")[2])
-        return self.args.num_hidden_layers <= layer < self.args.num_hidden_layers + self.args.num_nextn_predict_layers
+        layer = hf_layer_of(name)
+        return layer is not None and \
+            self.args.num_hidden_layers <= layer < self.args.num_hidden_layers + self.args.num_nextn_predict_layers
 
     @staticmethod
     def locate(name: str) -> tuple[str, int | None]:

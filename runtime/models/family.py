@@ -1,7 +1,8 @@
 """What an architecture family declares, and the only way the rest of the toolkit reaches model specifics.
 
 A family is one module under runtime/models/ (`deepseek_v3.py` serves DeepSeek-V3 and Kimi K2) that defines its
-model, its `ModelArgs` (the config.json keys it reads) and a `FAMILY` entry; runtime/models/__init__.py finds it by
+model, its `ModelArgs` (the config.json keys it reads, with their types and constraints: a schema every config.json
+is checked against, runtime/config_schema.py) and a `FAMILY` entry; runtime/models/__init__.py finds it by
 `model_type`. Info, plan, placement, offload, bench, quantize and convert read a model through this interface:
 
 - the model class builds from its args, keeps Hugging Face's module layout (`model.embed_tokens`, `model.layers`,
@@ -14,6 +15,7 @@ model, its `ModelArgs` (the config.json keys it reads) and a `FAMILY` entry; run
 - `gguf` names the module holding its llama.cpp architecture and tensor mapping; `reply_format` the parser of its
   replies (reasoning and tool calls); `reference_model_type` the transformers implementation the tests compare with.
 """
+import re
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -44,6 +46,15 @@ class MovableExperts(RoutedExperts, Protocol):
         """Overwrite expert `slot` with `source`'s expert `expert`."""
 
 
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def hf_layer_of(name: str) -> int | None:
+    """The layer index of a checkpoint tensor named the Hugging Face way (`model.layers.N.*`); None for the rest."""
+    match = _HF_LAYER.match(name)
+    return None if match is None else int(match[1])
+
+
 def hf_component_of(name: str) -> str:
     """The component of a checkpoint tensor (or its scale / packed companion) named the Hugging Face way:
     `model.embed_tokens`, `model.layers.N.self_attn.*`, `.mlp.experts.E.*`, `.mlp.shared_experts.*`, `.mlp.gate.*`
@@ -70,7 +81,7 @@ def hf_component_of(name: str) -> str:
 class Family:
     name: str
     model_types: tuple[str, ...]  # config.json model_types this family implements
-    args_class: type  # ModelArgs.from_dict(config) -> args
+    args_class: type  # its ModelArgs: config.json's keys, a runtime.config_schema.config_args dataclass
     model_class: type  # model_class(args) -> the model
     component_of: Callable[[str], str]
     gguf: str  # module with the llama.cpp (GGUF) architecture and tensor mapping

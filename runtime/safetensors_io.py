@@ -1,8 +1,9 @@
 """The one safetensors reader and writer: shard headers, tensors as views of memory-mapped shards, planned shards.
 
-Reading: a shard's header is checked against the file's size before anything trusts it (a truncated download is one
-clear error, not a crash). A tensor is a zero-copy view of its shard's mapping; once a row block is used its pages
-are dropped from this process (`MADV_DONTNEED`), so resident memory does not grow with the shard, however large.
+Reading: a shard's header is checked against its schema and the file's size before anything trusts it (a truncated
+download, an entry without offsets, two tensors sharing bytes: one clear error naming the shard and tensor). A tensor
+is a zero-copy view of its shard's mapping; once a row block is used its pages are dropped from this process
+(`MADV_DONTNEED`), so resident memory does not grow with the shard, however large.
 Writing: a shard's header is known before any tensor is computed (shapes follow from the input's), so it is written
 first and every tensor goes straight to its byte range, by any worker, in any order. The file is preallocated,
 which makes a full disk fail at the shard's start rather than halfway through it.
@@ -14,9 +15,13 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing_extensions import TypedDict
 
+from runtime.config_schema import NonNegative, describe
 from runtime.errors import K2Error
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -24,8 +29,24 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2":
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
                 "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+FLOAT_DTYPES = frozenset(name for name, dtype in TORCH_DTYPES.items() if dtype.is_floating_point)
+INTEGER_DTYPES = frozenset(name for name, dtype in TORCH_DTYPES.items() if not dtype.is_floating_point) - {"BOOL"}
 MAX_HEADER_BYTES = 100 << 20
 HEADER_ALIGN = 8
+
+
+class _Entry(TypedDict):
+    dtype: Literal[*DTYPE_BYTES]
+    shape: list[NonNegative]
+    data_offsets: Annotated[list[NonNegative], Field(min_length=2, max_length=2)]  # [start, end) after the header
+
+
+class _Header(BaseModel):
+    """A shard's JSON header: an entry per tensor, and free-form `__metadata__`."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    __pydantic_extra__: dict[str, _Entry]
+    metadata: Any = Field(None, alias="__metadata__")
 
 
 @dataclass(frozen=True)
@@ -49,7 +70,8 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor infos of one shard, after checking the file is long enough to hold every tensor it declares."""
+    """Tensor infos of one shard, after checking the header against its schema and that the file holds every tensor
+    it declares, each in bytes of its own."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -64,12 +86,15 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raise K2Error(f"shard {path.name} is missing from {path.parent}") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise K2Error(f"{path.name} has a corrupt safetensors header") from None
-    header.pop("__metadata__", None)
+    try:
+        entries = _Header.model_validate(header).__pydantic_extra__
+    except ValidationError as e:
+        error = e.errors(include_url=False)[0]
+        where = f"tensor {error['loc'][0]}: {describe(error, skip=1)}" if error["loc"] else describe(error)
+        raise K2Error(f"{path.name}: safetensors header: {where}") from None
     data_start = 8 + header_len
-    tensors, data_end = {}, 0
-    for name, entry in header.items():
-        if entry.get("dtype") not in DTYPE_BYTES:
-            raise K2Error(f"{path.name}: tensor {name} has unsupported dtype {entry.get('dtype')!r}")
+    tensors = {}
+    for name, entry in entries.items():
         start, end = entry["data_offsets"]
         info = TensorInfo(name, path, entry["dtype"], tuple(entry["shape"]), data_start + start)
         # Views are made from the offset, shape and dtype alone: a byte range that disagrees would read its neighbour.
@@ -77,10 +102,15 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise K2Error(f"{path.name}: tensor {name} has {end - start:,} bytes of data, its dtype and shape need "
                           f"{info.nbytes:,}")
         tensors[name] = info
-        data_end = max(data_end, end)
-    if data_start + data_end > size:
-        raise K2Error(f"{path.name} is truncated: {size:,} bytes on disk, its header needs {data_start + data_end:,}"
-                      " (re-download it)")
+    stored = sorted((info for info in tensors.values() if info.nbytes), key=lambda info: info.offset)
+    last = max(stored, key=lambda info: info.offset + info.nbytes, default=None)
+    if last is not None and last.offset + last.nbytes > size:
+        raise K2Error(f"{path.name} is truncated: {size:,} bytes on disk, its tensor {last.name} needs "
+                      f"{last.offset + last.nbytes:,} (re-download it)")
+    for before, after in zip(stored, stored[1:]):
+        if after.offset < before.offset + before.nbytes:
+            raise K2Error(f"{path.name}: tensors {before.name} and {after.name} share bytes of the file (a corrupt "
+                          "header)")
     return tensors
 
 

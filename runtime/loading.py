@@ -1,4 +1,12 @@
-"""Build a model on the meta device and fill it tensor by tensor from a checkpoint: never two copies in RAM."""
+"""Build a model on the meta device and fill it tensor by tensor from a checkpoint: never two copies in RAM.
+
+Every stored tensor is checked as it is read: its dtype must be of the kind the model holds (any float for a
+weight, since converting between floats is what loading does; integers for packed INT4 words), and a float tensor
+must hold only finite numbers. A NaN weight otherwise loads silently and the model emits token 0 forever. The check is
+one min/max pass over the tensor as stored, before any conversion (FP8: once dequantized). Tensors are copied into the
+model straight out of the mapped shard, with no copy in between, which pays for that pass.
+"""
+import math
 from pathlib import Path
 
 import torch
@@ -11,6 +19,8 @@ from runtime import models
 from runtime.checkpoint import Checkpoint
 from runtime.errors import K2Error
 from runtime.int4 import COMPANION_SUFFIXES, PACKED_SUFFIX, holds_packed, packed_modules, swap_int4_modules
+from runtime.models.family import hf_layer_of
+from runtime.safetensors_io import FLOAT_DTYPES, INTEGER_DTYPES
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SCALE_SUFFIX = "_scale_inv"
@@ -25,14 +35,44 @@ def _quant_method(config: dict) -> str | None:
     return (config.get("quantization_config") or {}).get("quant_method")
 
 
+def _require_finite(name: str, tensor: torch.Tensor):
+    if not tensor.is_floating_point() or not tensor.numel():
+        return
+    if tensor.element_size() == 1:  # FP8 has no min/max on the CPU; widening it to BF16 is exact
+        tensor = tensor.to(torch.bfloat16)
+    # One pass with no temporary: a NaN anywhere makes both NaN, an infinity shows as the min or the max.
+    low, high = torch.aminmax(tensor)
+    if not (math.isfinite(low.item()) and math.isfinite(high.item())):
+        raise K2Error(f"tensor {name} holds NaN or infinite values: the checkpoint is corrupt")
+
+
+def _load(ckpt: Checkpoint, name: str, dtypes: frozenset[str] = FLOAT_DTYPES, check: bool = True) -> torch.Tensor:
+    """Stored tensor `name` (a view of its shard), refused unless its dtype is one of `dtypes` (what the model can
+    hold it as) and, with `check`, unless every value is finite."""
+    dtype = ckpt.tensors[name].dtype
+    if dtype not in dtypes:
+        raise K2Error(f"tensor {name} is stored as {dtype}, but the model reads it as {' or '.join(sorted(dtypes))}")
+    tensor = ckpt.load(name)
+    if check:
+        _require_finite(name, tensor)
+    return tensor
+
+
 def _stored_to_weight(ckpt: Checkpoint, name: str, block: tuple[int, int]) -> torch.Tensor:
     """The tensor as the model uses it: FP8 block weights are dequantized here, the one place that knows the format."""
-    tensor = ckpt.load(name)
-    if ckpt.tensors[name].dtype == "F8_E4M3":
+    fp8 = ckpt.tensors[name].dtype == "F8_E4M3"
+    tensor = _load(ckpt, name, check=not fp8)  # FP8 is checked dequantized: widening it only to check costs more
+    if fp8:
         scale_name = name + SCALE_SUFFIX
         if scale_name not in ckpt.tensors:
             raise K2Error(f"FP8 tensor {name} has no {scale_name}")
-        tensor = dequantize_fp8_block(tensor, ckpt.load(scale_name), block)
+        scale = _load(ckpt, scale_name)
+        grid = tuple(-(-size // edge) for size, edge in zip(tensor.shape, block))
+        if tensor.dim() != 2 or tuple(scale.shape) != grid:
+            raise K2Error(f"FP8 tensor {name} {list(tensor.shape)} needs a 2-D weight and a {scale_name} of one scale "
+                          f"per {list(block)} block, {list(grid)}; it has {list(scale.shape)}")
+        tensor = dequantize_fp8_block(tensor, scale, block)
+        _require_finite(name, tensor)
     return tensor
 
 
@@ -43,11 +83,11 @@ def _stored_int4(ckpt: Checkpoint, name: str, group_size: int) -> tuple[tuple[in
     in a packed module, and is dequantized where the model reads it as a matrix.
     """
     stored = {}
-    for part in ("packed", "scale", "shape"):
+    for part, dtypes in (("packed", frozenset({"I32"})), ("scale", FLOAT_DTYPES), ("shape", INTEGER_DTYPES)):
         stored_name = f"{name}_{part}"
         if stored_name not in ckpt.tensors:
             raise K2Error(f"INT4 weight {name} has no {stored_name}")
-        stored[part] = ckpt.load(stored_name)
+        stored[part] = _load(ckpt, stored_name, dtypes)
     shape = tuple(int(v) for v in stored.pop("shape").tolist())
     expected = stored_shapes(*shape, group_size) if len(shape) == 2 else {}
     for part, tensor in stored.items():
@@ -76,7 +116,7 @@ def _wanted(name: str, layer_ids: set[int] | None, embed: bool, head: bool) -> b
     if layer_ids is None:
         return True
     if name.startswith("model.layers."):
-        return int(name.split(".")[2]) in layer_ids
+        return hf_layer_of(name) in layer_ids
     return embed if "embed_tokens" in name else head
 
 
@@ -127,6 +167,7 @@ def load_model(source: str | Path | Checkpoint, dtype: torch.dtype | None = None
             target_dtype = torch.float32 if name.endswith(model.fp32_tensors) else dtype
             target = _materialize(model, target_name, target_dtype, device)
             (target if expert is None else target[expert]).copy_(weight)
+        ckpt.release()
         loaded.add(name)
     ckpt.close()
 

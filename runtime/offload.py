@@ -6,12 +6,15 @@ the layer's device. Routed experts are computed where they live (the KTransforme
 or kept in host memory and copied on demand into a small per-layer cache on the GPU (`--offload stream`).
 """
 import json
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, Field
 from torch import nn
 
+from runtime.config_schema import STRICT, NonNegative, validate
 from runtime.errors import K2Error
 
 
@@ -144,9 +147,14 @@ def _remap(device: str, device_map: dict[str, str]) -> torch.device:
     # Experts a plan leaves on disk are read into host memory: the runtime holds no memory-mapped experts (yet).
     name = device_map.get(device, "cpu" if device == "disk" else device)
     try:
-        return torch.device(name)
+        target = torch.device(name)
     except RuntimeError:
         raise K2Error(f"the plan names device {device!r}, which torch does not know") from None
+    if (target.type == "cuda" and not (torch.cuda.is_available() and (target.index or 0) < torch.cuda.device_count())
+            or target.type == "mps" and not torch.backends.mps.is_available()):
+        raise K2Error(f"the plan puts parts of the model on {name}, which this machine does not have (map the plan's "
+                      f"devices to this machine's with --device-map {device}=cpu)")
+    return target
 
 
 def expert_cache_hit_rate(model) -> float | None:
@@ -156,13 +164,40 @@ def expert_cache_hit_rate(model) -> float | None:
     return sum(m.hits for m in streamed) / uses if uses else None
 
 
+class PlanLayer(BaseModel):
+    """One layer of a stage: its device, and where its routed experts live (or how many a GPU cache streams)."""
+
+    model_config = STRICT
+    layer: NonNegative
+    device: str
+    components: dict[str, str] = {}
+    experts: dict[str, list[NonNegative]] = {}  # device -> expert ids
+    expert_cache: NonNegative = 0  # > 0: every expert streamed through a cache of this many slots on `device`
+
+
+class PlanStage(BaseModel):
+    model_config = STRICT
+    layers: Annotated[list[PlanLayer], Field(min_length=1)]
+    embeddings: str | None = None
+    lm_head: str | None = None
+
+
+class Plan(BaseModel):
+    """What runtime/placement.py's `make_plan` writes (`k2 plan --json`) and a run reads: its pipeline stages."""
+
+    model_config = STRICT
+    stages: Annotated[list[PlanStage], Field(min_length=1)]
+
+
 def read_plan(path: str | Path) -> dict:
+    """A plan file, checked against `Plan`: any other JSON is one error naming the file and the field."""
     try:
-        plan = json.loads(Path(path).read_text())
-        plan["stages"][0]["layers"]
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise K2Error(f"{path} is not a plan written by `k2 plan --json` ({e})") from None
-    return plan
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise K2Error(f"cannot read the plan {path}: {e.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise K2Error(f"{path} is not a plan written by `k2 plan --json` (not JSON: {e})") from None
+    return validate(Plan, data, f"plan {path}").model_dump()
 
 
 def parse_device_map(text: str | None) -> dict[str, str]:
@@ -175,6 +210,31 @@ def parse_device_map(text: str | None) -> dict[str, str]:
         raise K2Error(f"--device-map takes PLAN_DEVICE=DEVICE pairs separated by commas, not {text!r}") from None
 
 
+def _check_fits(entry: dict, model, moe_blocks: dict):
+    """A plan made for another model (or edited by hand) would index past the model, or leave experts out: their
+    tokens would then be skipped silently."""
+    i, n_layers = entry["layer"], len(model.model.layers)
+    if i >= n_layers:
+        raise K2Error(f"the plan places layer {i}, but the model has {n_layers} layers (a plan for another model?)")
+    if i not in moe_blocks:
+        return
+    n_experts = moe_blocks[i].experts.n_experts
+    if entry["expert_cache"]:
+        if entry["expert_cache"] > n_experts:
+            raise K2Error(f"the plan gives layer {i} a cache of {entry['expert_cache']} experts; it has {n_experts}")
+        return
+    times = Counter(e for ids in entry["experts"].values() for e in ids)
+    beyond = [e for e in times if e >= n_experts]
+    if beyond:
+        raise K2Error(f"the plan places expert {beyond[0]} of layer {i}, which has {n_experts} experts (a plan for "
+                      "another model?)")
+    wrong = next((e for e in range(n_experts) if times[e] != 1), None)
+    if wrong is not None:
+        placed = f"places expert {wrong} of layer {i} {times[wrong]} times" if times[wrong] else \
+            f"does not place expert {wrong} of layer {i}"
+        raise K2Error(f"the plan {placed}; each expert goes in exactly one place")
+
+
 def apply_placement(model, stage: dict, device_map: dict[str, str] | None = None) -> list[StreamedExperts]:
     """Move a loaded model's parts where one stage of a plan (`k2 plan --json`'s stages[i]) puts them.
 
@@ -185,6 +245,7 @@ def apply_placement(model, stage: dict, device_map: dict[str, str] | None = None
     streamed = []
     moe_blocks = model.moe_blocks()
     for entry in stage["layers"]:
+        _check_fits(entry, model, moe_blocks)
         layer = model.model.layers[entry["layer"]]
         home = _remap(entry["device"], device_map)
         block = moe_blocks.get(entry["layer"])

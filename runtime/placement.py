@@ -6,13 +6,13 @@ from outside; `k2 plan` prints it with a decode speed predicted from a bandwidth
 time per token = sum over devices of (bytes the device reads per token / its bandwidth).
 """
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runtime.checkpoint import Checkpoint
 from runtime.errors import K2Error
 from runtime.info import weight_bytes
+from runtime.models.family import hf_layer_of
 from runtime.units import format_bytes, parse_size
 
 GiB = 1 << 30
@@ -76,9 +76,6 @@ class ModelCost:
             layer.dense_bytes + layer.expert_bytes * layer.n_experts for layer in self.layers)
 
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
-
-
 def model_cost(loaded, config_only: bool = False) -> ModelCost:
     """Bytes per layer and component of a model opened without weights (runtime.loader.load(..., weights=False)):
     from the safetensors headers, or (`config_only`, or no weights) config.json."""
@@ -93,14 +90,17 @@ def model_cost(loaded, config_only: bool = False) -> ModelCost:
     embed = head = 0
     for name, nbytes in sizes.items():
         component = component_of(name)
-        match = _LAYER.match(name)
-        if match is None:
+        index = hf_layer_of(name)
+        if index is None:
             if component == "embeddings":
                 embed += nbytes
             else:
                 head += nbytes  # lm_head, model.norm
             continue
-        layer = layers[int(match[1])]
+        if index >= len(layers):
+            raise K2Error(f"tensor {name} is in the checkpoint, but config.json describes {len(layers)} layers "
+                          "(config and weights disagree)")
+        layer = layers[index]
         if component == "routed_experts":
             expert = model.locate(name)[1]
             expert_sizes[layer.index, expert] = expert_sizes.get((layer.index, expert), 0) + nbytes

@@ -199,6 +199,16 @@ class HostSpec:
             devices.append(Device("cpu", int(self.cpu_mem * keep) - CPU_RESERVE, self.cpu_bandwidth))
         if not devices:
             raise K2Error("no devices: give --gpu, --mps and/or --cpu-mem")
+        for d in devices:  # a size below the reserve would plan with a negative budget
+            flag, size, reserve, use = (("--cpu-mem", self.cpu_mem, CPU_RESERVE, "the OS and the process")
+                                        if d.name == "cpu" else
+                                        ("--mps", self.mps, GPU_RESERVE, "the runtime and activations")
+                                        if d.name == "mps" else
+                                        ("--gpu", self.gpus[int(d.name.split(":")[1])], GPU_RESERVE,
+                                         "the runtime and activations"))
+            if d.budget <= 0:
+                raise K2Error(f"{flag} {format_bytes(size)} leaves {d.name} nothing for the model: k2 keeps "
+                              f"{format_bytes(reserve)} of it for {use}, and a {self.margin:.0%} margin")
         return devices
 
 

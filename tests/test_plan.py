@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from runtime.placement import GB, gpu_bandwidth_for, stage_layer_ranges
 from runtime.units import parse_size
-from tests.helpers import assert_one_line_error, run_k2
+from tests.helpers import assert_one_line_error, run_k2, run_k2_here
 from tests.k2_configs import KIMI_K2_THINKING_CONFIG, config_only_folder
 
 SETUPS = {  # GPUs and DIMMs hold binary sizes (80GiB); 8x141G reads the H200's 141 GB as decimal, on the safe side
@@ -120,3 +120,12 @@ def test_bad_flags(k2_thinking):
     assert_one_line_error(run_k2("plan", k2_thinking, "--gpu", "eighty"), "cannot read")
     assert_one_line_error(run_k2("plan", k2_thinking, "--gpu", "80G", "--offload", "stream"), "--cpu-mem")
     assert_one_line_error(run_k2("plan", k2_thinking), "no devices")
+
+
+@pytest.mark.parametrize("flags, fragment", [(["--gpu", "0"], "--gpu 0 B leaves cuda:0 nothing"),
+                                             (["--gpu", "80G", "--gpu", "1GiB"], "--gpu 1.00 GiB leaves cuda:1"),
+                                             (["--cpu-mem", "4GiB"], "--cpu-mem 4.00 GiB leaves cpu nothing"),
+                                             (["--mps", "1G"], "--mps 953.67 MiB leaves mps")])
+def test_a_device_smaller_than_what_k2_keeps_of_it_is_refused_by_flag(k2_thinking, flags, fragment):
+    """It used to plan with a negative budget ('-1.00 GiB budget')."""
+    assert_one_line_error(run_k2_here("plan", k2_thinking, *flags), fragment)

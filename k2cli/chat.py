@@ -148,16 +148,10 @@ def run_turn(session, text: str, params, max_tokens: int, out, thoughts=None) ->
 
 def read_tools(path: Path) -> list[dict]:
     """The --tools file, checked (runtime/tools.py); the list goes to the template as written."""
+    from runtime.files import read_json
     from runtime.tools import check_tools
 
-    try:
-        data = json.loads(path.read_bytes())
-    except OSError as e:
-        raise K2Error(f"--tools {path}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise K2Error(f"--tools {path}: not JSON ({e})") from None
-    except RecursionError:
-        raise K2Error(f"--tools {path}: JSON nested too deeply") from None
+    data = read_json(path, f"--tools {path}")
     try:
         check_tools(data)
     except K2Error as e:
@@ -275,12 +269,9 @@ class Repl:
         if not path:
             raise K2Error("/load needs a file name")
         path = Path(path).expanduser()
-        try:
-            data = json.loads(path.read_text())
-        except OSError as e:
-            raise K2Error(f"cannot read {path}: {e.strerror or e}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise K2Error(f"{path} is not JSON: {e}") from None
+        from runtime.files import read_json
+
+        data = read_json(path)
         self.session.load(data.get("messages") if isinstance(data, dict) else data)
         typer.echo(f"loaded {len(self.session.messages)} messages from {path}")
 

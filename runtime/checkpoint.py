@@ -10,7 +10,6 @@ path is refused. Where a shard links to is not checked: the Hugging Face cache s
 `../../blobs/...`, so following a link the folder holds is the normal case, and whoever can place links in the
 folder can place any file there anyway.
 """
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -20,19 +19,12 @@ from pydantic import AfterValidator, BaseModel
 from runtime import models
 from runtime.config_schema import STRICT, validate
 from runtime.errors import K2Error
+from runtime.files import read_json
 from runtime.safetensors_io import MappedShards, TensorInfo, read_safetensors_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise K2Error(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise K2Error(f"{path} is not valid JSON: {e}") from None
 
 
 def _file_in_folder(name: str) -> str:

@@ -1,5 +1,6 @@
-"""Writing a job's outputs: each file under a temporary name, renamed into place when complete, and a write that the
-disk refuses reported against the output, never against the input being copied (shutil's errors name the source)."""
+"""Reading a JSON file from an untrusted folder in one line's worth of error, and writing a job's outputs: each file
+under a temporary name, renamed into place when complete, and a write that the disk refuses reported against the
+output, never against the input being copied (shutil's errors name the source)."""
 import errno
 import json
 import os
@@ -8,6 +9,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from runtime.errors import K2Error
+
+def read_json(path: Path, label: str | None = None):
+    """The JSON value in `path`, or one error naming the file (as `label`, default its path): missing, unreadable, not
+    UTF-8, not JSON, or nested deeper than Python's parser goes."""
+    label = label or str(path)
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise K2Error(f"{label} not found") from None
+    except OSError as e:
+        raise K2Error(f"cannot read {label}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise K2Error(f"{label} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise K2Error(f"{label} is nested too deeply to read") from None
+
 
 DISK_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)  # full, over quota, file too large, read-only
 

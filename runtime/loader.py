@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from runtime import models
-from runtime.checkpoint import Checkpoint, read_json
+from runtime.checkpoint import Checkpoint
 from runtime.errors import K2Error
+from runtime.files import read_json
 from runtime.loading import TORCH_DTYPES, load_model
 from runtime.offload import apply_placement, read_plan
 from runtime.resolve import DEMO, resolve_model

@@ -27,11 +27,10 @@ import torch
 from tqdm import tqdm
 
 from quant.gguf import blocks
-from runtime.checkpoint import read_json
 from runtime.convert.gguf_vocab import add_vocab, read_vocab
 from runtime.convert.sources import Source, collect_sources, read_rows, release_rows, row_blocks
 from runtime.errors import K2Error
-from runtime.files import writing_to
+from runtime.files import read_json, writing_to
 from runtime.loader import load
 from runtime.safetensors_io import MappedShards
 from runtime.units import format_shortfall

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gguf
 
-from runtime.checkpoint import read_json
+from runtime.files import read_json
 from runtime.errors import K2Error
 from runtime.tokenizer import read_ranks
 

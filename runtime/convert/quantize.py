@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from quant import int4
 from quant.methods import METHODS, Int4Spec
-from runtime.checkpoint import INDEX_FILE, Checkpoint, read_json
+from runtime.checkpoint import INDEX_FILE, Checkpoint
 from runtime.convert.sources import Source, collect_sources, natural_key, read_rows, release_rows, row_blocks
 from runtime.errors import K2Error
-from runtime.files import copy_atomic, write_json_atomic, writing_to
+from runtime.files import copy_atomic, read_json, write_json_atomic, writing_to
 from runtime.info import is_linear_weight
 from runtime.loader import load
 from runtime.safetensors_io import TORCH_DTYPES, MappedShards, PlannedTensor, ShardWriter, shard_nbytes

@@ -151,6 +151,19 @@ class ConfigKeys(BaseModel):
     eos_token_id: Annotated[list[NonNegative] | None, BeforeValidator(_as_list)] = None  # an id or a list of ids
 
 
+class GenerationConfig(BaseModel):
+    """The generation_config.json keys k2 reads: the model's recommended sampling and its end-of-sequence ids."""
+
+    model_config = STRICT
+    do_sample: bool | None = None
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    top_k: NonNegative | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: PositiveFloat | None = None
+    eos_token_id: Annotated[list[NonNegative] | None, BeforeValidator(_as_list)] = None  # an id or a list of ids
+
+
 def read_args(args_class, config: dict, source) -> Any:
     """A family's args (a `config_args` class) from a config.json dict read from `source` and already valid as
     `ConfigKeys`, or K2Error naming the file and field. transformers 5 writes `rope_parameters` (theta inside) where

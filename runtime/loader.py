@@ -105,8 +105,14 @@ class LoadedModel:
 
     @cached_property
     def generation_config(self) -> dict:
+        from runtime.config_schema import GenerationConfig, validate
+
         path = self.folder / "generation_config.json"
-        return read_json(path) if path.exists() else {}
+        if not path.exists():
+            return {}
+        config = read_json(path)
+        validate(GenerationConfig, config, path)
+        return config
 
     def sampling(self, **overrides) -> SamplingParams:
         """The model's recommended sampling (generation_config.json), with the options given (None: not given)."""

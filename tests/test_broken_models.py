@@ -30,6 +30,7 @@ READ_HEADERS = set(COMMANDS)  # every command opens config.json, the index and t
 READ_WEIGHTS = {"generate", "generate-text", "chat", "bench", "eval"}  # ... these load every weight
 READ_TOKENIZER = {"generate-text", "chat", "eval", "convert"}
 READ_TEMPLATE = {"chat"}
+READ_SAMPLING = {"generate", "generate-text", "chat"}  # generation_config.json: sampling defaults and stop ids
 
 
 def rewrite_header(shard, edit):
@@ -77,6 +78,10 @@ BREAKAGES = {  # name -> (how, a fragment the one line must contain, the command
                       "model.norm.weight", READ_WEIGHTS),
     "nan-weight": (lambda m: rewrite_tensor(m, "model.layers.0.self_attn.o_proj.weight", nan_in),
                    "model.layers.0.self_attn.o_proj.weight", READ_WEIGHTS),
+    "generation-config-wrong-type": (lambda m: edit_json(m / "generation_config.json", temperature="0.6"),
+                                     "generation_config.json: temperature", READ_SAMPLING),
+    "generation-config-a-list": (lambda m: (m / "generation_config.json").write_text("[1]"),
+                                 "generation_config.json", READ_SAMPLING),
     "no-tokenizer": (lambda m: (m / "tiktoken.model").unlink(), "tiktoken.model", READ_TOKENIZER),
     "tokenizer-not-utf8": (lambda m: (m / "tiktoken.model").write_bytes(b"\xff\xfe not base64 \x80\n"),
                            "tiktoken.model", READ_TOKENIZER),

@@ -1,6 +1,6 @@
 """The arguments and options more than one command takes, each defined here once so they read and behave alike.
 
-Values are checked where they are used, once: --device by runtime.loader.check_device, --dtype by
+Values are checked where they are used, once: --device by runtime.devices.check_device, --dtype by
 runtime.loader.torch_dtype, sizes by runtime.units.parse_size.
 """
 import typer

@@ -14,6 +14,7 @@ import torch
 
 from runtime import models
 from runtime.checkpoint import Checkpoint
+from runtime.devices import check_device
 from runtime.errors import K2Error
 from runtime.files import read_json
 from runtime.loading import TORCH_DTYPES, load_model
@@ -31,28 +32,6 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
         raise K2Error(f"--dtype must be auto, {', '.join(TORCH_DTYPES)}; not {name!r}")
     return TORCH_DTYPES[name]
 
-
-def check_device(name: str) -> torch.device:
-    """--device as torch names it, checked against what this torch and this machine have."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise K2Error(f"no such device {name!r} (cpu, cuda, cuda:1, mps, ...)") from None
-    if device.type == "cuda":
-        if torch.version.cuda is None and torch.version.hip is None:
-            raise K2Error(f"--device {name}: CUDA was asked for, but this torch is a CPU build; install a CUDA build "
-                          "of torch (https://pytorch.org/get-started/locally/)")
-        if not torch.cuda.is_available():
-            raise K2Error(f"--device {name}: this torch supports CUDA but sees no CUDA device (driver or "
-                          "CUDA_VISIBLE_DEVICES?)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise K2Error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise K2Error(f"--device {name}: MPS (Apple-silicon GPU) is not available in this torch on this machine")
-    elif device.type != "cpu":
-        raise K2Error(f"--device {name}: k2 runs on cpu, cuda or mps")
-    return device
 
 
 @dataclass

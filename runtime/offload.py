@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from runtime.config_schema import STRICT, NonNegative, validate
+from runtime.devices import check_device
 from runtime.errors import K2Error
 
 
@@ -146,15 +147,10 @@ class ExpertStats:
 def _remap(device: str, device_map: dict[str, str]) -> torch.device:
     # Experts a plan leaves on disk are read into host memory: the runtime holds no memory-mapped experts (yet).
     name = device_map.get(device, "cpu" if device == "disk" else device)
-    try:
-        target = torch.device(name)
-    except RuntimeError:
-        raise K2Error(f"the plan names device {device!r}, which torch does not know") from None
-    if (target.type == "cuda" and not (torch.cuda.is_available() and (target.index or 0) < torch.cuda.device_count())
-            or target.type == "mps" and not torch.backends.mps.is_available()):
-        raise K2Error(f"the plan puts parts of the model on {name}, which this machine does not have (map the plan's "
-                      f"devices to this machine's with --device-map {device}=cpu)")
-    return target
+    if name == "meta":  # shapes only: a dry run of a plan for devices this machine lacks
+        return torch.device("meta")
+    return check_device(name, "the plan's device",
+                        f"; map the plan's devices to this machine's with --device-map {device}=cpu")
 
 
 def expert_cache_hit_rate(model) -> float | None:

@@ -89,4 +89,4 @@ def test_a_plan_for_a_gpu_this_machine_lacks(demo_dir, demo_plan, tmp_path):
     gpu_plan["stages"][0]["layers"][1]["device"] = "cuda:0"
     path = write(tmp_path, gpu_plan)
     assert_one_line_error(run_k2_here("generate", demo_dir, "--ids", "1,2", "-n", "2", "--plan", path),
-                          "cuda:0, which this machine does not have", "--device-map cuda:0=cpu")
+                          "the plan's device cuda:0: ", "--device-map cuda:0=cpu")

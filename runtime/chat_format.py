@@ -5,16 +5,15 @@
     <|tool_calls_section_end|>
 
 Reasoning ends at `</think>` or, implicitly, where the tool-call section begins: a call made inside an unclosed think
-block is still a call. A reasoning model's reply may start inside the think block without writing `<think>` (the
-prompt opened it, or the model left it out): the text before its `</think>` is reasoning, as vLLM's kimi_k2 reasoning
-parser takes it. Nothing the model wrote is dropped: a call with arguments that are not a JSON object, an id that
+block is still a call. A thinking model's reply may start inside the think block without writing `<think>` (the
+prompt opened it, or the model left it out, as K2-Thinking does at times): the caller says so (`in_reasoning`), and
+the text before its `</think>` is reasoning, streamed as it comes, as vLLM's kimi_k2 reasoning parser takes it; a
+`<think>` the model writes anyway is dropped. Nothing the model wrote is dropped: a call with arguments that are not a JSON object, an id that
 names no function, or no end is kept and flagged; text in a tool-call section outside any call is content.
 
 The same state machine parses a finished reply and a stream, so both give the same result however the text is cut.
 A stream holds text back only while it cannot tell where the text belongs:
 - the end of a text that could be the start of a marker, until the next chunk tells;
-- the start of a reasoning model's reply that did not open with `<think>`, until a `</think>` (reasoning) or a
-  tool-call section (content) shows which it is; a reply with neither in its first HOLD_LIMIT characters is content;
 - text in a tool-call section outside a call's arguments, until the next marker; a section whose next marker does
   not begin within HOLD_LIMIT characters is given up on and its text is content, as vLLM gives up on a section;
 - a call's arguments, until the call ends, however long: they are the call (vLLM dropped its cap on them, which cut
@@ -127,11 +126,9 @@ class Event:
     tool_call: ToolCall | None = None
 
 
-# Per state: the markers that end it and the state each leads to. _UNSURE: a reasoning model's reply that did not
-# open with <think>, until </think> shows it was reasoning (or a tool-call section that it was content).
-_START, _UNSURE, _REASONING, _CONTENT, _SECTION, _CALL_ID, _ARGUMENTS = range(7)
+# Per state: the markers that end it and the state each leads to.
+_START, _REASONING, _CONTENT, _SECTION, _CALL_ID, _ARGUMENTS = range(6)
 _EXITS = {
-    _UNSURE: {THINK_CLOSE: _CONTENT, SECTION_BEGIN: _SECTION},
     _REASONING: {THINK_CLOSE: _CONTENT, SECTION_BEGIN: _SECTION},
     _CONTENT: {SECTION_BEGIN: _SECTION},
     _SECTION: {CALL_BEGIN: _CALL_ID, SECTION_END: _CONTENT},
@@ -139,7 +136,7 @@ _EXITS = {
     # A missing end marker still ends the call where the next call or the section's end begins.
     _ARGUMENTS: {CALL_END: _SECTION, CALL_BEGIN: _CALL_ID, SECTION_END: _CONTENT},
 }
-_HELD = (_UNSURE, _SECTION, _CALL_ID)  # states whose text waits, up to HOLD_LIMIT, for the marker that ends them
+_HELD = (_SECTION, _CALL_ID)  # states whose text waits, up to HOLD_LIMIT, for the marker that ends them
 
 
 def _held_back(text: str, markers) -> int:
@@ -151,13 +148,12 @@ def _held_back(text: str, markers) -> int:
 
 
 class ReplyParser:
-    def __init__(self, in_reasoning: bool = False, tools: list[dict] | None = None, reasoning_model: bool = False):
-        """`in_reasoning`: the prompt already opened the think block (its generation prompt ends with `<think>`).
-        `tools`: the request's tool list (OpenAI shape), which names the function of a call whose id does not.
-        `reasoning_model`: the model ends its reasoning with `</think>` (its vocabulary has the token), so a reply
-        that does not open with `<think>` may still be reasoning up to a `</think>`: it is held back until known."""
+    def __init__(self, in_reasoning: bool = False, tools: list[dict] | None = None):
+        """`in_reasoning`: the reply starts inside a think block: the prompt opened it (its generation prompt ends
+        with `<think>`), or the model thinks first and may not write `<think>` (K2-Thinking).
+        `tools`: the request's tool list (OpenAI shape), which names the function of a call whose id does not."""
         self.state = _START
-        self.in_reasoning, self.reasoning_model = in_reasoning, reasoning_model
+        self.in_reasoning = in_reasoning
         self.tools = check_tools(tools) if tools else []
         self.buffer = ""
         self.searched = 0  # where in the buffer a marker could still begin: the search resumes there
@@ -184,7 +180,7 @@ class ReplyParser:
                     continue
                 if THINK_OPEN.startswith(self.buffer) and not final:
                     break
-                self._go(_REASONING if self.in_reasoning else _UNSURE if self.reasoning_model else _CONTENT)
+                self._go(_REASONING if self.in_reasoning else _CONTENT)
                 continue
             exits = _EXITS[self.state]
             found = [(at, m) for m in exits if (at := self.buffer.find(m, self.searched)) >= 0]
@@ -246,8 +242,6 @@ class ReplyParser:
         """Text before the marker that ends the current state belongs to that state."""
         if self.state in (_REASONING, _CONTENT):
             self._text(self.state, text, events)
-        elif self.state == _UNSURE:
-            self._text(_REASONING if next_state == _CONTENT else _CONTENT, text, events)
         elif self.state == _SECTION:
             if text.strip():  # text between calls, not a call: content, never dropped
                 self._text(_CONTENT, text, events)

@@ -141,12 +141,13 @@ class ChatSession:
         self.cache_ids = ids[:reused]
         stats = TurnStats(len(ids), reused, len(ids) - reused)
         self.turns.append(stats)
-        # Where the prompt leaves the reply: inside a think block it opened, after one it closed (a thinking switch
-        # turned off), or neither, where a model that has `</think>` may start reasoning without writing `<think>`.
+        # Where the prompt leaves the reply: inside a think block it opened; after one it closed (a thinking switch
+        # turned off); or neither, where a thinking model (its template writes `</think>`, a token of its vocabulary)
+        # thinks first and may not write `<think>`.
         tail = self.tokenizer.decode(ids[-4:]).rstrip()
-        parser = self.reply_parser(in_reasoning=tail.endswith(THINK_OPEN), tools=self.tools,
-                                   reasoning_model=THINK_CLOSE in self.tokenizer.special_tokens
-                                   and not tail.endswith(THINK_CLOSE))
+        thinks = (THINK_CLOSE in self.template.literal_text and THINK_CLOSE in self.tokenizer.special_tokens
+                  and not tail.endswith(THINK_CLOSE))
+        parser = self.reply_parser(in_reasoning=tail.endswith(THINK_OPEN) or thinks, tools=self.tools)
         stream = self.tokenizer.stream()
         generated: list[int] = []
         finished = False

@@ -265,19 +265,24 @@ def test_k2_chat_in_a_terminal(demo_dir, tmp_path):
     assert child.exitstatus == 0
     messages = json.loads(saved.read_text())
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
-    assert messages[2]["content"] == "What is 2+2?" and messages[1]["content"]
+    # The demo thinks first (K2-Thinking's template) and its random weights never close the think block.
+    assert messages[2]["content"] == "What is 2+2?" and messages[1]["reasoning_content"]
 
 
 def test_k2_chat_for_scripts(demo_dir):
     result = run_k2("chat", demo_dir, "-p", "What is the capital of France?", "-n", "6", "--seed", "2")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip()  # the reply (gibberish: the demo's weights are random)
+    # The reply is gibberish (random weights) that never closes the think block the demo opens with (K2-Thinking's
+    # template): all reasoning, which goes to stderr when answering once, the stats line after it.
+    assert not result.stdout.strip()
     assert "6 new" in result.stderr and "stop: max tokens" in result.stderr
+    assert len(result.stderr) > len(result.stderr.strip().splitlines()[-1]) + 1  # reasoning before the stats
     piped = subprocess.run([sys.executable, "-m", "k2cli", "chat", str(demo_dir), "-n", "6", "--json",
                             "--temperature", "0"], input="What is 2+2?\n", capture_output=True, text=True, timeout=300)
     assert piped.returncode == 0, piped.stderr
     answer = json.loads(piped.stdout)
     assert answer["message"]["role"] == "assistant" and answer["stats"]["new_tokens"] <= 6
+    assert answer["message"]["reasoning_content"]
     assert_one_line_error(run_k2("chat", demo_dir, "-p", "hi", "--no-think"), "no thinking switch")
 
 

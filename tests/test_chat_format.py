@@ -43,7 +43,7 @@ def get_time(zone: str, format: str = "24h") -> str:
 
 # The tool list of a request, as transformers writes it from Python functions (OpenAI's shape).
 TOOLS = {"tools": [get_json_schema(get_weather), get_json_schema(get_time)]}
-THINKING = {"reasoning_model": True}  # K2-Thinking: `</think>` is in its vocabulary
+THINKING = {"in_reasoning": True}  # K2-Thinking: it thinks first, and may not write `<think>`
 
 # name: (reply text, reasoning, content, calls as (id, name, arguments, None or a fragment of the error)[, options])
 CASES = {
@@ -75,15 +75,12 @@ CASES = {
                                           "functions.get_weather:0" + "z" * LONG, []),
     "long arguments stay one call": (SECTION.format(call("functions.write:0", json.dumps({"text": "w" * LONG}))), "",
                                      "", [("functions.write:0", "write", json.dumps({"text": "w" * LONG}), None)]),
-    # A reasoning model's reply that starts inside the think block (no <think>) is reasoning up to </think>.
+    # A thinking model's reply that starts inside the think block (no <think>) is reasoning up to </think>.
     "reasoning without <think>": ("The user greets me.</think>Hello!", "The user greets me.", "Hello!", [], THINKING),
     "reasoning without <think>, then a call": ("I need the weather.</think>" + SECTION.format(WEATHER),
                                                "I need the weather.", "", [WEATHER_CALL], THINKING),
-    "reasoning model's plain answer": ("Hello! How can I help?", "", "Hello! How can I help?", [], THINKING),
-    "reasoning model's call without reasoning": ("Checking." + SECTION.format(WEATHER), "", "Checking.",
-                                                 [WEATHER_CALL], THINKING),
-    "</think> in time": ("r" * LONG + "</think>ok", "r" * LONG, "ok", [], THINKING),
-    "</think> too late is text": ("r" * LONG + "s</think>ok", "", "r" * LONG + "s</think>ok", [], THINKING),
+    "thinking cut off by the end": ("Hello! How can I", "Hello! How can I", "", [], THINKING),
+    "long reasoning, then </think>": ("r" * 3 * LONG + "</think>ok", "r" * 3 * LONG, "ok", [], THINKING),
     "<think> again after the prompt's": ("<think>Thinking.</think>Answer.", "Thinking.", "Answer.", [],
                                          {"in_reasoning": True}),
     # Ids that do not say functions.NAME:INDEX: the request's tools name the function, or the call is flagged.

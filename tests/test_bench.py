@@ -8,7 +8,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from tests.helpers import assert_one_line_error, run_k2
+from tests.helpers import assert_one_line_error, run_k2, run_k2_here
 
 SMALL = ("--prompt-len", "16", "--gen", "5", "--reps", "2", "--warmup", "0", "--threads", "1")
 RATES = ("prefill_tok_s", "decode_tok_s", "ttft_s")
@@ -88,6 +88,6 @@ def test_compare_without_transformers_installed_is_one_line_error(demo_dir, tmp_
 
 
 def test_bad_options_are_one_line_errors(demo_dir):
-    assert_one_line_error(run_k2("bench", str(demo_dir), "--compare", "vllm"), "--compare")
-    assert_one_line_error(run_k2("bench", str(demo_dir), "--dtype", "int3"), "--dtype")
-    assert_one_line_error(run_k2("bench", str(demo_dir), "--device", "cuda:0", *SMALL), "cuda")
+    assert_one_line_error(run_k2_here("bench", str(demo_dir), "--compare", "vllm"), "--compare")
+    assert_one_line_error(run_k2_here("bench", str(demo_dir), "--dtype", "int3"), "--dtype")
+    assert_one_line_error(run_k2_here("bench", str(demo_dir), "--device", "cuda:0", *SMALL), "cuda")

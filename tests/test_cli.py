@@ -4,7 +4,7 @@ import json
 import torch
 
 from runtime.loading import load_model
-from tests.helpers import assert_one_line_error, generate, run_k2
+from tests.helpers import assert_one_line_error, generate, run_k2, run_k2_here
 
 
 def test_generate_on_default_demo_matches_library(tmp_path):
@@ -24,16 +24,16 @@ def test_generate_text_prompt(tmp_path):
 
 
 def test_bad_inputs(tmp_path):
-    assert run_k2("info", home=tmp_path).returncode == 0  # writes the demo, so later errors are the only output
-    assert_one_line_error(run_k2("generate", "--ids", "1,x", home=tmp_path), "--ids")
-    assert_one_line_error(run_k2("generate", "--ids", "99999999", home=tmp_path), "prompt ids")
-    assert_one_line_error(run_k2("generate", "--dtype", "int3", home=tmp_path), "--dtype")
-    assert_one_line_error(run_k2("info", "someone/not-downloaded", home=tmp_path), "not in the Hugging Face cache")
-    assert_one_line_error(run_k2("generate", "--device", "cdua", home=tmp_path), "no such device 'cdua'")
+    assert run_k2_here("info", home=tmp_path).returncode == 0  # writes the demo, so later errors are the only output
+    assert_one_line_error(run_k2_here("generate", "--ids", "1,x", home=tmp_path), "--ids")
+    assert_one_line_error(run_k2_here("generate", "--ids", "99999999", home=tmp_path), "prompt ids")
+    assert_one_line_error(run_k2_here("generate", "--dtype", "int3", home=tmp_path), "--dtype")
+    assert_one_line_error(run_k2_here("info", "someone/not-downloaded", home=tmp_path), "not in the Hugging Face cache")
+    assert_one_line_error(run_k2_here("generate", "--device", "cdua", home=tmp_path), "no such device 'cdua'")
     if not torch.cuda.is_available():
-        assert_one_line_error(run_k2("generate", "--device", "cuda", home=tmp_path), "--device cuda: ")
+        assert_one_line_error(run_k2_here("generate", "--device", "cuda", home=tmp_path), "--device cuda: ")
     if not torch.backends.mps.is_available():
-        assert_one_line_error(run_k2("chat", "-p", "hi", "--device", "mps", home=tmp_path), "--device mps: ")
+        assert_one_line_error(run_k2_here("chat", "-p", "hi", "--device", "mps", home=tmp_path), "--device mps: ")
 
 
 def test_help_is_fast_and_lists_commands():

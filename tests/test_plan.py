@@ -117,9 +117,9 @@ def test_gpu_bandwidth_guess_reads_card_sizes_as_written():
 
 
 def test_bad_flags(k2_thinking):
-    assert_one_line_error(run_k2("plan", k2_thinking, "--gpu", "eighty"), "cannot read")
-    assert_one_line_error(run_k2("plan", k2_thinking, "--gpu", "80G", "--offload", "stream"), "--cpu-mem")
-    assert_one_line_error(run_k2("plan", k2_thinking), "no devices")
+    assert_one_line_error(run_k2_here("plan", k2_thinking, "--gpu", "eighty"), "cannot read")
+    assert_one_line_error(run_k2_here("plan", k2_thinking, "--gpu", "80G", "--offload", "stream"), "--cpu-mem")
+    assert_one_line_error(run_k2_here("plan", k2_thinking), "no devices")
 
 
 @pytest.mark.parametrize("flags, fragment", [(["--gpu", "0"], "--gpu 0 B leaves cuda:0 nothing"),

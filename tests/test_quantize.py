@@ -29,7 +29,7 @@ from runtime.convert.quantize import QuantizeConfig, quantize_checkpoint
 from runtime.errors import K2Error
 from runtime.info import is_linear_weight
 from runtime.models.deepseek_v3_demo import DEMO_BPE_RANKS, demo_config, write_sharded
-from tests.helpers import assert_one_line_error, copy_checkpoint, run_k2
+from tests.helpers import assert_one_line_error, copy_checkpoint, run_k2, run_k2_here
 
 transformers.logging.set_verbosity_error()
 
@@ -230,8 +230,8 @@ def test_mse_is_never_worse_than_rtn(demo_dir, rtn_dir, tmp_path, monkeypatch):
 
 
 def test_bad_invocations_give_one_error_line(demo_dir, rtn_dir, tmp_path):
-    assert_one_line_error(run_k2("quantize", demo_dir, rtn_dir, "--int4"), "not empty", "--resume")
-    assert_one_line_error(run_k2("quantize", demo_dir, rtn_dir, "--int4", "--resume"), "no unfinished")
+    assert_one_line_error(run_k2_here("quantize", demo_dir, rtn_dir, "--int4"), "not empty", "--resume")
+    assert_one_line_error(run_k2_here("quantize", demo_dir, rtn_dir, "--int4", "--resume"), "no unfinished")
     with pytest.raises(K2Error, match="--group-size must be one of 16, 32, 64, 128"):
         QuantizeConfig(group_size=48)
     with pytest.raises(K2Error, match="--grid must be one of k2, ct"):
@@ -244,7 +244,7 @@ def test_bad_invocations_give_one_error_line(demo_dir, rtn_dir, tmp_path):
     broken = copy_checkpoint(demo_dir, tmp_path / "broken")
     shard = broken / "model-00002-of-00003.safetensors"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    assert_one_line_error(run_k2("quantize", broken, tmp_path / "o2", "--int4"), "model-00002-of-00003", "truncated")
+    assert_one_line_error(run_k2_here("quantize", broken, tmp_path / "o2", "--int4"), "model-00002-of-00003", "truncated")
 
 
 def test_full_disk(demo_dir, tmp_path, monkeypatch):

@@ -90,10 +90,10 @@ def test_quantize_and_convert_read_the_same_size_the_same_way(demo_dir, tmp_path
 
 
 def test_every_size_flag_refuses_an_unreadable_size_in_one_line(demo_dir, tmp_path):
-    assert_one_line_error(run_k2("plan", demo_dir, "--gpu", "1X"), "--gpu '1X'")
-    assert_one_line_error(run_k2("plan", demo_dir, "--gpu", "80G", "--cpu-mem", "-1G"), "--cpu-mem '-1G'")
-    assert_one_line_error(run_k2("plan", demo_dir, "--mps", "G"), "--mps 'G'")
-    assert_one_line_error(run_k2("quantize", demo_dir, tmp_path / "q", "--int4", "--max-shard-size", ""),
+    assert_one_line_error(run_k2_here("plan", demo_dir, "--gpu", "1X"), "--gpu '1X'")
+    assert_one_line_error(run_k2_here("plan", demo_dir, "--gpu", "80G", "--cpu-mem", "-1G"), "--cpu-mem '-1G'")
+    assert_one_line_error(run_k2_here("plan", demo_dir, "--mps", "G"), "--mps 'G'")
+    assert_one_line_error(run_k2_here("quantize", demo_dir, tmp_path / "q", "--int4", "--max-shard-size", ""),
                           "--max-shard-size ''")
-    assert_one_line_error(run_k2("convert", demo_dir, tmp_path / "c.gguf", "--to", "gguf", "--split-max-size", "1X"),
+    assert_one_line_error(run_k2_here("convert", demo_dir, tmp_path / "c.gguf", "--to", "gguf", "--split-max-size", "1X"),
                           "--split-max-size '1X'")

@@ -219,7 +219,7 @@ class ShardWriter:
             try:
                 written = os.pwrite(self._fd, view, position)
             except OSError as e:
-                raise K2Error(f"writing {self.final_path.name} failed: {e.strerror}") from None
+                raise K2Error(f"cannot write {self.final_path}: {e.strerror}") from None
             view, position = view[written:], position + written
 
     def write(self, name: str, data: torch.Tensor | memoryview, byte_offset: int = 0):

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from runtime.checkpoint import Checkpoint
 from runtime.errors import K2Error
 from runtime.loading import load_model
-from tests.helpers import assert_one_line_error, copy_checkpoint, edit_json, run_k2
+from tests.helpers import assert_one_line_error, copy_checkpoint, edit_json, run_k2, run_k2_here
 
 
 def test_header_reader_agrees_with_safetensors(demo_fp8_dir):
@@ -68,23 +68,23 @@ def test_unsupported_model_type(demo_dir, tmp_path):
 def test_config_contradicting_weights(demo_dir, tmp_path):
     folder = copy_checkpoint(demo_dir, tmp_path / "m")
     edit_json(folder / "config.json", moe_intermediate_size=64)
-    assert_one_line_error(run_k2("generate", folder, "--ids", "1,2", "-n", "2"), "shape", "config.json implies")
+    assert_one_line_error(run_k2_here("generate", folder, "--ids", "1,2", "-n", "2"), "shape", "config.json implies")
     edit_json(folder / "config.json", moe_intermediate_size=96, num_hidden_layers=5)
-    assert_one_line_error(run_k2("generate", folder, "--ids", "1,2", "-n", "2"), "lacks", "model.layers.4")
+    assert_one_line_error(run_k2_here("generate", folder, "--ids", "1,2", "-n", "2"), "lacks", "model.layers.4")
     # A layer past the last one is only skipped when the config declares it a multi-token-prediction layer.
     edit_json(folder / "config.json", num_hidden_layers=3, num_nextn_predict_layers=0)
-    assert_one_line_error(run_k2("generate", folder, "--ids", "1,2", "-n", "2"), "model.layers.3", "disagree")
+    assert_one_line_error(run_k2_here("generate", folder, "--ids", "1,2", "-n", "2"), "model.layers.3", "disagree")
     edit_json(folder / "config.json", num_nextn_predict_layers=1)
-    assert run_k2("generate", folder, "--ids", "1,2", "-n", "2").returncode == 0
+    assert run_k2_here("generate", folder, "--ids", "1,2", "-n", "2").returncode == 0
 
 
 def test_not_a_model_folder(tmp_path):
-    assert_one_line_error(run_k2("info", tmp_path / "nope"), "no such folder")
+    assert_one_line_error(run_k2_here("info", tmp_path / "nope"), "no such folder")
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(run_k2("info", tmp_path / "empty"), "config.json")
+    assert_one_line_error(run_k2_here("info", tmp_path / "empty"), "config.json")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{not json")
-    assert_one_line_error(run_k2("info", tmp_path / "bad"), "not valid JSON")
+    assert_one_line_error(run_k2_here("info", tmp_path / "bad"), "not valid JSON")
 
 
 def test_remote_code_is_never_executed(demo_dir, tmp_path):

@@ -263,6 +263,14 @@ def test_full_disk(demo_dir, tmp_path, monkeypatch):
     assert not list((tmp_path / "b").glob(".*.tmp"))
     monkeypatch.undo()
 
+    def full_mid_shard(fd, data, offset):  # a disk that promised the space (or a quota) and then refuses it
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full_mid_shard)
+    with pytest.raises(K2Error, match=rf"cannot write {tmp_path / 'd'}/model-\S+\.safetensors: No space left"):
+        quantize_checkpoint(demo_dir, tmp_path / "d", QuantizeConfig(), progress=False)
+    monkeypatch.undo()
+
     copyfile = shutil.copyfile
 
     def full_after_the_weights(source, target):  # what shutil reports: the source's name, not the file being written

@@ -26,7 +26,8 @@ def read_json(path: Path, label: str | None = None):
         raise K2Error(f"{label} is nested too deeply to read") from None
 
 
-DISK_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)  # full, over quota, file too large, read-only
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # full, over quota, file too large
+DISK_REFUSED = (*NO_SPACE, errno.EROFS)  # or read-only
 
 
 @contextmanager

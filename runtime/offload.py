@@ -17,6 +17,7 @@ from torch import nn
 from runtime.config_schema import STRICT, NonNegative, validate
 from runtime.devices import check_device
 from runtime.errors import K2Error
+from runtime.files import read_json
 
 
 def _inputs_to(device: torch.device):
@@ -187,13 +188,7 @@ class Plan(BaseModel):
 
 def read_plan(path: str | Path) -> dict:
     """A plan file, checked against `Plan`: any other JSON is one error naming the file and the field."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise K2Error(f"cannot read the plan {path}: {e.strerror}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise K2Error(f"{path} is not a plan written by `k2 plan --json` (not JSON: {e})") from None
-    return validate(Plan, data, f"plan {path}").model_dump()
+    return validate(Plan, read_json(Path(path), f"plan {path}"), f"plan {path}").model_dump()
 
 
 def parse_device_map(text: str | None) -> dict[str, str]:

@@ -191,24 +191,25 @@ class HostSpec:
 
     def devices(self) -> list[Device]:
         keep = 1 - self.margin
-        devices = [Device(f"cuda:{i}", int(size * keep) - GPU_RESERVE, self.gpu_bandwidth or gpu_bandwidth_for(size))
-                   for i, size in enumerate(self.gpus)]
+
+        def device(name: str, flag: str, size: int, usable: float, reserve: int, use: str, bandwidth: float):
+            budget = int(usable * keep) - reserve
+            if budget <= 0:  # a size below the reserve would plan with a negative budget
+                raise K2Error(f"{flag} {format_bytes(size)} leaves {name} nothing for the model: k2 keeps "
+                              f"{format_bytes(reserve)} of it for {use}, and a {self.margin:.0%} margin")
+            return Device(name, budget, bandwidth)
+
+        gpu_use = "the runtime and activations"
+        devices = [device(f"cuda:{i}", "--gpu", size, size, GPU_RESERVE, gpu_use,
+                          self.gpu_bandwidth or gpu_bandwidth_for(size)) for i, size in enumerate(self.gpus)]
         if self.mps:
-            devices.append(Device("mps", int(self.mps * MPS_WIRED_FRACTION * keep) - GPU_RESERVE, self.mps_bandwidth))
+            devices.append(device("mps", "--mps", self.mps, self.mps * MPS_WIRED_FRACTION, GPU_RESERVE, gpu_use,
+                                  self.mps_bandwidth))
         if self.cpu_mem:
-            devices.append(Device("cpu", int(self.cpu_mem * keep) - CPU_RESERVE, self.cpu_bandwidth))
+            devices.append(device("cpu", "--cpu-mem", self.cpu_mem, self.cpu_mem, CPU_RESERVE, "the OS and the process",
+                                  self.cpu_bandwidth))
         if not devices:
             raise K2Error("no devices: give --gpu, --mps and/or --cpu-mem")
-        for d in devices:  # a size below the reserve would plan with a negative budget
-            flag, size, reserve, use = (("--cpu-mem", self.cpu_mem, CPU_RESERVE, "the OS and the process")
-                                        if d.name == "cpu" else
-                                        ("--mps", self.mps, GPU_RESERVE, "the runtime and activations")
-                                        if d.name == "mps" else
-                                        ("--gpu", self.gpus[int(d.name.split(":")[1])], GPU_RESERVE,
-                                         "the runtime and activations"))
-            if d.budget <= 0:
-                raise K2Error(f"{flag} {format_bytes(size)} leaves {d.name} nothing for the model: k2 keeps "
-                              f"{format_bytes(reserve)} of it for {use}, and a {self.margin:.0%} margin")
         return devices
 
 

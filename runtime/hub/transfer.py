@@ -3,7 +3,6 @@
 Bytes are hashed as they arrive (the hash of a resumed file starts over the bytes already on disk), so a file is
 verified the moment its last byte lands: no re-read of a 16 GB shard at 99 %.
 """
-import errno
 import threading
 import time
 from pathlib import Path
@@ -11,11 +10,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from runtime.errors import K2Error
+from runtime.files import NO_SPACE
 from runtime.hub.remote import ConnectionLost, Hub, Listing, RemoteFile
 
 READ_BLOCK = 8 << 20
 ATTEMPTS = 3  # per file, each resuming from what the previous one left on disk
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class Stopped(Exception):

@@ -13,6 +13,7 @@ import typer
 
 from k2cli import options
 from runtime.errors import K2Error
+from runtime.files import read_json
 
 DEFAULT_CONTEXT = 8192
 HELP = """commands:
@@ -148,7 +149,6 @@ def run_turn(session, text: str, params, max_tokens: int, out, thoughts=None) ->
 
 def read_tools(path: Path) -> list[dict]:
     """The --tools file, checked (runtime/tools.py); the list goes to the template as written."""
-    from runtime.files import read_json
     from runtime.tools import check_tools
 
     data = read_json(path, f"--tools {path}")
@@ -268,10 +268,7 @@ class Repl:
     def load(self, path):
         if not path:
             raise K2Error("/load needs a file name")
-        path = Path(path).expanduser()
-        from runtime.files import read_json
-
-        data = read_json(path)
+        data = read_json(Path(path).expanduser())
         self.session.load(data.get("messages") if isinstance(data, dict) else data)
         typer.echo(f"loaded {len(self.session.messages)} messages from {path}")
 

@@ -14,6 +14,7 @@ import torch
 
 from runtime import models
 from runtime.checkpoint import Checkpoint
+from runtime.config_schema import GenerationConfig, validate
 from runtime.devices import check_device
 from runtime.errors import K2Error
 from runtime.files import read_json
@@ -84,8 +85,6 @@ class LoadedModel:
 
     @cached_property
     def generation_config(self) -> dict:
-        from runtime.config_schema import GenerationConfig, validate
-
         path = self.folder / "generation_config.json"
         if not path.exists():
             return {}

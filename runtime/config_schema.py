@@ -79,11 +79,21 @@ def config_args(cls):
     return pydantic_dataclasses.dataclass(cls, config=ARGS_CONFIG)
 
 
-def _yarn_complete(scaling: dict) -> dict:
-    if scaling.get("type", scaling.get("rope_type")) == "yarn":
-        for key in ("factor", "original_max_position_embeddings"):
-            if key not in scaling:
-                raise ValueError(f"YaRN scaling needs {key}")
+_ROPE_NEEDS = {"default": (), "linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings"),
+               "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}
+
+
+def _rope_complete(scaling: dict) -> dict:
+    """A rope scaling the models implement (runtime/layers.py ROPE_TYPES), with the keys it needs: a type the
+    toolkit would ignore would run the model silently wrong."""
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in _ROPE_NEEDS:
+        raise ValueError(f"rope type {kind!r} is not supported (supported: {', '.join(_ROPE_NEEDS)})")
+    for key in _ROPE_NEEDS[kind]:
+        if key not in scaling:
+            raise ValueError(f"{kind} rope scaling needs {key}")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError("llama3 rope scaling needs high_freq_factor above low_freq_factor")
     return scaling
 
 
@@ -102,9 +112,11 @@ class _RopeScalingKeys(TypedDict, total=False):
     mscale_all_dim: float
     attention_factor: float
     truncate: bool
+    low_freq_factor: PositiveFloat
+    high_freq_factor: PositiveFloat
 
 
-RopeScaling = Annotated[_RopeScalingKeys, AfterValidator(_yarn_complete)]
+RopeScaling = Annotated[_RopeScalingKeys, AfterValidator(_rope_complete)]
 
 
 def _as_list(value):

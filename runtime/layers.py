@@ -1,4 +1,5 @@
-"""Blocks shared by the architectures: RMSNorm, RoPE with YaRN, the SwiGLU MLP, sigmoid top-k routing."""
+"""Blocks shared by the architectures: RMSNorm, RoPE (YaRN, llama3 and linear scaling; interleaved and rotate-half
+pairs), the SwiGLU MLP, sigmoid and softmax top-k routing."""
 import math
 
 import torch
@@ -38,10 +39,20 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
+def rope_type(scaling: dict | None) -> str:
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+
+
 def rope_frequencies(dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [dim // 2] and the cos/sin magnitude, for plain RoPE or YaRN (`rope_scaling` of config.json)."""
+    """Inverse frequencies [dim // 2] and the cos/sin magnitude for `rope_scaling` of config.json, as transformers
+    computes them: default, linear, llama3 or yarn (the config schema refuses the other types)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    if not scaling or scaling.get("type", scaling.get("rope_type")) != "yarn":
+    kind = rope_type(scaling)
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":
+        return _llama3_frequencies(inv_freq, scaling), 1.0
+    if kind != "yarn":
         return inv_freq, 1.0
     factor = scaling["factor"]
     original_len = scaling["original_max_position_embeddings"]
@@ -72,6 +83,18 @@ def rope_frequencies(dim: int, theta: float, scaling: dict | None) -> tuple[torc
     return inv_freq, magnitude
 
 
+def _llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's scaling: wavelengths longer than the original context / low_freq_factor are divided by `factor`,
+    those shorter than it / high_freq_factor are kept, and the band between is interpolated smoothly."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((original_len / wavelen - low) / (high - low)).clamp(0, 1)
+    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelen > original_len / low, inv_freq / factor,
+                       torch.where(wavelen < original_len / high, inv_freq, scaled))
+
+
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, magnitude: float):
     """cos, sin [*positions.shape, dim // 2] in fp32 for integer positions of any shape."""
     angles = positions.float()[..., None] * inv_freq.to(positions.device)
@@ -88,6 +111,23 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     cos, sin = cos.to(x.dtype).unsqueeze(-2), sin.to(x.dtype).unsqueeze(-2)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i + dim/2}) (GPT-NeoX / Llama / Qwen layout, transformers' rotate_half).
+    x: [..., T, heads, dim]; cos, sin: [..., T, dim // 2]."""
+    cos, sin = cos.to(x.dtype).unsqueeze(-2), sin.to(x.dtype).unsqueeze(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def route_softmax_topk(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-MoE / Mixtral routing. logits [N, E] -> (weights [N, k] fp32, expert ids [N, k]): softmax over all
+    experts, the top k, renormalized to sum to one when `normalize`."""
+    weights, ids = logits.float().softmax(dim=-1).topk(top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids
 
 
 def route_sigmoid_topk(

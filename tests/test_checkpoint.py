@@ -61,8 +61,8 @@ def test_index_pointing_at_wrong_shard(demo_dir, tmp_path):
 
 def test_unsupported_model_type(demo_dir, tmp_path):
     folder = copy_checkpoint(demo_dir, tmp_path / "m")
-    edit_json(folder / "config.json", model_type="llama")
-    assert_one_line_error(run_k2("info", folder), "unsupported model_type 'llama'")
+    edit_json(folder / "config.json", model_type="mistral")
+    assert_one_line_error(run_k2("info", folder), "unsupported model_type 'mistral'")
 
 
 def test_config_contradicting_weights(demo_dir, tmp_path):

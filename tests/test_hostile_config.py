@@ -61,7 +61,11 @@ BAD_VALUES = [
     ({"norm_topk_prob": 1}, "norm_topk_prob: expected true or false, got 1"),
     ({"rope_scaling": "yarn"}, "rope_scaling: expected an object, got 'yarn'"),
     ({"rope_scaling": {"type": "yarn", "original_max_position_embeddings": 4096}},
-     "rope_scaling: YaRN scaling needs factor"),
+     "rope_scaling: yarn rope scaling needs factor"),
+    # A rope type the models do not implement would run them silently wrong.
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling: rope type 'dynamic' is not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}},
+     "rope_scaling: llama3 rope scaling needs low_freq_factor"),
     ({"rope_scaling": {"type": "yarn", "factor": "32", "original_max_position_embeddings": 4096}},
      "rope_scaling.factor: expected a number, got '32'"),
     ({"rope_parameters": ["yarn"]}, "rope_parameters: expected an object"),

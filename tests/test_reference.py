@@ -13,18 +13,18 @@ import torch
 import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache, GenerationConfig
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, GenerationConfig
 
 from runtime.cache import SlotCache
 from runtime.loading import load_model
 from runtime.models.deepseek_v3 import Attention
 from runtime.models.deepseek_v3_demo import DEMO_BPE_RANKS, demo_config, write_demo
 from tests.helpers import generate
+from tests.reference_runs import assert_close, left_pad, random_ids, run_ours, run_ref
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
-TOL = 1e-4
 
 # DeepSeek-V3's own routing and rope settings (config.json of deepseek-ai/DeepSeek-V3), on the demo's sizes.
 DEEPSEEK_V3_OVERRIDES = {
@@ -39,25 +39,11 @@ DEEPSEEK_V3_OVERRIDES = {
 # helpers
 
 
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str, tol: float = TOL):
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    err = rel_err(ours, ref)
-    assert err <= tol, f"{what}: rel {err:.3e} > {tol:.0e}"
-
-
 def load_reference(folder: Path) -> DeepseekV3ForCausalLM:
     # model_type kimi_k2 must be overridden, or transformers skips its per-expert -> stacked weight conversion.
     config = DeepseekV3Config.from_pretrained(folder)
     config.model_type = "deepseek_v3"
     return DeepseekV3ForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32).eval().float()
-
-
-def random_ids(vocab_size: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    return torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass
@@ -78,45 +64,6 @@ class Pair:
 
     def ids(self, shape: tuple[int, ...], seed: int) -> torch.Tensor:
         return random_ids(self.config["vocab_size"], shape, seed)
-
-
-@torch.inference_mode()
-def run_ours(model, prompts: list[list[int]], steps: torch.Tensor) -> list:
-    """Prefill each prompt into its own slot of one latent cache, then feed `steps` [B, n] to all slots together,
-    one token at a time. Returns the prefill logits of each prompt ([T_b, V] each), then one [B, V] per step (T == 1,
-    so the absorbed attention runs)."""
-    cache = model.new_cache(len(prompts), max(map(len, prompts)) + steps.shape[1])
-    logits = [[model(torch.tensor([p]), cache.rows(b))[0] for b, p in enumerate(prompts)]]
-    logits += [model(steps[:, i:i + 1], cache)[:, -1] for i in range(steps.shape[1])]
-    assert cache.lengths.tolist() == [len(p) + steps.shape[1] for p in prompts]
-    return logits
-
-
-def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts of different lengths -> (tokens [B, T_max] left-padded with 0, pad lengths [B]): transformers' way."""
-    width = max(len(p) for p in prompts)
-    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        tokens[row, width - len(prompt):] = torch.tensor(prompt)
-    return tokens, torch.tensor([width - len(p) for p in prompts])
-
-
-@torch.inference_mode()
-def run_ref(ref, prompt: torch.Tensor, steps: torch.Tensor, pad: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """The same as `run_ours` in transformers: DynamicCache, attention mask 0 on left padding, positions from it."""
-    pad = torch.zeros(prompt.shape[0], dtype=torch.long) if pad is None else pad
-    mask = (torch.arange(prompt.shape[1]) >= pad[:, None]).long()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=ref.config)
-    out = ref(input_ids=prompt, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-    logits = [out.logits]
-    for i in range(steps.shape[1]):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        positions = positions[:, -1:] + 1
-        out = ref(input_ids=steps[:, i:i + 1], attention_mask=mask, position_ids=positions, past_key_values=cache,
-                  use_cache=True)
-        logits.append(out.logits[:, -1])
-    return logits
 
 
 def assert_prefill_decode_match(pair: Pair, prompt_len: int, n_steps: int, seed: int = 0):

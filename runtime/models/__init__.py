@@ -9,7 +9,8 @@ from runtime import config_schema
 from runtime.errors import K2Error
 from runtime.models.family import Family
 
-FAMILY_MODULES = ("runtime.models.deepseek_v3",)
+FAMILY_MODULES = ("runtime.models.deepseek_v3", "runtime.models.llama", "runtime.models.qwen3",
+                  "runtime.models.qwen3_moe")
 DEMO_MODULE = "runtime.models.deepseek_v3_demo"  # the built-in demo: a tiny Kimi K2
 
 

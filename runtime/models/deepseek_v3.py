@@ -3,8 +3,6 @@
 Module names follow the checkpoint's tensor names, so loading is a strict name match. `FAMILY` at the end is what
 the rest of the toolkit knows of it (runtime/models/family.py).
 """
-import re
-from dataclasses import dataclass
 from typing import Annotated, Literal, Self
 
 import torch
@@ -12,14 +10,11 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from runtime.cache import SlotCache
 from runtime.config_schema import NonNegative, Positive, RopeScaling, config_args
-from runtime.errors import K2Error
-from runtime.layers import MLP, RMSNorm, apply_rope_interleaved, rope_cos_sin, rope_frequencies, route_sigmoid_topk, yarn_mscale
+from runtime.layers import MLP, RMSNorm, apply_rope_interleaved, route_sigmoid_topk, yarn_mscale
 from runtime.models.experts import Experts
-from runtime.models.family import Family, hf_component_of, hf_layer_of
-
-_EXPERT_TENSOR = re.compile(r"(?P<layer>model\.layers\.\d+)\.mlp\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight")
+from runtime.models.decoder import Decoder, StepInputs
+from runtime.models.family import Family, hf_component_of
 
 
 @config_args
@@ -83,6 +78,15 @@ class ModelArgs:
     cache_kind = "MLA compressed latent"
 
     @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim
+
+    @property
+    def extra_layers(self) -> int:
+        """Stored layers past the last one the model runs: the multi-token-prediction layers."""
+        return self.num_nextn_predict_layers
+
+    @property
     def cache_width(self) -> int:
         """Values per token and layer in the KV cache: the compressed latent and the shared rope key."""
         return self.kv_lora_rank + self.qk_rope_head_dim
@@ -131,7 +135,7 @@ class Attention(nn.Module):
         self.kv_b_proj = nn.Linear(args.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, args.hidden_size, bias=args.attention_bias)
 
-    def forward(self, x: torch.Tensor, step: "StepInputs", layer_cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: StepInputs, layer_cache: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
@@ -215,131 +219,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MoE(args) if args.is_moe_layer(i) else MLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, h, step: "StepInputs", layer_cache):
+    def forward(self, h, step: StepInputs, layer_cache):
         h = h + self.self_attn(self.input_layernorm(h), step, layer_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Backbone(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-
-
-class DeepseekV3(nn.Module):
+class DeepseekV3(Decoder):
+    layer_class = DecoderLayer
+    moe_block_class = MoE
     # Linears the model reads as matrices, not only through forward: absorbed MLA decode splits kv_b_proj's weight
     # into W_UK and W_UV, so it loads dequantized from an INT4 checkpoint.
     dense_linears = ("self_attn.kv_b_proj",)
     fp32_tensors = ("e_score_correction_bias",)  # kept in fp32 whatever the model dtype: routing needs it
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model = Backbone(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        # Computed on the CPU even when the model is built on the meta device: this is not a checkpoint tensor.
-        with torch.device("cpu"):
-            inv_freq, self.rope_magnitude = rope_frequencies(args.qk_rope_head_dim, args.rope_theta, args.rope_scaling)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def skip_tensor(self, name: str) -> bool:
-        """Checkpoint tensors the model does not use: DeepSeek-V3's multi-token-prediction layers, which follow the
-        last layer (`num_nextn_predict_layers` of them), and stale rope buffers."""
-        if name.endswith("rotary_emb.inv_freq"):
-            return True
-        layer = hf_layer_of(name)
-        return layer is not None and \
-            self.args.num_hidden_layers <= layer < self.args.num_hidden_layers + self.args.num_nextn_predict_layers
-
-    @staticmethod
-    def locate(name: str) -> tuple[str, int | None]:
-        """Checkpoint tensor name -> (model tensor name, expert slice or None)."""
-        match = _EXPERT_TENSOR.fullmatch(name)
-        if match:
-            return f"{match['layer']}.mlp.experts.{match['proj']}", int(match["expert"])
-        return name, None
-
-    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor a checkpoint of this config holds, by its checkpoint name (experts unstacked)."""
-        shapes = {}
-        for name, tensor in self.state_dict().items():
-            if name.rsplit(".", 1)[0].endswith("mlp.experts"):
-                prefix, proj = name.rsplit(".", 1)
-                shapes.update({f"{prefix}.{e}.{proj}.weight": tuple(tensor.shape[1:]) for e in range(tensor.shape[0])})
-            else:
-                shapes[name] = tuple(tensor.shape)
-        return shapes
-
-    def moe_blocks(self) -> dict[int, "MoE"]:
-        """The layers' routed-expert blocks by layer index, each with `gate` (the router) and `experts`."""
-        return {i: layer.mlp for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)}
-
-    @property
-    def device(self) -> torch.device:
-        """Where token ids go in: the embedding's device."""
-        return self.model.embed_tokens.weight.device
-
-    def layer_device(self, i: int) -> torch.device:
-        return self.model.layers[i].input_layernorm.weight.device
-
-    def new_cache(self, batch: int, max_len: int, layer_ids: list[int] | None = None) -> SlotCache:
-        """A cache of `batch` slots for `layer_ids` (default: all layers), each layer's part on its weights' device.
-        Per token and layer it holds the compressed latent: RMSNorm(c_kv) and the rotated shared rope key."""
-        layer_ids = range(len(self.model.layers)) if layer_ids is None else layer_ids
-        dtype = self.model.layers[layer_ids[0]].input_layernorm.weight.dtype
-        return SlotCache({i: self.layer_device(i) for i in layer_ids}, batch, max_len,
-                         self.args.kv_lora_rank + self.args.qk_rope_head_dim, dtype)
-
-    def step_inputs(self, tokens: torch.Tensor, cache: SlotCache, positions: torch.Tensor | None = None) -> "StepInputs":
-        """What every layer of one forward step needs: positions as rope cos/sin, the mask, where to write.
-
-        Without `positions`, slot b's tokens follow the `cache.lengths[b]` it holds and attention reads as far as the
-        longest slot. With `positions` (one decode token per slot, [B] on the device) nothing is read on the host and
-        every shape is fixed by the cache: the form a decode step captured in a CUDA graph needs."""
-        B, T = tokens.shape
-        device = tokens.device
-        if positions is None:
-            end = int(cache.lengths.max()) + T
-            if end > cache.max_len:
-                raise K2Error(f"the cache holds {cache.max_len} tokens; {end - T} are used and {T} more were given")
-            positions = (cache.lengths[:, None] + torch.arange(T)).to(device)
-        else:
-            positions, end = positions.view(B, T), cache.max_len + 1
-        keys = torch.arange(end, device=device)
-        mask = keys <= positions[..., None]  # [B, T, S]: causal within each slot
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_magnitude)
-        return StepInputs(cos, sin, mask, torch.arange(B, device=device)[:, None], positions, end)
-
-    def forward_layers(self, h: torch.Tensor, step: "StepInputs", cache: SlotCache, layer_ids=None) -> torch.Tensor:
-        for i in range(len(self.model.layers)) if layer_ids is None else layer_ids:
-            h = self.model.layers[i](h, step, cache.layer(i))
-        return h
-
-    def logits(self, h: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        return self.lm_head(self.model.norm(h[:, -1:] if last_only else h))
-
-    def forward(self, tokens: torch.Tensor, cache: SlotCache | None = None, positions: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only), appended to each slot of `cache`.
-        With `positions` (see step_inputs) the caller keeps `cache.lengths`; otherwise they grow by T here."""
-        cache = cache if cache is not None else self.new_cache(*tokens.shape)
-        step = self.step_inputs(tokens, cache, positions)
-        h = self.forward_layers(self.model.embed_tokens(tokens), step, cache)
-        if positions is None:
-            cache.lengths += tokens.shape[1]
-        return self.logits(h, last_only)
-
-
-@dataclass
-class StepInputs:
-    cos: torch.Tensor  # [B, T, rope_dim / 2] fp32
-    sin: torch.Tensor
-    mask: torch.Tensor  # [B, T, S] bool
-    rows: torch.Tensor  # [B, 1]: each row's slot in the cache buffers
-    positions: torch.Tensor  # [B, T]: each token's position in its slot, where it is written
-    span: int  # cache columns attention reads
 
 
 FAMILY = Family(

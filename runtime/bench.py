@@ -60,12 +60,13 @@ def _tensor_bytes(module) -> dict[int, int]:
 
 def weight_bytes_per_step(model, batch: int, experts_per_step: dict[int, float]) -> int:
     """Weight bytes one decode step reads: all but the embedding and the routed experts, `batch` embedding rows,
-    and per MoE layer the distinct experts a step picked (on average) times one expert's bytes."""
+    and per MoE layer the distinct experts a step picked (on average) times one expert's bytes. A head tied to the
+    embedding reads the whole matrix, rows included."""
     every = _tensor_bytes(model)
     embed = model.model.embed_tokens.weight
-    row_bytes = embed.shape[1] * embed.element_size()
-    total = batch * row_bytes
-    skip = {embed.data_ptr()}
+    total, skip = 0, set()
+    if model.lm_head.weight is not embed:
+        total, skip = batch * embed.shape[1] * embed.element_size(), {embed.data_ptr()}
     for i, block in model.moe_blocks().items():
         experts = _tensor_bytes(block.experts)
         skip |= experts.keys()

@@ -19,13 +19,23 @@ def _ignored(module: str, ignore: list[str]) -> bool:
     return any(re.fullmatch(p[3:], module) if p.startswith("re:") else p == module for p in ignore)
 
 
-def estimated_storage(name: str, shape: tuple[int, ...], config: dict) -> dict[str, int]:
-    """Bytes by safetensors dtype that the config's format would use to store one weight."""
+def checkpoint_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of the model holds, by name; a tied head is the embedding matrix, held once (what
+    transformers' save_pretrained writes and its parameter count counts)."""
+    shapes = model.checkpoint_shapes()
+    if model.args.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def estimated_storage(name: str, shape: tuple[int, ...], config: dict, fp32_tensors: tuple[str, ...]) -> dict[str, int]:
+    """Bytes by safetensors dtype that the config's format would use to store one weight; `fp32_tensors` are the
+    model's tensors kept in fp32 whatever its dtype (its `fp32_tensors`)."""
     numel = 1
     for d in shape:
         numel *= d
     base = TORCH_TO_SAFETENSORS.get(config.get("torch_dtype") or config.get("dtype") or "bfloat16", "BF16")
-    if name.endswith("e_score_correction_bias"):
+    if name.endswith(fp32_tensors):
         return {"F32": numel * 4}
     quant = config.get("quantization_config") or {}
     method = quant.get("quant_method")
@@ -50,7 +60,8 @@ def weight_bytes(ckpt: Checkpoint, model) -> tuple[dict[str, int], bool]:
     """
     stored = {n: t for n, t in ckpt.tensors.items() if not model.skip_tensor(n)}
     if not stored or ckpt.missing_shards:  # partial folders (one pipeline stage's shards) are costed from the config
-        return {n: sum(estimated_storage(n, s, ckpt.config).values()) for n, s in model.checkpoint_shapes().items()}, False
+        return {n: sum(estimated_storage(n, s, ckpt.config, model.fp32_tensors).values())
+                for n, s in checkpoint_shapes(model).items()}, False
     sizes = defaultdict(int)
     for name, tensor in stored.items():
         sizes[_COMPANION.sub(".weight", name)] += tensor.nbytes
@@ -78,7 +89,7 @@ def model_info(loaded) -> dict:
     ckpt, model, component_of = loaded.checkpoint, loaded.model, loaded.family.component_of
     config = ckpt.config
     args = model.args
-    shapes = model.checkpoint_shapes()
+    shapes = checkpoint_shapes(model)
 
     params = defaultdict(int)
     for name, shape in shapes.items():
@@ -90,7 +101,7 @@ def model_info(loaded) -> dict:
             storage[component_of(name)][tensor.dtype] += tensor.nbytes
     else:
         for name, shape in shapes.items():
-            for dtype, nbytes in estimated_storage(name, shape, config).items():
+            for dtype, nbytes in estimated_storage(name, shape, config, model.fp32_tensors).items():
                 storage[component_of(name)][dtype] += nbytes
 
     total = sum(params.values())

@@ -67,13 +67,19 @@ class ModelCost:
     name: str
     layers: list[LayerCost]
     embed_bytes: int
-    head_bytes: int  # final norm + lm_head, read every token
+    head_bytes: int  # final norm + lm_head, read every token; a tied head's lm_head is the embedding matrix
     four_bit_experts: bool = False
+    tied_head: bool = False  # lm_head is the embedding matrix: one tensor where one stage holds both
 
     @property
     def total_bytes(self) -> int:
-        return self.embed_bytes + self.head_bytes + sum(
+        embed = 0 if self.tied_head else self.embed_bytes  # a tied embedding is counted in head_bytes
+        return embed + self.head_bytes + sum(
             layer.dense_bytes + layer.expert_bytes * layer.n_experts for layer in self.layers)
+
+    @property
+    def has_experts(self) -> bool:
+        return any(layer.n_experts for layer in self.layers)
 
 
 def model_cost(loaded, config_only: bool = False) -> ModelCost:
@@ -111,8 +117,11 @@ def model_cost(loaded, config_only: bool = False) -> ModelCost:
         sizes_here = [nbytes for (i, _), nbytes in expert_sizes.items() if i == layer.index]
         if sizes_here:
             layer.n_experts, layer.expert_bytes, layer.top_k = len(sizes_here), max(sizes_here), args.experts_per_token
+    # A tied head stores no lm_head: it multiplies by the embedding matrix, all of it every token.
+    tied = args.tie_word_embeddings and "lm_head.weight" not in sizes
     quant = ckpt.config.get("quantization_config") or {}
-    return ModelCost(ckpt.folder.name, layers, embed, head, quant.get("quant_method") == "compressed-tensors")
+    return ModelCost(ckpt.folder.name, layers, embed, head + (embed if tied else 0),
+                     quant.get("quant_method") == "compressed-tensors", tied)
 
 
 def stage_layer_ranges(costs: list[float], n_stages: int) -> list[range]:
@@ -294,7 +303,9 @@ def plan_stage(cost: ModelCost, layer_range: range, host: HostSpec, ctx: int, ba
     if last:
         head_device = next(d for d in devices if d.name == placed[-1]["device"])
         head_device.used["weights"] += cost.head_bytes
-    if first:
+    if first and last and cost.tied_head:  # the head's matrix, already counted there
+        embed_device = head_device
+    elif first:
         embed_device = cpu if cpu and gpus else main[0]  # a lookup reads one row per token: keep it off the GPU
         embed_device.used["weights"] += cost.embed_bytes
     by_name = {d.name: d for d in devices}
@@ -357,7 +368,12 @@ def plan_stage(cost: ModelCost, layer_range: range, host: HostSpec, ctx: int, ba
 
 
 def _remedy(short: float, cost: ModelCost) -> str:
-    quantize = "" if cost.four_bit_experts else ", quantize the experts with `k2 quantize --int4`"
+    if cost.four_bit_experts:
+        quantize = ""
+    elif cost.has_experts:
+        quantize = ", quantize the experts with `k2 quantize --int4`"
+    else:  # the default scope quantizes routed experts only
+        quantize = ", quantize it with `k2 quantize --int4 --scope all-linear`"
     return (f"short by {format_bytes(short)} (the model is {format_bytes(cost.total_bytes)}): add GPU or CPU memory, "
             f"split over more hosts with --stages{quantize}, or lower --ctx")
 

@@ -40,7 +40,8 @@ class Scope:
     ignore: tuple[str, ...]  # compressed-tensors' ignore list that selects the same modules among `Linear`s
 
 
-# K2-Thinking's own ignore list is the `experts` one; `mlp.gate` (the router) is not a Linear in any loader.
+# K2-Thinking's own ignore list is the `experts` one. `mlp.gate` (the router) needs no entry where loaders hold it
+# as a plain parameter or an unquantized layer (transformers 5 and vLLM, DeepSeek-V3 and Qwen3-MoE alike).
 SCOPES = {
     "experts": Scope(frozenset({"routed_experts"}),
                      ("lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
@@ -255,6 +256,10 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: Quantize
     try:
         sources = collect_sources(ckpt, reader)
         roles = Roles.of(loaded, sources, SCOPES[config.scope])
+        if not roles.quantized:  # a dense model under the default scope: an INT4 config over BF16 weights
+            raise K2Error(f"--scope {config.scope} quantizes no weight of {ckpt.folder.name}: it has no "
+                          f"{' or '.join(sorted(c.replace('_', ' ') for c in SCOPES[config.scope].components))}; "
+                          "--scope all-linear quantizes every linear layer but lm_head")
         plans = plan_shards(sources, config, roles)
         manifest = _prepare_output(out, ckpt.folder, _fingerprint(ckpt, config), resume, force)
         done = {p.file for p in plans if p.file in manifest["shards"] and (out / p.file).exists()

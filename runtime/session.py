@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from runtime.chat_format import THINK_CLOSE, THINK_OPEN, Event, ReplyParser
+from runtime.chat_format import THINK_CLOSE, Event, ReplyParser
 from runtime.chat_template import ChatTemplate
 from runtime.engine import new_token_budget
 from runtime.errors import K2Error
@@ -141,13 +141,11 @@ class ChatSession:
         self.cache_ids = ids[:reused]
         stats = TurnStats(len(ids), reused, len(ids) - reused)
         self.turns.append(stats)
-        # Where the prompt leaves the reply: inside a think block it opened; after one it closed (a thinking switch
-        # turned off); or neither, where a thinking model (its template writes `</think>`, a token of its vocabulary)
-        # thinks first and may not write `<think>`.
-        tail = self.tokenizer.decode(ids[-4:]).rstrip()
-        thinks = (THINK_CLOSE in self.template.literal_text and THINK_CLOSE in self.tokenizer.special_tokens
-                  and not tail.endswith(THINK_CLOSE))
-        parser = self.reply_parser(in_reasoning=tail.endswith(THINK_OPEN) or thinks, tools=self.tools)
+        # Whether the reply starts inside a think block, by the reply format's rule, from where the prompt leaves it
+        # and whether the model thinks at all (its template writes `</think>`, a token of its vocabulary).
+        thinks = THINK_CLOSE in self.template.literal_text and THINK_CLOSE in self.tokenizer.special_tokens
+        in_reasoning = self.reply_parser.starts_in_reasoning(self.tokenizer.decode(ids[-4:]), thinks)
+        parser = self.reply_parser(in_reasoning=in_reasoning, tools=self.tools)
         stream = self.tokenizer.stream()
         generated: list[int] = []
         finished = False

@@ -6,8 +6,8 @@ import pytest
 from transformers.utils import get_json_schema
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from runtime.chat_format import (CALL_BEGIN, HOLD_LIMIT, SECTION_BEGIN, SECTION_END, UNKNOWN_NAME, ReplyParser,
-                                 ToolCall, parse_reply)
+from runtime.chat_format import HOLD_LIMIT, REPLY_PARSERS, UNKNOWN_NAME, ReplyParser, parse_reply
+from runtime.chat_format.kimi_k2 import CALL_BEGIN, SECTION_BEGIN, SECTION_END, k2_tool_call
 from runtime.models.deepseek_v3_demo import CHAT_TEMPLATE
 
 SECTION = "<|tool_calls_section_begin|>{}<|tool_calls_section_end|>"
@@ -206,5 +206,15 @@ def test_parsed_message_renders_back_through_the_template(name):
 
 
 def test_tool_call_message_shape():
-    assert ToolCall.parse("functions.a.b:3", "{}").to_message() == {
+    assert k2_tool_call("functions.a.b:3", "{}").to_message() == {
         "id": "functions.a.b:3", "type": "function", "function": {"name": "b", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize("prompt_end, thinking_model, expected", [
+    ("<|im_assistant|>assistant<|im_middle|>", True, True),  # K2-Thinking: it thinks first, `<think>` or not
+    ("<|im_assistant|>assistant<|im_middle|>", False, False),  # K2-Instruct: its template writes no `</think>`
+    ("<|im_assistant|>assistant<|im_middle|><think>", False, True),  # the prompt opened the block
+    ("<|im_assistant|>assistant<|im_middle|><think></think>\n", True, False),  # a thinking switch closed it
+])
+def test_where_a_k2_reply_starts(prompt_end, thinking_model, expected):
+    assert REPLY_PARSERS["kimi_k2"].starts_in_reasoning(prompt_end, thinking_model) is expected

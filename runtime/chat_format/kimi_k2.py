@@ -1,4 +1,5 @@
-"""Kimi K2's reply format, parsed into the OpenAI message shape: reasoning_content, content and tool_calls.
+"""Kimi K2's reply format, and the state machine every reply format shares (`ReplyParser`: K2's format is its own,
+other formats subclass it with their markers, runtime/chat_format/hermes.py).
 
     <think>reasoning</think>answer
     <|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{json}<|tool_call_end|>...
@@ -6,10 +7,11 @@
 
 Reasoning ends at `</think>` or, implicitly, where the tool-call section begins: a call made inside an unclosed think
 block is still a call. A thinking model's reply may start inside the think block without writing `<think>` (the
-prompt opened it, or the model left it out, as K2-Thinking does at times): the caller says so (`in_reasoning`), and
-the text before its `</think>` is reasoning, streamed as it comes, as vLLM's kimi_k2 reasoning parser takes it; a
-`<think>` the model writes anyway is dropped. Nothing the model wrote is dropped: a call with arguments that are not a JSON object, an id that
-names no function, or no end is kept and flagged; text in a tool-call section outside any call is content.
+prompt opened it, or the model left it out, as K2-Thinking does at times; `starts_in_reasoning` is the rule): the
+caller says so (`in_reasoning`), and the text before its `</think>` is reasoning, streamed as it comes, as vLLM's
+kimi_k2 reasoning parser takes it; a `<think>` the model writes anyway is dropped. Nothing the model wrote is dropped:
+a call with arguments that are not a JSON object, an id that names no function, or no end is kept and flagged; text
+in a tool-call section outside any call is content.
 
 The same state machine parses a finished reply and a stream, so both give the same result however the text is cut.
 A stream holds text back only while it cannot tell where the text belongs:
@@ -19,19 +21,16 @@ A stream holds text back only while it cannot tell where the text belongs:
 - a call's arguments, until the call ends, however long: they are the call (vLLM dropped its cap on them, which cut
   long file writes: vllm-project/vllm#34442).
 """
-import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
+from runtime.chat_format.reply import THINK_CLOSE, THINK_OPEN, UNKNOWN_NAME, Event, Reply, ToolCall, read_json
 from runtime.tools import NAME_PATTERN, Tool, check_tools
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 CALL_BEGIN, ARGUMENTS_BEGIN, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
 HOLD_LIMIT = 8192  # characters; vLLM's limit on an unclosed tool section
 _CALL_ID_FORMAT = re.compile(r"functions\.(?P<name>.+):(?P<index>\d+)")
-UNKNOWN_NAME = "unknown"  # the name of a call whose id names no function and that matches no offered tool
 
 
 def _name_guesses(call_id: str) -> list[str]:
@@ -40,14 +39,6 @@ def _name_guesses(call_id: str) -> list[str]:
     rest = re.sub(r"^functions[._]?", "", call_id)
     bare = re.sub(r"[:._]?\d+$", "", rest)
     return [g for g in dict.fromkeys((rest, bare)) if re.fullmatch(NAME_PATTERN, g) and not g.isdigit()]
-
-
-def _json_object(text: str) -> dict | None:
-    try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _resolve_name(call_id: str, arguments: str, tools: Sequence[Tool]) -> tuple[str, str | None]:
@@ -66,7 +57,8 @@ def _resolve_name(call_id: str, arguments: str, tools: Sequence[Tool]) -> tuple[
     problem = f"tool call id {call_id!r} is not functions.NAME:INDEX"
     if call_id.startswith("functions"):
         return (guesses[0] if guesses else UNKNOWN_NAME), problem + (", and names no offered tool" if tools else "")
-    values = _json_object(arguments)
+    values = read_json(arguments)[0]
+    values = values if isinstance(values, dict) else None
     taking = [name for name, function in offered.items() if values is not None and function.parameters.accepts(values)]
     if len(taking) == 1:
         return taking[0], None
@@ -76,70 +68,26 @@ def _resolve_name(call_id: str, arguments: str, tools: Sequence[Tool]) -> tuple[
     return (guesses[0] if guesses else UNKNOWN_NAME), problem
 
 
-@dataclass
-class ToolCall:
-    id: str  # as the model wrote it: a tool result answers it by this id
-    name: str
-    arguments: str  # the raw text between the argument marker and the end marker
-    error: str | None = None  # why the call is not well formed; the call is kept anyway
-
-    @classmethod
-    def parse(cls, call_id: str, arguments: str, tools: Sequence[Tool] = (), problem: str | None = None) -> "ToolCall":
-        """`problem`: what is wrong with the call's structure (no end marker, no arguments), if anything."""
-        call_id = call_id.strip()
-        name, id_problem = _resolve_name(call_id, arguments, tools)
-        if problem is None and id_problem is None:
-            try:
-                parsed = json.loads(arguments)
-            except json.JSONDecodeError as e:
-                problem = f"arguments are not valid JSON ({e.msg} at character {e.pos})"
-            except RecursionError:
-                problem = "arguments are nested too deeply to read"
-            else:
-                problem = None if isinstance(parsed, dict) else "arguments are not a JSON object"
-        return cls(call_id, name, arguments, problem or id_problem)
-
-    def to_message(self) -> dict:
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+def k2_tool_call(call_id: str, arguments: str, tools: Sequence[Tool] = (), problem: str | None = None) -> ToolCall:
+    """A call as K2 writes it, by the id the model gave (a tool result answers it by that id). `problem`: what is
+    wrong with the call's structure (no end marker, no arguments), if anything."""
+    call_id = call_id.strip()
+    name, id_problem = _resolve_name(call_id, arguments, tools)
+    if problem is None and id_problem is None:
+        values, unreadable = read_json(arguments)
+        if unreadable:
+            problem = f"arguments are {unreadable}"
+        elif not isinstance(values, dict):
+            problem = "arguments are not a JSON object"
+    return ToolCall(call_id, name, arguments, problem or id_problem)
 
 
-@dataclass
-class Reply:
-    reasoning_content: str = ""
-    content: str = ""
-    tool_calls: list[ToolCall] = field(default_factory=list)
-
-    def to_message(self) -> dict:
-        """The assistant message for the history (templates decide whether past reasoning is shown again)."""
-        message = {"role": "assistant", "content": self.content}
-        if self.reasoning_content:
-            message["reasoning_content"] = self.reasoning_content
-        if self.tool_calls:
-            message["tool_calls"] = [call.to_message() for call in self.tool_calls]
-        return message
+# The states every format has; a format adds its own after them.
+START, REASONING, CONTENT = range(3)
+_SECTION, _CALL_ID, _ARGUMENTS = range(3, 6)
 
 
-@dataclass
-class Event:
-    kind: str  # "reasoning" or "content" (text is a delta), or "tool_call" (a finished call)
-    text: str = ""
-    tool_call: ToolCall | None = None
-
-
-# Per state: the markers that end it and the state each leads to.
-_START, _REASONING, _CONTENT, _SECTION, _CALL_ID, _ARGUMENTS = range(6)
-_EXITS = {
-    _REASONING: {THINK_CLOSE: _CONTENT, SECTION_BEGIN: _SECTION},
-    _CONTENT: {SECTION_BEGIN: _SECTION},
-    _SECTION: {CALL_BEGIN: _CALL_ID, SECTION_END: _CONTENT},
-    _CALL_ID: {ARGUMENTS_BEGIN: _ARGUMENTS, CALL_END: _SECTION},
-    # A missing end marker still ends the call where the next call or the section's end begins.
-    _ARGUMENTS: {CALL_END: _SECTION, CALL_BEGIN: _CALL_ID, SECTION_END: _CONTENT},
-}
-_HELD = (_SECTION, _CALL_ID)  # states whose text waits, up to HOLD_LIMIT, for the marker that ends them
-
-
-def _held_back(text: str, markers) -> int:
+def held_back(text: str, markers) -> int:
     """Length of the longest end of `text` that could be the start of a marker: it waits for the next chunk."""
     for n in range(min(len(text), max(map(len, markers)) - 1), 0, -1):
         if any(m.startswith(text[-n:]) for m in markers):
@@ -148,17 +96,44 @@ def _held_back(text: str, markers) -> int:
 
 
 class ReplyParser:
+    """Parses K2's format. A format subclassing it sets the class attributes below and `_leave` and `_end`, which
+    say what the text of its own states is."""
+    reasoning = True  # the format has a think block (otherwise `<think>` is text like any other)
+    # The model may think without writing `<think>` (K2-Thinking leaves it out at times), so a reply starts in
+    # reasoning wherever the model thinks and the prompt did not close the think block.
+    implicit_reasoning = True
+    # Per state: the markers that end it and the state each leads to.
+    exits = {
+        REASONING: {THINK_CLOSE: CONTENT, SECTION_BEGIN: _SECTION},
+        CONTENT: {SECTION_BEGIN: _SECTION},
+        _SECTION: {CALL_BEGIN: _CALL_ID, SECTION_END: CONTENT},
+        _CALL_ID: {ARGUMENTS_BEGIN: _ARGUMENTS, CALL_END: _SECTION},
+        # A missing end marker still ends the call where the next call or the section's end begins.
+        _ARGUMENTS: {CALL_END: _SECTION, CALL_BEGIN: _CALL_ID, SECTION_END: CONTENT},
+    }
+    held = (_SECTION, _CALL_ID)  # states whose text waits, up to HOLD_LIMIT, for the marker that ends them
+
     def __init__(self, in_reasoning: bool = False, tools: list[dict] | None = None):
-        """`in_reasoning`: the reply starts inside a think block: the prompt opened it (its generation prompt ends
-        with `<think>`), or the model thinks first and may not write `<think>` (K2-Thinking).
+        """`in_reasoning`: the reply starts inside a think block (see `starts_in_reasoning`).
         `tools`: the request's tool list (OpenAI shape), which names the function of a call whose id does not."""
-        self.state = _START
-        self.in_reasoning = in_reasoning
+        self.state = START
+        self.in_reasoning = in_reasoning and self.reasoning
         self.tools = check_tools(tools) if tools else []
         self.buffer = ""
         self.searched = 0  # where in the buffer a marker could still begin: the search resumes there
         self.call_id = ""
         self.reply = Reply()
+
+    @classmethod
+    def starts_in_reasoning(cls, prompt_end: str, thinking_model: bool) -> bool:
+        """Whether a reply after a prompt ending in `prompt_end` starts inside a think block: the prompt opened one
+        (it ends with `<think>`, trailing whitespace aside); or, where the format's models may think without
+        writing `<think>` (`implicit_reasoning`), the model thinks (`thinking_model`: its template writes
+        `</think>`, a token of its vocabulary) and the prompt did not close the block (a thinking switch off)."""
+        end = prompt_end.rstrip()
+        if not cls.reasoning:
+            return False
+        return end.endswith(THINK_OPEN) or (cls.implicit_reasoning and thinking_model and not end.endswith(THINK_CLOSE))
 
     def feed(self, text: str) -> list[Event]:
         self.buffer += text
@@ -167,35 +142,35 @@ class ReplyParser:
     def finish(self) -> list[Event]:
         """The end of the reply: text still held back is flushed, an unfinished tool call is kept and flagged."""
         events = self._run(final=True)
-        self.state = _CONTENT
+        self.state = CONTENT
         return events
 
     def _run(self, final: bool) -> list[Event]:
         events = []
         while self.buffer:
-            if self.state == _START:
+            if self.state == START:
                 # <think> opens the reasoning; after a prompt that opened it already, the model's own is dropped too.
-                if self.buffer.startswith(THINK_OPEN):
-                    self._go(_REASONING, self.buffer[len(THINK_OPEN):])
+                if self.reasoning and self.buffer.startswith(THINK_OPEN):
+                    self._go(REASONING, self.buffer[len(THINK_OPEN):])
                     continue
-                if THINK_OPEN.startswith(self.buffer) and not final:
+                if self.reasoning and THINK_OPEN.startswith(self.buffer) and not final:
                     break
-                self._go(_REASONING if self.in_reasoning else _CONTENT)
+                self._go(REASONING if self.in_reasoning else CONTENT)
                 continue
-            exits = _EXITS[self.state]
+            exits = self.exits[self.state]
             found = [(at, m) for m in exits if (at := self.buffer.find(m, self.searched)) >= 0]
             longest = max(map(len, exits))
             # No marker begins within HOLD_LIMIT characters: one found later, or none where any would be complete.
-            if self.state in _HELD and (min(found)[0] > HOLD_LIMIT if found else len(self.buffer) > HOLD_LIMIT and (
+            if self.state in self.held and (min(found)[0] > HOLD_LIMIT if found else len(self.buffer) > HOLD_LIMIT and (
                     final or len(self.buffer) >= HOLD_LIMIT + longest)):
-                self._go(_CONTENT, self.buffer)  # the text is content
+                self._go(CONTENT, self.buffer)  # the text is content
                 continue
             if not found:
                 if final:
                     break
                 self.searched = max(0, len(self.buffer) - longest + 1)
-                if self.state in (_REASONING, _CONTENT):
-                    keep = _held_back(self.buffer, exits)
+                if self.state in (REASONING, CONTENT):
+                    keep = self._held_back(self.buffer, exits)
                     self._text(self.state, self.buffer[:len(self.buffer) - keep], events)
                     self._go(self.state, self.buffer[len(self.buffer) - keep:])
                 break
@@ -205,6 +180,10 @@ class ReplyParser:
         if final:
             self._end(events)
         return events
+
+    def _held_back(self, text: str, markers) -> int:
+        """How much of the end of reasoning or content text waits for the next chunk."""
+        return held_back(text, markers)
 
     def _go(self, state: int, buffer: str | None = None):
         """Enter `state` with `buffer` left to parse (unchanged if None), searching it from its start."""
@@ -216,18 +195,18 @@ class ReplyParser:
         """The reply ended in the current state, with the buffer's text still unparsed."""
         text, self.buffer = self.buffer, ""
         if self.state == _CALL_ID:
-            self._call(ToolCall.parse(text, "", self.tools, "the reply ended inside this tool call"), events)
+            self._call(k2_tool_call(text, "", self.tools, "the reply ended inside this tool call"), events)
         elif self.state == _ARGUMENTS:
-            self._call(ToolCall.parse(self.call_id, text, self.tools, "the reply ended inside this tool call"), events)
-        elif self.state == _REASONING:
-            self._text(_REASONING, text, events)
+            self._call(k2_tool_call(self.call_id, text, self.tools, "the reply ended inside this tool call"), events)
+        elif self.state == REASONING:
+            self._text(REASONING, text, events)
         elif self.state != _SECTION or text.strip():  # whitespace between a section's markers is layout
-            self._text(_CONTENT, text, events)
+            self._text(CONTENT, text, events)
 
     def _text(self, state: int, text: str, events: list[Event]):
         if not text:
             return
-        if state == _REASONING:
+        if state == REASONING:
             self.reply.reasoning_content += text
             events.append(Event("reasoning", text))
         else:
@@ -240,27 +219,15 @@ class ReplyParser:
 
     def _leave(self, text: str, next_state: int, events: list[Event]):
         """Text before the marker that ends the current state belongs to that state."""
-        if self.state in (_REASONING, _CONTENT):
+        if self.state in (REASONING, CONTENT):
             self._text(self.state, text, events)
         elif self.state == _SECTION:
             if text.strip():  # text between calls, not a call: content, never dropped
-                self._text(_CONTENT, text, events)
+                self._text(CONTENT, text, events)
         elif self.state == _CALL_ID:
             self.call_id = text
             if next_state == _SECTION:  # a call with no argument marker at all
-                self._call(ToolCall.parse(text, "", self.tools, "the tool call has no arguments"), events)
+                self._call(k2_tool_call(text, "", self.tools, "the tool call has no arguments"), events)
         elif self.state == _ARGUMENTS:
             unfinished = None if next_state == _SECTION else f"the tool call has no {CALL_END}"
-            self._call(ToolCall.parse(self.call_id, text, self.tools, unfinished), events)
-
-
-def parse_reply(text: str, **options) -> Reply:
-    """A finished reply; `options` as ReplyParser takes them."""
-    parser = ReplyParser(**options)
-    parser.feed(text)
-    parser.finish()
-    return parser.reply
-
-
-# Reply formats by the name a model family gives (runtime/models/family.py `reply_format`).
-REPLY_PARSERS = {"kimi_k2": ReplyParser}
+            self._call(k2_tool_call(self.call_id, text, self.tools, unfinished), events)

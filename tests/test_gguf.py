@@ -1,8 +1,8 @@
 """`k2 convert --to gguf` read back by gguf-py (llama.cpp's own reader and dequantizers), tokenized by HF tokenizers.
 
 Expected tensor names and shapes are those llama.cpp's deepseek2 loader creates (`create_tensor` calls of
-src/models/deepseek2.cpp), names spelled by gguf-py's TENSOR_NAMES; weights are compared with the checkpoint's own.
-The llama.cpp end-to-end test is opt-in: K2_LLAMA_CPP_TESTS=1 (it needs llama-cpp-python, which compiles llama.cpp).
+src/models/deepseek2.cpp), names spelled by gguf-py's TENSOR_NAMES; weights are compared with the checkpoint's own,
+and llama.cpp itself (tests/llama_cpp.py) runs the converted demo against our runtime.
 """
 import importlib.resources
 import json
@@ -28,7 +28,8 @@ from runtime.loading import load_model
 from runtime.models.deepseek_v3_demo import write_demo
 from runtime.tokenizer import K2_SPLIT_PATTERN
 from runtime.tokenizer import Tokenizer as K2Tokenizer
-from tests.helpers import assert_one_line_error, run_k2, stored_tensors
+from tests.helpers import assert_one_line_error, generate, run_k2, stored_tensors
+from tests.llama_cpp import LlamaCpp
 
 ARCH = gguf.MODEL_ARCH.DEEPSEEK2
 ARCH_NAME = gguf.MODEL_ARCH_NAMES[ARCH]
@@ -448,35 +449,25 @@ def test_an_output_that_is_an_input_is_refused_even_with_force(demo_dir, tmp_pat
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-@pytest.mark.skipif(os.environ.get("K2_LLAMA_CPP_TESTS") != "1",
-                    reason="runs llama.cpp (pip install llama-cpp-python compiles it): set K2_LLAMA_CPP_TESTS=1")
 @pytest.mark.parametrize("model, tolerance", [("demo", 1e-3), ("int4", 1e-2)])
 def test_llama_cpp_runs_the_conversion_as_our_runtime_does(demo_dir, int4_dir, tmp_path, model, tolerance):
     """F32 weights (INT4 experts as Q4_0) so the differences are llama.cpp's arithmetic: an f16 KV cache, and for
     Q4_0 weights activations rounded to Q8_0 by its CPU kernels; logits within `tolerance` of their largest."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from tests.helpers import generate
-
     folder = demo_dir if model == "demo" else int4_dir
     convert(folder, tmp_path / "model.gguf", type="f32")
     yarn = config_of(folder)["rope_scaling"]
     # llama.cpp's deepseek2 takes YaRN's beta_fast/beta_slow from its context parameters, not from the file.
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), n_ctx=64, n_threads=2, logits_all=True,
-                          verbose=False, yarn_beta_fast=yarn["beta_fast"], yarn_beta_slow=yarn["beta_slow"])
+    llm = LlamaCpp(tmp_path / "model.gguf", n_ctx=64, yarn_beta_fast=yarn["beta_fast"],
+                   yarn_beta_slow=yarn["beta_slow"])
     text = "The quick brown fox jumps over the lazy dog. 你好，世界。It's 1234567!"
     ids = K2Tokenizer.from_folder(folder).encode(text)
-    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
-    llm.eval(ids)
-    theirs = torch.tensor(np.array(llm.scores[:len(ids)]))
+    assert llm.tokenize(text) == ids
+    theirs = torch.from_numpy(llm.logits(ids))
     ours_model = load_model(folder, torch.float32)
     with torch.no_grad():
         ours = ours_model(torch.tensor([ids]))[0]
     assert (theirs - ours).abs().max() <= tolerance * ours.abs().max()
     assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
     if model == "demo":
-        generated = []
-        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            generated.append(token)
-            if len(generated) == 12:
-                break
-        assert generated == generate(ours_model, [ids], 12)[0]
+        assert llm.greedy(ids, 12).argmax(-1).tolist() == generate(ours_model, [ids], 12)[0]
+    llm.close()

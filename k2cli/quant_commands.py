@@ -70,7 +70,7 @@ def eval(model: str = options.MODEL,
     if dtype == "auto" or torch_dtype(dtype) is None:
         raise K2Error("--dtype must be float32, bfloat16 or float16")
     try:
-        content = text.read_text(encoding="utf-8")
+        content = text.read_bytes().decode("utf-8")  # as llama.cpp reads it: no newline translation
     except FileNotFoundError:
         raise K2Error(f"{text} not found") from None
     except UnicodeDecodeError as e:
@@ -86,7 +86,7 @@ def eval(model: str = options.MODEL,
 
         def windows(chunks):
             return tqdm(chunks, desc="scoring", unit="window")
-    result = evaluate(model_obj, ids, ctx, ref_obj, max_windows, windows)
+    result = evaluate(model_obj, ids, ctx, ref_obj, max_windows, windows, loaded.tokenizer.bos_id)
     held = held_bytes(model_obj)
     if held["int4_weights"]:
         result["int4_bytes_per_weight"] = held["int4_bytes"] / held["int4_weights"]

@@ -1,8 +1,12 @@
 """How much a model (typically a quantized one) lost: perplexity over a text and, against a reference model,
 the KL divergence of its next-token distributions and how often its top choice agrees.
 
-The text is cut into non-overlapping windows of `ctx` tokens; each window is one forward pass from an empty cache,
-and every position but the first predicts the next token of its window.
+The protocol is llama.cpp's perplexity tool (tools/perplexity/perplexity.cpp), so its numbers and ours compare: the
+text's tokens, after a BOS when the vocabulary adds one, are cut into windows of exactly `ctx` tokens (a partial last
+window is dropped); each window is one forward pass from an empty cache, its first token replaced by BOS when the
+vocabulary adds one; only the second half is scored, positions ctx/2 .. ctx-2 each predicting the next token, so
+every prediction sees at least half a window of context. KL and agreement take the same positions, as llama.cpp's
+--kl-divergence does.
 """
 import math
 from dataclasses import dataclass
@@ -28,35 +32,43 @@ class WindowScore:
                 "top1_agreement": self.agree / self.tokens}
 
 
-def windows(ids: list[int], ctx: int) -> list[tuple[int, list[int]]]:
-    """(start, ids) of each window; a last window shorter than 2 tokens predicts nothing and is dropped."""
-    if ctx < 2:
-        raise K2Error("--ctx must be at least 2 tokens")
-    return [(start, ids[start:start + ctx]) for start in range(0, len(ids), ctx) if len(ids[start:start + ctx]) >= 2]
+def windows(ids: list[int], ctx: int, bos_id: int | None = None) -> list[tuple[int, list[int]]]:
+    """(start, ids) of each whole window of the text's `ids`, BOS first and first in every window with `bos_id`."""
+    if ctx < 3:
+        raise K2Error("--ctx must be at least 3 tokens: only the second half of a window is scored")
+    stream = ids if bos_id is None else [bos_id] + ids
+    starts = range(0, len(stream) - ctx + 1, ctx)
+    if bos_id is None:
+        return [(start, stream[start:start + ctx]) for start in starts]
+    return [(start, [bos_id] + stream[start + 1:start + ctx]) for start in starts]
 
 
 def _log_probs(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities float32 [T - 1, V] of positions 0..T-2 (each predicting the token after it)."""
-    return torch.log_softmax(model(tokens[None].to(model.device))[0, :-1].float().cpu(), dim=-1)
+    """Log-probabilities float32 [T - 1 - T // 2, V] of the scored positions T//2 .. T-2 (each predicting the token
+    after it)."""
+    logits = model(tokens[None].to(model.device))[0, len(tokens) // 2:-1]
+    return torch.log_softmax(logits.float().cpu(), dim=-1)
 
 
 @torch.inference_mode()
-def evaluate(model, ids: list[int], ctx: int = 512, ref=None, max_windows: int | None = None, progress=None) -> dict:
-    """Perplexity of `model` over `ids`; with `ref`, also mean KL(ref || model), top-1 agreement, the worst window."""
+def evaluate(model, ids: list[int], ctx: int = 512, ref=None, max_windows: int | None = None, progress=None,
+             bos_id: int | None = None) -> dict:
+    """Perplexity of `model` over the text's `ids` (no BOS); with `ref`, also mean KL(ref || model), top-1
+    agreement, the worst window. `bos_id`: the vocabulary's BOS when it adds one (llama.cpp's add_bos_token)."""
     vocab = model.args.vocab_size
     if ref is not None and ref.args.vocab_size != vocab:
         raise K2Error(f"the reference model has a vocabulary of {ref.args.vocab_size}, the model {vocab}")
     if ids and max(ids) >= vocab:
         raise K2Error(f"the text has token id {max(ids)}, beyond the model's vocabulary of {vocab}")
-    chunks = windows(ids, ctx)[:max_windows]
+    chunks = windows(ids, ctx, bos_id)[:max_windows]
     if not chunks:
-        raise K2Error(f"the text has {len(ids)} token(s); at least 2 are needed")
+        raise K2Error(f"the text has {len(ids)} token(s), less than one window of --ctx {ctx}")
     scores = []
     for index, (start, window) in enumerate(progress(chunks) if progress else chunks):
         tokens = torch.tensor(window)
         log_p = _log_probs(model, tokens)
-        target = tokens[1:, None]
-        score = WindowScore(index, start, len(window) - 1, -log_p.gather(1, target).sum().item())
+        target = tokens[len(window) // 2 + 1:, None]
+        score = WindowScore(index, start, len(target), -log_p.gather(1, target).sum().item())
         if ref is not None:
             ref_log_p = _log_probs(ref, tokens)
             score.kl = (ref_log_p.exp() * (ref_log_p - log_p)).sum().item()

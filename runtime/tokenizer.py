@@ -141,6 +141,7 @@ class Tokenizer:
 
     special_tokens: dict[str, int]  # text -> id of every added (special or control) token
     special_flags: dict[str, bool]  # text -> whether the tokenizer marks it special (the rest are plain added tokens)
+    bos_id: int | None = None  # what a document starts with when the vocabulary adds BOS (llama.cpp's add_bos_token)
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Tokenizer":

@@ -1,6 +1,8 @@
-"""`k2 eval`: perplexity, KL and agreement, recomputed from transformers' reference model with torch's distributions."""
+"""`k2 eval`: perplexity, KL and agreement, recomputed from transformers' reference model with torch's distributions;
+its windows, BOS included, against llama.cpp's perplexity tool."""
 import codecs
 import json
+import shutil
 import this
 
 import pytest
@@ -9,9 +11,13 @@ import transformers
 from torch.distributions import Categorical, kl_divergence
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
+from runtime.convert.gguf import ConvertConfig, convert_checkpoint
+from runtime.eval import evaluate
+from runtime.loading import load_model
 from runtime.models.deepseek_v3_demo import write_demo
 from runtime.tokenizer import Tokenizer
 from tests.helpers import assert_one_line_error, run_k2
+from tests.llama_cpp import LlamaCpp
 
 transformers.logging.set_verbosity_error()
 CTX = 48
@@ -40,13 +46,14 @@ def two_models(tmp_path_factory):
 
 
 def reference_log_probs(folder, ids: list[int]) -> list[torch.Tensor]:
-    """transformers' log-probabilities [T - 1, V] for each window of CTX tokens, as k2 eval cuts them."""
+    """transformers' log-probabilities [CTX - 1 - CTX / 2, V] for each whole window of CTX tokens, of the positions
+    llama.cpp's perplexity scores (the second half but the last)."""
     config = DeepseekV3Config.from_pretrained(folder)
     config.model_type = "deepseek_v3"
     model = DeepseekV3ForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32).eval()
-    windows = [ids[i:i + CTX] for i in range(0, len(ids), CTX) if len(ids[i:i + CTX]) >= 2]
+    windows = [ids[i:i + CTX] for i in range(0, len(ids) - CTX + 1, CTX)]
     with torch.no_grad():
-        return [model(torch.tensor([w])).logits[0, :-1].float().log_softmax(-1) for w in windows]
+        return [model(torch.tensor([w])).logits[0, CTX // 2:-1].float().log_softmax(-1) for w in windows]
 
 
 def k2_eval(*args) -> dict:
@@ -60,7 +67,7 @@ def test_perplexity_kl_and_agreement_match_transformers(two_models, text_file):
     ours = k2_eval(model_dir, "--text", text_file, "--ref", ref_dir)
     ids = Tokenizer.from_folder(model_dir).encode(text_file.read_text())
     model_lp, ref_lp = reference_log_probs(model_dir, ids), reference_log_probs(ref_dir, ids)
-    targets = [torch.tensor(ids[i * CTX + 1:(i + 1) * CTX]) for i in range(len(model_lp))]
+    targets = [torch.tensor(ids[i * CTX + CTX // 2 + 1:(i + 1) * CTX]) for i in range(len(model_lp))]
 
     n = sum(len(t) for t in targets)
     assert ours["tokens"] == n and ours["windows"] == len(model_lp) > 2
@@ -83,6 +90,29 @@ def test_a_model_against_itself(two_models, text_file):
     result = k2_eval(model_dir, "--text", text_file, "--ref", model_dir, "--max-windows", "2")
     assert result["windows"] == 2 and result["kl_mean"] == pytest.approx(0, abs=1e-6)
     assert result["top1_agreement"] == 1.0 and result["perplexity"] == result["ref_perplexity"]
+
+
+def test_windows_and_bos_are_llama_cpps(two_models, text_file, tmp_path):
+    """The demo as an F32 GGUF whose vocabulary adds BOS: llama.cpp's perplexity tool and ours cut the same windows,
+    put BOS first in each and score the same positions, so the perplexities differ by llama.cpp's arithmetic only."""
+    folder = shutil.copytree(two_models[0], tmp_path / "bos")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"add_bos_token": True}))
+    convert_checkpoint(folder, tmp_path / "bos.gguf", ConvertConfig(type="f32"), progress=False)
+    yarn = json.loads((folder / "config.json").read_text())["rope_scaling"]
+    llm = LlamaCpp(tmp_path / "bos.gguf", n_ctx=CTX, yarn_beta_fast=yarn["beta_fast"],
+                   yarn_beta_slow=yarn["beta_slow"])
+    text = text_file.read_text()
+    theirs = llm.perplexity(text)
+    llm.close()
+    model = load_model(folder, torch.float32)
+    tokenizer = Tokenizer.from_folder(folder)
+    ids = tokenizer.encode_document(text)
+    ours = evaluate(model, ids, CTX, bos_id=tokenizer.special_tokens["[BOS]"])
+    assert (ours["tokens"], ours["windows"]) == (theirs["tokens"], theirs["windows"]) and theirs["windows"] > 2
+    assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=2e-3)
+    # without BOS the windows are others: the check above tells them apart
+    assert evaluate(model, ids, CTX)["perplexity"] != pytest.approx(theirs["perplexity"], rel=2e-2)
 
 
 def test_bad_text(two_models, tmp_path):

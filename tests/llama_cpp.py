@@ -14,8 +14,10 @@ from cyllama.llama import llama_cpp as cy
 cy.disable_logging()  # llama.cpp prints every tensor it loads to stderr otherwise
 
 THREADS = 2
-# llama_ftype values of llama.h, under llama-quantize's names (its Q4_K and Q5_K are the _M mixes).
-FTYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18}
+# llama_ftype values of llama.h, under llama-quantize's names (its Q4_K and Q5_K are the _M mixes); F32 dequantizes.
+FTYPES = {"F32": 0, "Q4_0": 2, "Q8_0": 7, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18}
+# Context settings under which llama.cpp computes in float32 throughout (its defaults keep the KV cache in f16).
+EXACT = {"type_k": 0, "type_v": 0, "flash_attn_type": 0}  # GGML_TYPE_F32, LLAMA_FLASH_ATTN_TYPE_DISABLED
 
 
 def smollm2_path() -> Path:

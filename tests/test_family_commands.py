@@ -101,18 +101,19 @@ def test_generate_is_transformers_greedy(family):
 
 
 def test_eval_perplexity_is_transformers(family, tmp_path):
+    """llama.cpp's protocol (runtime/eval.py): whole windows, the second half of each scored."""
     folder, ref = family
     text, ctx = tmp_path / "zen.txt", 48
     text.write_text(TEXT)
     ours = k2_json("eval", folder, "--text", text, "--ctx", ctx)
     ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(TEXT).ids
-    windows = [ids[i:i + ctx] for i in range(0, len(ids), ctx) if len(ids[i:i + ctx]) >= 2]
+    windows = [ids[i:i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)]
     nll = 0.0
     with torch.no_grad():
         for window in windows:
-            log_p = ref(torch.tensor([window])).logits[0, :-1].log_softmax(-1)
-            nll -= log_p.gather(1, torch.tensor(window[1:])[:, None]).sum().item()
-    n = sum(len(w) - 1 for w in windows)
+            log_p = ref(torch.tensor([window])).logits[0, ctx // 2:-1].log_softmax(-1)
+            nll -= log_p.gather(1, torch.tensor(window[ctx // 2 + 1:])[:, None]).sum().item()
+    n = len(windows) * (ctx - 1 - ctx // 2)
     assert (ours["tokens"], ours["windows"]) == (n, len(windows)) and len(windows) > 2
     assert ours["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
 

@@ -1,10 +1,12 @@
-"""The one place a model is opened: `load(MODEL, ...)` gives every command what it needs from a model folder.
+"""The one place a model is opened: `load(MODEL, ...)` gives every command what it needs from a model folder or a
+GGUF file (runtime/gguf_checkpoint.py).
 
 With weights, the model comes placed as asked: whole on one device, over devices as a `k2 plan` says, or, under
 torchrun, this rank's pipeline stage. Without weights (`weights=False`) only config.json and the safetensors headers
-are read and the model is built on the meta device: what `k2 info`, `k2 plan`, `k2 convert` and the quantizer need,
-and it works on a folder that holds only config.json. The tokenizer, chat template and generation defaults are read
-when first asked for, so a command that needs none of them does not need their files.
+(a GGUF's metadata and tensor table) are read and the model is built on the meta device: what `k2 info`, `k2 plan`,
+`k2 convert` and the quantizer need, and it works on a folder that holds only config.json. The tokenizer, chat
+template and generation defaults are read when first asked for, from the folder's files or the GGUF's metadata, so a
+command that needs none of them does not need them.
 """
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,11 +20,11 @@ from runtime.config_schema import GenerationConfig, validate
 from runtime.devices import check_device
 from runtime.errors import K2Error
 from runtime.files import read_json
-from runtime.loading import TORCH_DTYPES, load_model
+from runtime.gguf_checkpoint import GGUFCheckpoint
+from runtime.loading import TORCH_DTYPES, load_model, open_checkpoint
 from runtime.offload import apply_placement, read_plan
 from runtime.resolve import DEMO, resolve_model
 from runtime.sampling import SamplingParams
-
 
 
 def torch_dtype(name: str | None) -> torch.dtype | None:
@@ -34,14 +36,43 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
     return TORCH_DTYPES[name]
 
 
+class FolderFiles:
+    """A model folder's tokenizer, chat template and generation defaults (a GGUF's are runtime/gguf_checkpoint.py's
+    GGUFFiles, with the same interface)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return (self.folder / "tiktoken.model").exists() or (self.folder / "tokenizer.json").exists()
+
+    def tokenizer(self):
+        from runtime.tokenizer import Tokenizer
+
+        return Tokenizer.from_folder(self.folder)
+
+    def template(self):
+        from runtime.chat_template import ChatTemplate
+
+        return ChatTemplate.from_folder(self.folder)
+
+    def generation_config(self) -> dict:
+        path = self.folder / "generation_config.json"
+        if not path.exists():
+            return {}
+        config = read_json(path)
+        validate(GenerationConfig, config, path)
+        return config
+
 
 @dataclass
 class LoadedModel:
-    """A model folder opened for a command. `model` is on the meta device when loaded without weights, and a
-    PipelineModel (with the model's interface) on rank 0 of a pipeline."""
+    """A model folder (or GGUF file) opened for a command. `model` is on the meta device when loaded without weights,
+    and a PipelineModel (with the model's interface) on rank 0 of a pipeline."""
 
-    folder: Path
-    checkpoint: Checkpoint  # config.json and every stored tensor's name, dtype and shape
+    folder: Path  # the model folder, or the (first) GGUF file
+    checkpoint: Checkpoint | GGUFCheckpoint  # config.json and every stored tensor's name, dtype and shape
     model: object
     device: torch.device
     placed: bool = False  # spread over devices by a plan
@@ -67,30 +98,27 @@ class LoadedModel:
 
         return importlib.import_module(self.family.gguf)
 
+    @cached_property
+    def files(self):
+        """Where the tokenizer, chat template and generation defaults come from: a folder's files, a GGUF's
+        metadata."""
+        return self.checkpoint.files if isinstance(self.checkpoint, GGUFCheckpoint) else FolderFiles(self.folder)
+
     @property
     def has_tokenizer(self) -> bool:
-        return (self.folder / "tiktoken.model").exists() or (self.folder / "tokenizer.json").exists()
+        return self.files.has_tokenizer
 
     @cached_property
     def tokenizer(self):
-        from runtime.tokenizer import Tokenizer
-
-        return Tokenizer.from_folder(self.folder)
+        return self.files.tokenizer()
 
     @cached_property
     def template(self):
-        from runtime.chat_template import ChatTemplate
-
-        return ChatTemplate.from_folder(self.folder)
+        return self.files.template()
 
     @cached_property
     def generation_config(self) -> dict:
-        path = self.folder / "generation_config.json"
-        if not path.exists():
-            return {}
-        config = read_json(path)
-        validate(GenerationConfig, config, path)
-        return config
+        return self.files.generation_config()
 
     def sampling(self, **overrides) -> SamplingParams:
         """The model's recommended sampling (generation_config.json), with the options given (None: not given)."""
@@ -145,21 +173,23 @@ class LoadedModel:
 def load(spec: str | Path = DEMO, device: str = "cpu", dtype: str | None = None, weights: bool = True,
          plan: str | Path | None = None, device_map: dict[str, str] | None = None, progress: bool = False,
          complete: bool = False) -> LoadedModel | None:
-    """Open MODEL (a folder, a cached repo id or "demo"). With `plan` (a `k2 plan --json` file) the model is placed
-    as it says. Under torchrun each rank loads its own stage; every rank but 0 serves rank 0 until it is done and
-    then gets None. Without weights, `complete` requires every shard's header (what reads all the weights needs);
-    otherwise config.json alone is enough."""
+    """Open MODEL (a folder, a GGUF file, a cached repo id or "demo"). With `plan` (a `k2 plan --json` file) the
+    model is placed as it says. Under torchrun each rank loads its own stage; every rank but 0 serves rank 0 until it
+    is done and then gets None. Without weights, `complete` requires every shard's header (what reads all the weights
+    needs); otherwise config.json alone is enough."""
     folder = resolve_model(str(spec))
     if not weights:
-        checkpoint = Checkpoint.open(folder, require_weights=complete, allow_missing_shards=not complete)
+        checkpoint = open_checkpoint(folder, require_weights=complete, allow_missing_shards=not complete)
         return LoadedModel(folder, checkpoint, models.build_on_meta(checkpoint.config), torch.device("meta"))
     from runtime.pipeline import in_pipeline, open_stage
 
     target = check_device(device)
     dtype = torch_dtype(dtype)
     plan_data = read_plan(plan) if plan else None
-    checkpoint = Checkpoint.open(folder, allow_missing_shards=in_pipeline())  # a stage's folder has its shards only
+    checkpoint = open_checkpoint(folder, allow_missing_shards=in_pipeline())  # a stage's folder has its shards only
     if in_pipeline():
+        if isinstance(checkpoint, GGUFCheckpoint):
+            raise K2Error(f"{folder}: pipeline stages load from a model folder (k2 convert --to hf writes one)")
         pipeline = open_stage(checkpoint, dtype, str(target), plan_data, device_map)
         if pipeline is None:
             return None

@@ -14,16 +14,26 @@ from torch import nn
 from tqdm import tqdm
 
 from quant.fp8 import dequantize_fp8_block
+from quant.gguf.blocks import READABLE
 from quant.int4 import dequantize, group_size_of, stored_shapes
 from runtime import models
 from runtime.checkpoint import Checkpoint
 from runtime.errors import K2Error
+from runtime.gguf_checkpoint import GGUFCheckpoint, is_gguf
 from runtime.int4 import COMPANION_SUFFIXES, PACKED_SUFFIX, holds_packed, packed_modules, swap_int4_modules
 from runtime.models.family import hf_layer_of
 from runtime.safetensors_io import FLOAT_DTYPES, INTEGER_DTYPES
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SCALE_SUFFIX = "_scale_inv"
+# What a weight may be stored as: floats, and a GGUF file's block encodings (dequantized as they are read).
+WEIGHT_DTYPES = FLOAT_DTYPES | {qtype.name for qtype in READABLE}
+
+
+def open_checkpoint(path: str | Path, **options) -> Checkpoint | GGUFCheckpoint:
+    """A model folder (Checkpoint.open's `options`), or a GGUF file (runtime/gguf_checkpoint.py)."""
+    path = Path(path)
+    return GGUFCheckpoint.open(path) if is_gguf(path) else Checkpoint.open(path, **options)
 
 
 def checkpoint_dtype(config: dict) -> torch.dtype:
@@ -46,7 +56,7 @@ def _require_finite(name: str, tensor: torch.Tensor):
         raise K2Error(f"tensor {name} holds NaN or infinite values: the checkpoint is corrupt")
 
 
-def _load(ckpt: Checkpoint, name: str, dtypes: frozenset[str] = FLOAT_DTYPES, check: bool = True) -> torch.Tensor:
+def _load(ckpt: Checkpoint, name: str, dtypes: frozenset[str] = WEIGHT_DTYPES, check: bool = True) -> torch.Tensor:
     """Stored tensor `name` (a view of its shard), refused unless its dtype is one of `dtypes` (what the model can
     hold it as) and, with `check`, unless every value is finite."""
     dtype = ckpt.tensors[name].dtype
@@ -120,14 +130,15 @@ def _wanted(name: str, layer_ids: set[int] | None, embed: bool, head: bool) -> b
     return embed if "embed_tokens" in name else head
 
 
-def load_model(source: str | Path | Checkpoint, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               progress: bool = False, layer_ids=None, embed: bool = True, head: bool = True) -> nn.Module:
-    """The model with weights from `source` (a folder, or its Checkpoint already opened); with `layer_ids`, only
+def load_model(source: str | Path | Checkpoint | GGUFCheckpoint, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu", progress: bool = False, layer_ids=None, embed: bool = True,
+               head: bool = True) -> nn.Module:
+    """The model with weights from `source` (a folder or GGUF file, or its checkpoint opened); with `layer_ids`, only
     those layers (plus the embedding and/or the head when asked) are read, the rest stay on the meta device and take
     no memory."""
     layer_ids = None if layer_ids is None else set(layer_ids)
-    ckpt = source if isinstance(source, Checkpoint) else \
-        Checkpoint.open(source, allow_missing_shards=layer_ids is not None)
+    ckpt = open_checkpoint(source, allow_missing_shards=layer_ids is not None) if isinstance(source, (str, Path)) \
+        else source
     method = _quant_method(ckpt.config)
     if method not in (None, "fp8", "compressed-tensors"):
         raise K2Error(f"loading {method!r} quantized checkpoints is not supported (BF16/FP16/FP32, FP8 and "

@@ -1,4 +1,5 @@
-"""Turn the MODEL argument of every command into a folder: a path, a repo id already in the HF cache, or `demo`."""
+"""Turn the MODEL argument of every command into a folder or a GGUF file: a path, a repo id already in the HF cache,
+or `demo`."""
 import os
 import sys
 from pathlib import Path
@@ -35,8 +36,8 @@ def resolve_model(spec: str) -> Path:
         return demo_dir()
     path = Path(spec).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise K2Error(f"{spec} is a file; MODEL is a model folder, a Hugging Face repo id, or 'demo'")
+        if not path.is_dir() and path.suffix != ".gguf":
+            raise K2Error(f"{spec} is a file; MODEL is a model folder, a .gguf file, a Hugging Face repo id, or 'demo'")
         return path
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         from huggingface_hub import snapshot_download
@@ -46,4 +47,5 @@ def resolve_model(spec: str) -> Path:
             return Path(snapshot_download(repo_id=spec, local_files_only=True))
         except (LocalEntryNotFoundError, ValueError, OSError):
             raise K2Error(f"{spec} is not in the Hugging Face cache (download it first: k2 download {spec})") from None
-    raise K2Error(f"{spec}: no such folder (MODEL is a model folder, a Hugging Face repo id, or 'demo')")
+    raise K2Error(f"{spec}: no such folder or file (MODEL is a model folder, a .gguf file, a Hugging Face repo id, or "
+                  "'demo')")

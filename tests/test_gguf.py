@@ -412,10 +412,10 @@ def test_deepseek_v3_tokenizer_json_is_carried_as_it_is(tmp_path):
 def test_bad_inputs_are_one_line_errors(demo_dir, converted, tmp_path):
     assert_one_line_error(run_k2("convert", demo_dir, tmp_path / "x.gguf", "--to", "onnx"), "--to", "gguf")
     assert_one_line_error(run_k2("convert", demo_dir, converted["q8_0"][0], "--to", "gguf"), "exists", "--force")
-    llama = shutil.copytree(demo_dir, tmp_path / "not-deepseek")
-    (llama / "config.json").write_text(json.dumps(config_of(demo_dir) | {"model_type": "llama"}))
-    with pytest.raises(K2Error, match="model_type 'llama'"):
-        convert(llama, tmp_path / "llama.gguf")
+    unknown = shutil.copytree(demo_dir, tmp_path / "not-deepseek")
+    (unknown / "config.json").write_text(json.dumps(config_of(demo_dir) | {"model_type": "mistral"}))
+    with pytest.raises(K2Error, match="model_type 'mistral'"):
+        convert(unknown, tmp_path / "mistral.gguf")
     no_tokenizer = shutil.copytree(demo_dir, tmp_path / "no-tokenizer")
     (no_tokenizer / "tiktoken.model").unlink()
     with pytest.raises(K2Error, match="no tokenizer"):

@@ -1,4 +1,5 @@
-"""GGML encodings of weight rows: gguf-py's quantizers for float weights, and INT4 copied into Q4_0 without rounding.
+"""GGML encodings of weight rows: gguf-py's quantizers and dequantizers for float weights, and INT4 copied into Q4_0
+(and Q4_0 back into INT4) without rounding.
 
 Q4_0 stores 32 weights as an fp16 scale `d` and 32 nibbles `n`, `w = d * (n - 8)`; byte j of a block holds element j
 in its low nibble and element j + 16 in its high one. compressed-tensors' symmetric INT4 stores `w = scale * q`, q in
@@ -16,6 +17,9 @@ from quant import int4
 Q = gguf.GGMLQuantizationType
 Q4_0_BLOCK, Q4_0_BYTES = gguf.GGML_QUANT_SIZES[Q.Q4_0]  # 32 weights in 18 bytes
 Q4_0_OFFSET = 8  # n = q + 8, the same offset-binary nibble compressed-tensors stores
+# The encodings a GGUF tensor is read from: gguf-py's dequantizers (llama.cpp's reference code in numpy).
+READABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K,
+                      Q.Q6_K})
 
 
 def block_size(qtype: Q) -> int:
@@ -38,6 +42,11 @@ def byte_shape(qtype: Q, shape: tuple[int, ...]) -> tuple[int, ...]:
 def encode(rows: np.ndarray, qtype: Q) -> np.ndarray:
     """float32 [rows, cols] -> uint8 [rows, row bytes], by gguf-py's reference quantizer for `qtype`."""
     return np.ascontiguousarray(gguf.quants.quantize(rows.astype(np.float32, copy=False), qtype)).view(np.uint8)
+
+
+def decode(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+    """uint8 rows as stored -> float32 of `shape` (numpy order), by gguf-py's dequantizer for `qtype`."""
+    return gguf.quants.dequantize(data, qtype).reshape(shape)
 
 
 def int4_groups(in_features: int, n_groups: int) -> int | None:
@@ -83,3 +92,14 @@ def int4_to_q4_0(packed: torch.Tensor, scale: torch.Tensor, in_features: int) ->
     d_bytes = torch.from_numpy(d_blocks.view(np.uint8).reshape(rows, n_blocks, 2))
     blocks = torch.cat([d_bytes, packed_nibbles], dim=-1)  # [rows, blocks, 18]
     return blocks.reshape(rows, n_blocks * Q4_0_BYTES).numpy(), report
+
+
+def q4_0_to_int4(data: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 rows uint8 [rows, in / 32 * 18] -> INT4 packed int32 [rows, in / 8] and fp16 scale [rows, in / 32]: the
+    same weights, group 32 (`w = d * (n - 8)` is `scale * q`); the fp16 scales are kept as they are, exactly."""
+    rows = data.shape[0]
+    blocks = torch.from_numpy(data).view(rows, -1, Q4_0_BYTES)  # [rows, blocks, 18]
+    scale = blocks[:, :, :2].contiguous().view(torch.float16).view(rows, -1)
+    nibbles = blocks[:, :, 2:]  # [rows, blocks, 16]: element j low, element j + 16 high
+    q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).view(torch.int8) - Q4_0_OFFSET  # [rows, blocks, 32]
+    return int4.pack(q.view(rows, -1)), scale

@@ -1,5 +1,9 @@
 """`k2 convert --to gguf`: a checkpoint streamed into llama.cpp GGUF files, tensor by tensor, through gguf-py's writer.
 
+What is llama.cpp's about the model (its architecture, hyperparameter keys, tensor names and transforms, pre-tokenizer
+name, extra tensors) comes from the family's GGUF mapping (runtime/models/*_gguf.py, `loaded.gguf_arch`); this module
+only plans, encodes and writes.
+
 All that precedes the tensor data (metadata, vocabulary, every tensor's name, type and shape) follows from config.json,
 the tokenizer and the safetensors headers, so it is planned and written first. Tensors are then produced one row block
 at a time (workers encode blocks in parallel; they are written in order) from memory-mapped input shards whose pages
@@ -65,10 +69,11 @@ class OutputTensor:
     name: str  # GGUF name, e.g. blk.3.ffn_down_exps.weight
     shape: tuple[int, ...]  # numpy order, rows last: [experts, out, in] for stacked experts
     qtype: Q
-    sources: tuple[Source, ...]  # one, or a layer's experts in expert order
+    sources: tuple[Source, ...]  # one, or a layer's experts in expert order; none for a tensor the mapping computes
     part: str = "whole"  # or a part of its one source that the family's GGUF mapping cuts out (`encode_part`)
     int4_copy: bool = False  # INT4 groups copied into Q4_0 blocks, no rounding
     note: str | None = None  # why the type is not the one asked for
+    values: np.ndarray | None = None  # the float32 values of a tensor the mapping computes (`extra_tensors`)
 
     @property
     def nbytes(self) -> int:
@@ -120,15 +125,16 @@ def plan_tensors(loaded, sources: list[Source], config: ConvertConfig) -> list[O
                 jobs.append((stacked, stacks[stacked], (args.routed_experts, *s.shape), "whole"))
             stacks[stacked][expert] = s
         elif parts := arch.split_tensor(s.name, args):
-            jobs.extend((name, (s,), shape, part) for name, shape, part in parts)
+            jobs.extend((name, (s,), shape or s.shape, part) for name, shape, part in parts)
         else:
             jobs.append((s.name, (s,), s.shape, "whole"))
     missing = [n for n in expected if n not in seen]
     if missing:
         raise K2Error(f"the checkpoint lacks {len(missing)} tensor(s) that config.json implies, first {missing[0]}")
 
-    name_map = arch.tensor_name_map(args.num_hidden_layers)
-    planned = []
+    name_map = arch.tensor_name_map(args)
+    planned = [OutputTensor(name, values.shape, Q.F32, (), values=values)
+               for name, values in arch.extra_tensors(args).items()]
     for hf_name, parts, shape, part in jobs:
         parts = tuple(parts[e] for e in sorted(parts)) if isinstance(parts, dict) else parts
         kind, gguf_name = arch.gguf_tensor(name_map, hf_name)
@@ -160,17 +166,24 @@ def _encode_rows(tensor: OutputTensor, source: Source, reader: MappedShards, r0,
     return data, report
 
 
-def _encode_part(tensor: OutputTensor, reader: MappedShards, arch):
-    """A part the family's GGUF mapping cuts out of one whole source tensor."""
+def _encode_part(tensor: OutputTensor, reader: MappedShards, arch, args):
+    """A part the family's GGUF mapping cuts out of (or reorders in) one whole source tensor."""
     source = tensor.sources[0]
-    part = arch.encode_part(tensor.part, read_rows(source, reader, None, None), tensor.shape)
+    part = arch.encode_part(tensor.part, read_rows(source, reader, None, None), tensor.shape, args)
     release_rows(source, reader, None, None)
     return blocks.encode(part.contiguous().view(-1, tensor.shape[-1]).numpy(), tensor.qtype), None
 
 
-def _tasks(tensor: OutputTensor, reader: MappedShards, arch):
+def _encode_values(tensor: OutputTensor):
+    return blocks.encode(tensor.values.reshape(-1, tensor.shape[-1]), tensor.qtype), None
+
+
+def _tasks(tensor: OutputTensor, reader: MappedShards, arch, args):
+    if tensor.values is not None:
+        yield partial(_encode_values, tensor)
+        return
     if tensor.part != "whole":
-        yield partial(_encode_part, tensor, reader, arch)
+        yield partial(_encode_part, tensor, reader, arch, args)
         return
     for source in tensor.sources:
         for r0, r1 in row_blocks(source.shape):
@@ -279,6 +292,7 @@ def convert_checkpoint(model_dir: str | Path, out: str | Path, config: ConvertCo
     loaded = load(model_dir, weights=False, complete=True)
     ckpt, args, arch = loaded.checkpoint, loaded.args, loaded.gguf_arch
     arch.check_supported(ckpt.config, args)
+    arch_name = gguf.MODEL_ARCH_NAMES[arch.arch(args)]
     reader = MappedShards()
     try:
         sources = collect_sources(ckpt, reader)
@@ -287,12 +301,12 @@ def convert_checkpoint(model_dir: str | Path, out: str | Path, config: ConvertCo
         total = sum(t.nbytes for t in tensors)
         # gguf-py splits when a file would pass the limit (and warns when asked to split what fits in one).
         split = config.split_max_bytes if config.split_max_bytes and total > config.split_max_bytes else 0
-        writer = gguf.GGUFWriter(None, arch.ARCH_NAME, split_max_size=split)
+        writer = gguf.GGUFWriter(None, arch_name, split_max_size=split)
         writer.add_name(_model_name(ckpt.folder))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_file_type(_file_type(tensors))
         arch.add_hparams(writer, args)
-        add_vocab(writer, ckpt.folder, vocab, arch.PRE_TOKENIZERS[ckpt.config["model_type"]])
+        add_vocab(writer, ckpt.folder, vocab, arch.pre_tokenizer(ckpt.config, ckpt.folder))
         for t in tensors:
             writer.add_tensor_info(t.name, blocks.byte_shape(t.qtype, t.shape), np.dtype(np.uint8), t.nbytes,
                                    raw_dtype=t.qtype)
@@ -303,7 +317,7 @@ def convert_checkpoint(model_dir: str | Path, out: str | Path, config: ConvertCo
             raise K2Error(f"not enough space in {out.parent} for the GGUF: {format_shortfall(total, free)}")
         started = time.perf_counter()
         with writing_to(out, "the tensors written so far are kept; free space, then --resume continues"):
-            scale_report, resumed = _write(writer, tensors, out, files, reader, arch,
+            scale_report, resumed = _write(writer, tensors, out, files, reader, arch, args,
                                            workers or len(os.sched_getaffinity(0)), progress,
                                            _fingerprint(ckpt.folder, config, tensors), resume)
         seconds = time.perf_counter() - started
@@ -333,7 +347,7 @@ def _grouped_notes(tensors: list[OutputTensor]) -> dict[str, list[str]]:
 
 
 def _write(writer: gguf.GGUFWriter, tensors: list[OutputTensor], out: Path, files: list[Path], reader: MappedShards,
-           arch, workers: int, progress: bool, fingerprint: dict, resume: bool) -> tuple[blocks.ScaleReport, int]:
+           arch, args, workers: int, progress: bool, fingerprint: dict, resume: bool) -> tuple[blocks.ScaleReport, int]:
     """Write every file in the temporary folder, then rename them into place: (INT4 scale report, tensors resumed)."""
     tmp = _temporary_folder(out)
     done, report = 0, blocks.ScaleReport()
@@ -385,7 +399,7 @@ def _write(writer: gguf.GGUFWriter, tensors: list[OutputTensor], out: Path, file
                     writer.write_tensor_data(_WrittenTensor(t.nbytes))
                     continue
                 bar.set_postfix_str(f"{i + 1}/{len(tensors)} tensors", refresh=False)
-                chunks = _in_order(pool, _tasks(t, reader, arch), workers * WINDOW_PER_WORKER)
+                chunks = _in_order(pool, _tasks(t, reader, arch, args), workers * WINDOW_PER_WORKER)
                 writer.write_tensor_data(_StreamedTensor(t.nbytes, chunks, on_chunk))
                 save_progress(i + 1)
         writer.close()

@@ -16,7 +16,8 @@ FORMATS = ("gguf",)
 def convert(model: str = options.REQUIRED_MODEL,
             out: Path = typer.Argument(..., help="The .gguf file to write; a split conversion writes "
                                                  "OUT-00001-of-0000N.gguf files next to it instead."),
-            to: str = typer.Option(..., "--to", help="Output format: gguf (llama.cpp's deepseek2 architecture)."),
+            to: str = typer.Option(..., "--to", help="Output format: gguf (llama.cpp's llama, qwen3, qwen3moe or "
+                                                     "deepseek2 architecture)."),
             weights_type: str = typer.Option("bf16", "--type",
                                              help="Embeddings, attention, dense and shared-expert weights: bf16, "
                                                   "f16, f32, q8_0 or q4_0 (norms and the router stay f32)."),
@@ -27,7 +28,7 @@ def convert(model: str = options.REQUIRED_MODEL,
                                                       "Largest file, e.g. 50G: llama.cpp's split files past it."),
             force: bool = options.FORCE, resume: bool = options.RESUME, workers: int = options.WORKERS,
             as_json: bool = options.JSON):
-    """Convert a DeepSeek-V3-architecture checkpoint (Kimi K2, DeepSeek-V3) for llama.cpp, tensor by tensor."""
+    """Convert a checkpoint (Kimi K2, DeepSeek-V3, Qwen3, Qwen3-MoE, Llama) for llama.cpp, tensor by tensor."""
     if to not in FORMATS:
         raise K2Error(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
     from runtime.convert.gguf import ConvertConfig, convert_checkpoint

@@ -226,8 +226,8 @@ class GGUFCheckpoint:
 
 def _token_ids(meta: Metadata) -> dict:
     """config.json's bos and eos ids, from the vocabulary's."""
-    ids = {"bos_token_id": meta.value(Keys.Tokenizer.BOS_ID, None), "eos_token_id": meta.value(Keys.Tokenizer.EOS_ID, None)}
-    return {k: v for k, v in ids.items() if v is not None}
+    ids = {"bos_token_id": Keys.Tokenizer.BOS_ID, "eos_token_id": Keys.Tokenizer.EOS_ID}
+    return {name: meta.value(key) for name, key in ids.items() if meta.value(key, None) is not None}
 
 
 def _tensor_table(path: Path, meta: Metadata, arch, model) -> dict[str, GGUFTensorInfo]:

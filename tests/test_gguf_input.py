@@ -29,6 +29,7 @@ MOE = dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, norm_
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
 CASES = {
+    "qwen3": (dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True), "qwen2"),
     "llama3": (dict(model_type="llama", num_key_value_heads=1, tie_word_embeddings=True, rope_theta=5e5,
                     rope_scaling=LLAMA3_ROPE), "llama-bpe"),
     "qwen3-moe": (dict(model_type="qwen3_moe", **MOE), "qwen2"),

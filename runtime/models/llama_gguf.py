@@ -49,7 +49,8 @@ def gguf_tensor(name_map: gguf.TensorNameMap, hf_name: str) -> tuple[gguf.MODEL_
 
 
 def check_supported(config: dict, args):
-    """What llama.cpp's llama runs: rope over the whole head (the model always rotates all of it)."""
+    """Nothing to refuse: what the Llama args can express (whole-head rope, default / linear / yarn / llama3 scaling,
+    attention biases, a tied head), llama.cpp's llama runs."""
 
 
 def pre_tokenizer(config: dict, folder) -> str:

@@ -24,8 +24,9 @@ def print_bench(result: dict):
     typer.echo(_row("k2", result))
     if "compare" in result:
         compare = result["compare"]
-        typer.echo(_row("transformers", compare["transformers"]))
-        typer.echo(f"  k2 / transformers: decode {compare['decode_ratio']:.2f}x, prefill {compare['prefill_ratio']:.2f}x")
+        peer = compare["engine"]
+        typer.echo(_row(peer, compare[peer]))
+        typer.echo(f"  k2 / {peer}: decode {compare['decode_ratio']:.2f}x, prefill {compare['prefill_ratio']:.2f}x")
     typer.echo(f"  memory peak: device {format_bytes(result['peak_device_bytes'])}, "
                f"host {format_bytes(result['peak_host_bytes'])}")
     typer.echo(f"  decode reads {format_bytes(result['weight_bytes_per_token'])} of weights per token "
@@ -43,12 +44,14 @@ def bench(model: str = options.MODEL,
           device: str = options.DEVICE, dtype: str = options.DTYPE,
           threads: int = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)."),
           plan: Path = options.PLAN, device_map: str = options.DEVICE_MAP,
-          compare: str = typer.Option(None, "--compare", help="'transformers': also run transformers' model on the "
-                                                              "same checkpoint, reps alternating, and print the ratio."),
+          compare: str = typer.Option(None, "--compare", help="'transformers' (a model folder) or 'llama.cpp' (a GGUF "
+                                                              "file): also run that engine on the same checkpoint, reps "
+                                                              "alternating, and print the ratio."),
           eager: bool = options.EAGER, as_json: bool = options.JSON):
     """Measure prefill and decode speed, time to first token, peak memory and the achieved share of the bandwidth."""
     import torch
 
+    from runtime import peers
     from runtime.bench import BenchSettings, run_bench
     from runtime.loader import load
     from runtime.offload import parse_device_map
@@ -56,13 +59,8 @@ def bench(model: str = options.MODEL,
 
     if in_pipeline():
         raise K2Error("k2 bench runs in one process; bench a one-stage plan without torchrun")
-    if compare not in (None, "transformers"):
-        raise K2Error(f"--compare takes 'transformers', not {compare!r}")
     if compare:
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            raise K2Error("--compare transformers needs the transformers package (pip install 'k2[test]')") from None
+        peers.peer(compare)  # a missing package is an error before the model loads
     if threads:
         torch.set_num_threads(threads)
     loaded = load(model, device=device, dtype=dtype, plan=plan, device_map=parse_device_map(device_map))

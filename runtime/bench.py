@@ -4,7 +4,8 @@ Every number comes from this run: prompts are random ids with end-of-sequence su
 full length; decode tok/s excludes the first token (it comes out of the prefill); the bandwidth is a copy measured
 on the device, and weight bytes per token count what a decode step reads: every non-expert weight, one embedding
 row per token, and the routed experts the router actually picked (distinct per step, counted on a probe run).
-With a reference engine (transformers), reps of both alternate so background load hits both rows alike.
+With a peer engine (transformers, or llama.cpp on a GGUF file: runtime/peers.py), reps of both alternate so
+background load hits both rows alike.
 """
 import math
 import resource
@@ -14,9 +15,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from runtime import peers
 from runtime.engine import Engine
 from runtime.errors import K2Error
-from runtime.sampling import NON_FINITE, Sampler, feedable, non_finite_error
+from runtime.sampling import NON_FINITE, Sampler, non_finite_error
 
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}  # past every cache level, small enough for any test machine
 PROBE_STEPS = 16  # decode steps whose routing is recorded to count the experts a step reads
@@ -107,43 +109,6 @@ class EngineRun:
         return torch.stack([self.engine.step() for _ in range(n)], dim=1)
 
 
-class TransformersEngine:
-    """transformers' implementation of the model's family on the same folder, driven like our engine (same
-    sampling)."""
-
-    kind = "transformers"
-
-    def __init__(self, loaded, dtype: torch.dtype, device: torch.device, sampler: Sampler):
-        try:
-            import transformers
-            from transformers import AutoConfig, AutoModelForCausalLM
-        except ImportError:
-            raise K2Error("--compare transformers needs transformers (pip install 'k2[test]')") from None
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        # The family's own model_type: transformers converts per-expert weights only for the types it knows.
-        config = AutoConfig.for_model(**loaded.config | {"model_type": loaded.family.reference_model_type})
-        self.model = AutoModelForCausalLM.from_pretrained(loaded.folder, config=config, dtype=dtype).to(device).eval()
-        self.device, self.sampler = device, sampler
-
-    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=tokens.to(self.device), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.next_ids = self.sampler(out.logits[:, -1])
-        return self.next_ids
-
-    def decode(self, n: int) -> torch.Tensor:
-        out = []
-        for _ in range(n):
-            logits = self.model(input_ids=feedable(self.next_ids)[:, None], past_key_values=self.cache,
-                                use_cache=True).logits
-            self.next_ids = self.sampler(logits[:, -1])
-            out.append(self.next_ids)
-        return torch.stack(out, dim=1)
-
-
 def check_finite(ids: torch.Tensor):
     """ids [B, T], the new tokens of every row: raise at the first one drawn from non-finite logits. Reads the ids,
     so call it after the timing."""
@@ -197,13 +162,12 @@ def _peak_host_bytes() -> int:
 
 
 def run_bench(loaded, settings: BenchSettings, compare: str | None = None, eager: bool = False) -> dict:
-    """Bench the model of `loaded` (runtime.loader) through the engine every command uses; with
-    compare="transformers" also transformers' model on the same folder, in the same run."""
+    """Bench the model of `loaded` (runtime.loader) through the engine every command uses; with `compare` (a name in
+    runtime.peers.PEERS) also that engine on the same checkpoint, in the same run."""
     s = settings
     if s.gen < 2:
         raise K2Error("--gen must be at least 2: decode speed excludes the first token")
-    if compare not in (None, "transformers"):
-        raise K2Error(f"--compare takes 'transformers', not {compare!r}")
+    peer = peers.peer(compare) if compare else None
     model, device = loaded.model, loaded.device
     vocab = model.args.vocab_size
     suppressed = [i for i in loaded.eos_ids if 0 <= i < vocab]
@@ -216,9 +180,8 @@ def run_bench(loaded, settings: BenchSettings, compare: str | None = None, eager
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         engines = [EngineRun(loaded.engine(s.batch, max_len, eager=eager), sampler)]
-        if compare == "transformers":
-            dtype = model.model.embed_tokens.weight.dtype
-            engines.append(TransformersEngine(loaded, dtype, device, sampler))
+        if peer:
+            engines.append(peer(loaded, device, sampler, s.batch, max_len))
         rows = time_reps(engines, prompts, s, device)
         peak_device = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_host_bytes()
 
@@ -236,9 +199,9 @@ def run_bench(loaded, settings: BenchSettings, compare: str | None = None, eager
         "copy_bandwidth_bytes_s": bandwidth, "roofline_decode_tok_s": roofline,
         "bandwidth_fraction": ours["decode_tok_s"]["mean"] / roofline,
     }
-    if compare:
-        theirs = rows["transformers"]
-        result["compare"] = {"transformers": theirs,
+    if peer:
+        theirs = rows[peer.kind]
+        result["compare"] = {"engine": peer.kind, peer.kind: theirs,
                              "decode_ratio": ours["decode_tok_s"]["mean"] / theirs["decode_tok_s"]["mean"],
                              "prefill_ratio": ours["prefill_tok_s"]["mean"] / theirs["prefill_tok_s"]["mean"]}
     return result

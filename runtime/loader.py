@@ -98,6 +98,11 @@ class LoadedModel:
 
         return importlib.import_module(self.family.gguf)
 
+    @property
+    def gguf_file(self) -> Path | None:
+        """The GGUF file the model was read from (the first of a split set); None for a model folder."""
+        return self.folder if isinstance(self.checkpoint, GGUFCheckpoint) else None
+
     @cached_property
     def files(self):
         """Where the tokenizer, chat template and generation defaults come from: a folder's files, a GGUF's

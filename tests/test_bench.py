@@ -89,5 +89,6 @@ def test_compare_without_transformers_installed_is_one_line_error(demo_dir, tmp_
 
 def test_bad_options_are_one_line_errors(demo_dir):
     assert_one_line_error(run_k2_here("bench", str(demo_dir), "--compare", "vllm"), "--compare")
+    assert_one_line_error(run_k2_here("bench", str(demo_dir), *SMALL, "--compare", "llama.cpp"), "GGUF file")
     assert_one_line_error(run_k2_here("bench", str(demo_dir), "--dtype", "int3"), "--dtype")
     assert_one_line_error(run_k2_here("bench", str(demo_dir), "--device", "cuda:0", *SMALL), "cuda")

@@ -165,8 +165,12 @@ def test_every_command_takes_a_gguf(sources, tmp_path):
     assert generated["prompt_ids"] == Tokenizer.from_file(str(folder / "tokenizer.json")).encode(prompt).ids
     chat = k2_json("chat", path, "-p", "hi", "--max-tokens", "4", "--temperature", "0")
     assert chat["message"]["role"] == "assistant"
-    bench = k2_json("bench", path, "--reps", "1", "--warmup", "0", "--prompt-len", "8", "--gen", "2")
-    assert bench["decode_tok_s"]["mean"] > 0
+    bench = k2_json("bench", path, "--reps", "1", "--warmup", "0", "--prompt-len", "8", "--gen", "2",
+                    "--compare", "llama.cpp")  # llama.cpp on the same file, in the same run
+    theirs = bench["compare"]["llama.cpp"]
+    assert bench["decode_tok_s"]["mean"] > 0 and theirs["decode_tok_s"]["mean"] > 0
+    assert bench["compare"]["decode_ratio"] == bench["decode_tok_s"]["mean"] / theirs["decode_tok_s"]["mean"]
+    assert_one_line_error(run_k2_here("bench", path, "--compare", "transformers"), "--compare llama.cpp")
     text = tmp_path / "text.txt"
     text.write_text(" ".join(TEXTS * 4))
     assert k2_json("eval", path, "--text", text, "--ctx", "32")["perplexity"] > 1

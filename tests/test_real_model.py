@@ -94,6 +94,27 @@ def test_logits_are_llama_cpps(llama_cpp_f32, k2):
     assert torch.cat(kl).mean() <= 1e-5  # KL(llama.cpp || k2); transformers' model measured 1e-11
 
 
+def mean_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Mean over positions of KL(p || q), from logits [T, V]."""
+    log_p, log_q = p_logits.double().log_softmax(-1), q_logits.double().log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+
+
+def test_distance_to_the_quantized_file_is_llama_cpps_own(llama_cpp, llama_cpp_f32, k2):
+    """KL(llama.cpp on the Q4_1 file || k2) is about 3.6e-3, above the 2e-3 the issue asked for; llama.cpp's own F32
+    path on the same weights is exactly as far from its Q4_1 path (its activations rounded to 8 bits per block of 32),
+    so that distance is llama.cpp's quantized arithmetic, not k2's: k2 sits where llama.cpp's F32 path sits."""
+    ours, own = [], []
+    for prompt in PROMPTS:
+        ids = llama_cpp.tokenize(prompt, parse_special=True)
+        quantized = torch.from_numpy(llama_cpp.logits(ids))
+        with torch.no_grad():
+            ours.append(mean_kl(quantized, k2.model(torch.tensor([ids]))[0]))
+        own.append(mean_kl(quantized, torch.from_numpy(llama_cpp_f32.logits(ids))))
+    assert np.mean(ours) == pytest.approx(np.mean(own), rel=1e-2)
+    assert np.mean(ours) <= 5e-3
+
+
 def test_greedy_continuation_is_llama_cpps(llama_cpp_f32, k2):
     ids = llama_cpp_f32.tokenize(PROMPTS[2], parse_special=True)
     steps = llama_cpp_f32.greedy(ids, 16)

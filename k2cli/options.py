@@ -7,7 +7,8 @@ import typer
 
 from runtime.units import SIZE_RULE
 
-MODEL_HELP = "Model folder, a Hugging Face repo id already downloaded, or 'demo' (a tiny K2 created on first use)."
+MODEL_HELP = ("Model folder, a .gguf file (the first of a split set), a Hugging Face repo id already downloaded, or "
+              "'demo' (a tiny K2 created on first use).")
 MODEL = typer.Argument("demo", help=MODEL_HELP)
 REQUIRED_MODEL = typer.Argument(..., help=MODEL_HELP)
 

@@ -36,22 +36,19 @@ def main():
     loaded = load(args.k2_model or args.model, dtype=args.dtype)  # first, so a model k2 cannot load fails at once
     ids = loaded.tokenizer.encode_document(text)
 
+    print(f"text {args.text} ({len(text):,} characters), ctx {args.ctx}", flush=True)
+    start = time.perf_counter()
+    ours = evaluate(loaded.model, ids, args.ctx, max_windows=args.max_windows, bos_id=loaded.tokenizer.bos_id,
+                    progress=lambda windows: tqdm(windows, desc="k2", unit="window"))
+    print(f"k2:        perplexity {ours['perplexity']:.4f} over {ours['tokens']:,} tokens in "
+          f"{ours['windows']} windows ({time.perf_counter() - start:.0f} s)", flush=True)
+
     start = time.perf_counter()
     llm = LlamaCpp(args.model, n_ctx=args.ctx)
     theirs = llm.perplexity(text, n_chunks=args.max_windows)
     llm.close()
-    theirs_s = time.perf_counter() - start
-
-    start = time.perf_counter()
-    ours = evaluate(loaded.model, ids, args.ctx, max_windows=args.max_windows, bos_id=loaded.tokenizer.bos_id,
-                    progress=lambda windows: tqdm(windows, desc="k2", unit="window"))
-    ours_s = time.perf_counter() - start
-
-    print(f"text {args.text} ({len(text):,} characters), ctx {args.ctx}")
     print(f"llama.cpp: perplexity {theirs['perplexity']:.4f} over {theirs['tokens']:,} tokens in "
-          f"{theirs['windows']} windows ({theirs_s:.0f} s)")
-    print(f"k2:        perplexity {ours['perplexity']:.4f} over {ours['tokens']:,} tokens in "
-          f"{ours['windows']} windows ({ours_s:.0f} s)")
+          f"{theirs['windows']} windows ({time.perf_counter() - start:.0f} s)")
     print(f"k2 / llama.cpp - 1 = {ours['perplexity'] / theirs['perplexity'] - 1:+.4%}")
 
 

@@ -79,6 +79,11 @@ def config_args(cls):
     return pydantic_dataclasses.dataclass(cls, config=ARGS_CONFIG)
 
 
+def rope_type(scaling: dict | None) -> str:
+    """The type of a `rope_scaling` / `rope_parameters` dict (`rope_type`, or the older `type`); "default" for none."""
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+
+
 _ROPE_NEEDS = {"default": (), "linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings"),
                "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}
 
@@ -86,7 +91,7 @@ _ROPE_NEEDS = {"default": (), "linear": ("factor",), "yarn": ("factor", "origina
 def _rope_complete(scaling: dict) -> dict:
     """A rope scaling the models implement (runtime/layers.py ROPE_TYPES), with the keys it needs: a type the
     toolkit would ignore would run the model silently wrong."""
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = rope_type(scaling)
     if kind not in _ROPE_NEEDS:
         raise ValueError(f"rope type {kind!r} is not supported (supported: {', '.join(_ROPE_NEEDS)})")
     for key in _ROPE_NEEDS[kind]:
@@ -185,7 +190,7 @@ def read_args(args_class, config: dict, source) -> Any:
     if rope and "rope_scaling" not in config:
         if "rope_theta" in rope:
             values["rope_theta"] = rope["rope_theta"]
-        values["rope_scaling"] = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+        values["rope_scaling"] = rope if rope_type(rope) != "default" else None
     try:
         return args_class(**values)
     except ValidationError as e:

@@ -239,10 +239,7 @@ def _tensor_table(path: Path, meta: Metadata, arch, model) -> dict[str, GGUFTens
     name_map = arch.tensor_name_map(args)
     used = set(arch.CONFIG_TENSORS)
     table = {}
-    shapes = model.checkpoint_shapes()
-    if args.tie_word_embeddings:
-        shapes.pop("lm_head.weight")  # the head is the embedding matrix, as the loader ties it
-    for hf_name, shape in shapes.items():
+    for hf_name, shape in model.stored_shapes().items():  # a tied head is the embedding, as the loader ties it
         if model.skip_tensor(hf_name):
             continue
         stacked, expert = model.locate(hf_name)

@@ -19,15 +19,6 @@ def _ignored(module: str, ignore: list[str]) -> bool:
     return any(re.fullmatch(p[3:], module) if p.startswith("re:") else p == module for p in ignore)
 
 
-def checkpoint_shapes(model) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of the model holds, by name; a tied head is the embedding matrix, held once (what
-    transformers' save_pretrained writes and its parameter count counts)."""
-    shapes = model.checkpoint_shapes()
-    if model.args.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    return shapes
-
-
 def estimated_storage(name: str, shape: tuple[int, ...], config: dict, fp32_tensors: tuple[str, ...]) -> dict[str, int]:
     """Bytes by safetensors dtype that the config's format would use to store one weight; `fp32_tensors` are the
     model's tensors kept in fp32 whatever its dtype (its `fp32_tensors`)."""
@@ -61,7 +52,7 @@ def weight_bytes(ckpt: Checkpoint, model) -> tuple[dict[str, int], bool]:
     stored = {n: t for n, t in ckpt.tensors.items() if not model.skip_tensor(n)}
     if not stored or ckpt.missing_shards:  # partial folders (one pipeline stage's shards) are costed from the config
         return {n: sum(estimated_storage(n, s, ckpt.config, model.fp32_tensors).values())
-                for n, s in checkpoint_shapes(model).items()}, False
+                for n, s in model.stored_shapes().items()}, False
     sizes = defaultdict(int)
     for name, tensor in stored.items():
         sizes[_COMPANION.sub(".weight", name)] += tensor.nbytes
@@ -89,7 +80,7 @@ def model_info(loaded) -> dict:
     ckpt, model, component_of = loaded.checkpoint, loaded.model, loaded.family.component_of
     config = ckpt.config
     args = model.args
-    shapes = checkpoint_shapes(model)
+    shapes = model.stored_shapes()  # a tied head counted once, as transformers counts parameters
 
     params = defaultdict(int)
     for name, shape in shapes.items():

@@ -102,9 +102,7 @@ def plan_tensors(loaded, sources: list[Source], config: ConvertConfig) -> list[O
     """The GGUF tensors of a checkpoint in writing order, after checking its tensors against config.json."""
     model, arch = loaded.model, loaded.gguf_arch
     args = model.args
-    expected = model.checkpoint_shapes()
-    if args.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)  # llama.cpp reads a missing output.weight as token_embd
+    expected = model.stored_shapes()  # a tied head has no output.weight: llama.cpp reads token_embd
     # (checkpoint name, its sources, shape, part); a stacked tensor's sources are its experts by id, filled as found
     jobs: list[tuple[str, tuple[Source, ...] | dict[int, Source], tuple[int, ...], str]] = []
     stacks: dict[str, dict[int, Source]] = {}

@@ -84,6 +84,14 @@ class Decoder(nn.Module):
                 shapes[name] = tuple(tensor.shape)
         return shapes
 
+    def stored_shapes(self) -> dict[str, tuple[int, ...]]:
+        """`checkpoint_shapes` as transformers' save_pretrained writes them: a tied head is the embedding matrix,
+        stored once (a checkpoint may still hold it, which the loader takes)."""
+        shapes = self.checkpoint_shapes()
+        if self.args.tie_word_embeddings:
+            shapes.pop("lm_head.weight")
+        return shapes
+
     def moe_blocks(self) -> dict[int, nn.Module]:
         """The layers' routed-expert blocks by layer index, each with `gate` (the router) and `experts`."""
         return {i: layer.mlp for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, self.moe_block_class)}

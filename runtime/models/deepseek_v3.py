@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from runtime.config_schema import NonNegative, Positive, RopeScaling, config_args
+from runtime.config_schema import NonNegative, Positive, RopeScaling, config_args, rope_type
 from runtime.layers import MLP, RMSNorm, apply_rope_interleaved, route_sigmoid_topk, yarn_mscale
 from runtime.models.experts import Experts
 from runtime.models.decoder import Decoder, StepInputs
@@ -109,7 +109,7 @@ class ModelArgs:
     def softmax_scale(self) -> float:
         scale = self.qk_head_dim ** -0.5
         scaling = self.rope_scaling or {}
-        if scaling.get("type", scaling.get("rope_type")) == "yarn" and scaling.get("mscale_all_dim"):
+        if rope_type(scaling) == "yarn" and scaling.get("mscale_all_dim"):
             scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
         return scale
 

@@ -11,6 +11,7 @@ Older files store `attn_kv_b` whole, with per-head key and value lengths; both a
 import gguf
 import torch
 
+from runtime.config_schema import rope_type
 from runtime.errors import K2Error
 from runtime.models.deepseek_v3 import ModelArgs
 
@@ -57,9 +58,8 @@ def check_supported(config: dict, args: ModelArgs):
                       "after the leading dense ones")
     if args.attention_bias:
         raise K2Error(f"attention_bias: llama.cpp's {name} has no attention biases")
-    scaling = args.rope_scaling or {}
-    if scaling and scaling.get("type", scaling.get("rope_type")) != "yarn":
-        raise K2Error(f"rope scaling {scaling.get('type', scaling.get('rope_type'))!r}: only yarn is converted")
+    if rope_type(args.rope_scaling) not in ("default", "yarn"):
+        raise K2Error(f"rope scaling {rope_type(args.rope_scaling)!r}: only yarn is converted")
 
 
 def pre_tokenizer(config: dict, folder) -> str:

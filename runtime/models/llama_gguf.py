@@ -18,6 +18,7 @@ import gguf
 import numpy as np
 import torch
 
+from runtime.config_schema import rope_type
 from runtime.convert.gguf_vocab import pre_tokenizer_name
 from runtime.errors import K2Error
 from runtime.layers import rope_frequencies
@@ -73,7 +74,7 @@ def add_hparams(writer: gguf.GGUFWriter, args):
     w.add_key_length(args.head_dim)
     w.add_value_length(args.head_dim)
     scaling = args.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
+    kind = rope_type(scaling)
     if kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(scaling["factor"])
@@ -89,11 +90,10 @@ def add_hparams(writer: gguf.GGUFWriter, args):
 
 def extra_tensors(args) -> dict[str, np.ndarray]:
     """Llama 3's rope scaling, as llama.cpp takes it: each frequency's divisor in `rope_freqs`."""
-    scaling = args.rope_scaling or {}
-    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+    if rope_type(args.rope_scaling) != "llama3":
         return {}
     plain, _ = rope_frequencies(args.head_dim, args.rope_theta, None)
-    scaled, _ = rope_frequencies(args.head_dim, args.rope_theta, scaling)
+    scaled, _ = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
     return {ROPE_FREQS: (plain / scaled).numpy().astype(np.float32)}
 
 

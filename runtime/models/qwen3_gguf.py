@@ -5,6 +5,7 @@ layer through its experts and always renormalizes the top-k routing weights.
 """
 import gguf
 
+from runtime.config_schema import rope_type
 from runtime.errors import K2Error
 from runtime.models import llama_gguf
 
@@ -28,10 +29,8 @@ def tensor_name_map(args) -> gguf.TensorNameMap:
 def check_supported(config: dict, args):
     """One clear error for what llama.cpp's qwen3 / qwen3moe cannot run, before any work."""
     name = gguf.MODEL_ARCH_NAMES[arch(args)]
-    scaling = args.rope_scaling or {}
-    if scaling.get("rope_type", scaling.get("type")) not in (None, "default", "linear", "yarn"):
-        raise K2Error(f"rope scaling {scaling.get('rope_type', scaling.get('type'))!r}: llama.cpp's {name} takes "
-                      "linear or yarn")
+    if rope_type(args.rope_scaling) not in ("default", "linear", "yarn"):
+        raise K2Error(f"rope scaling {rope_type(args.rope_scaling)!r}: llama.cpp's {name} takes linear or yarn")
     if not args.routed_experts:
         return
     if not args.norm_topk_prob:

@@ -329,11 +329,12 @@ class GGUFFiles:
         return gguf_tokenizer(self.meta)
 
     def tokenizer(self):
+        from runtime.convert.gguf_vocab import added_bos
         from runtime.tokenizer import HFTokenizer
 
         if not self.has_tokenizer:
             raise K2Error(f"{self.meta.path} has no tokenizer ({Keys.Tokenizer.LIST})")
-        return HFTokenizer(self.backend)
+        return HFTokenizer(self.backend, bos_id=added_bos(self.meta))
 
     def special_tokens(self) -> dict[str, str]:
         """bos_token, eos_token, unk_token, pad_token as text, as chat templates read them."""

@@ -94,6 +94,7 @@ class TokenizerConfig(BaseModel):
     sep_token: Token = None
     cls_token: Token = None
     mask_token: Token = None
+    add_bos_token: bool = False
 
     def special_tokens(self) -> dict[str, str]:
         """`bos_token`, `eos_token`, ... as strings: chat templates read them (DeepSeek-V3's starts with
@@ -145,12 +146,19 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Tokenizer":
+        """The folder's tokenizer; its `bos_id` is tokenizer_config.json's bos_token where add_bos_token says the
+        vocabulary adds it (what llama.cpp's converter writes as add_bos_token)."""
         folder = Path(folder)
         if (folder / "tiktoken.model").exists():
-            return TiktokenTokenizer.from_folder(folder)
-        if (folder / "tokenizer.json").exists():
-            return HFTokenizer.from_folder(folder)
-        raise K2Error(f"{folder} has no tokenizer (tiktoken.model or tokenizer.json)")
+            tokenizer = TiktokenTokenizer.from_folder(folder)
+        elif (folder / "tokenizer.json").exists():
+            tokenizer = HFTokenizer.from_folder(folder)
+        else:
+            raise K2Error(f"{folder} has no tokenizer (tiktoken.model or tokenizer.json)")
+        config = read_tokenizer_config(folder)
+        if config.add_bos_token:
+            tokenizer.bos_id = tokenizer.special_tokens.get(config.special_tokens().get("bos_token"))
+        return tokenizer
 
     def encode(self, text: str) -> list[int]:
         """Ordinary text: a user typing a special token's name gets its characters, never the special id."""
@@ -268,8 +276,8 @@ class _BytesStream(StreamDecoder):
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json`, run by the `tokenizers` library (Qwen3, DeepSeek-V3)."""
 
-    def __init__(self, backend):
-        self.backend = backend
+    def __init__(self, backend, bos_id: int | None = None):
+        self.backend, self.bos_id = backend, bos_id
         added = backend.get_added_tokens_decoder()  # id -> AddedToken
         self.special_tokens = {token.content: i for i, token in added.items()}
         self.special_flags = {token.content: token.special for token in added.values()}

@@ -13,6 +13,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from runtime.convert.gguf import ConvertConfig, convert_checkpoint
 from runtime.eval import evaluate
+from runtime.loader import load
 from runtime.loading import load_model
 from runtime.models.deepseek_v3_demo import write_demo
 from runtime.tokenizer import Tokenizer
@@ -113,6 +114,9 @@ def test_windows_and_bos_are_llama_cpps(two_models, text_file, tmp_path):
     assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=2e-3)
     # without BOS the windows are others: the check above tells them apart
     assert evaluate(model, ids, CTX)["perplexity"] != pytest.approx(theirs["perplexity"], rel=2e-2)
+    # `k2 eval` takes the BOS from the vocabulary, the folder's and the GGUF's alike
+    for source in (folder, tmp_path / "bos.gguf"):
+        assert load(str(source), weights=False).tokenizer.bos_id == tokenizer.special_tokens["[BOS]"], source
 
 
 def test_bad_text(two_models, tmp_path):

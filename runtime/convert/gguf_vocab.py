@@ -227,6 +227,22 @@ def _merges_from_ranks(tokens: list[str], types: list[int]) -> list[tuple[str, s
     return merges
 
 
+def _spec(meta) -> tuple[str, PreTokenizer]:
+    pre_name = meta.value(Keys.PRE, "default")
+    spec = PRE_TOKENIZERS.get(PRE_TOKENIZER_ALIASES.get(pre_name, pre_name))
+    if spec is None:
+        raise K2Error(f"{meta.path}: pre-tokenizer {pre_name!r} is not supported (supported: "
+                      f"{', '.join([*PRE_TOKENIZERS, *PRE_TOKENIZER_ALIASES])})")
+    return pre_name, spec
+
+
+def added_bos(meta) -> int | None:
+    """The BOS id llama.cpp puts before a text of the file's vocabulary (add_bos_token; on by default for
+    llama-bpe), or None."""
+    bos = meta.value(Keys.BOS_ID, None)
+    return bos if bos is not None and meta.value(Keys.ADD_BOS, _spec(meta)[1].ignore_merges) else None
+
+
 def gguf_tokenizer(meta):
     """The file's vocabulary as a `tokenizers.Tokenizer` that tokenizes as llama.cpp does (`meta`: the file's
     metadata, runtime/gguf_checkpoint.py)."""
@@ -236,11 +252,7 @@ def gguf_tokenizer(meta):
     kind = meta.value(Keys.MODEL)
     if kind != "gpt2":
         raise K2Error(f"{source}: tokenizer model {kind!r}: k2 reads byte-level BPE (gpt2) vocabularies only")
-    pre_name = meta.value(Keys.PRE, "default")
-    spec = PRE_TOKENIZERS.get(PRE_TOKENIZER_ALIASES.get(pre_name, pre_name))
-    if spec is None:
-        raise K2Error(f"{source}: pre-tokenizer {pre_name!r} is not supported (supported: "
-                      f"{', '.join([*PRE_TOKENIZERS, *PRE_TOKENIZER_ALIASES])})")
+    pre_name, spec = _spec(meta)
     tokens = meta.value(Keys.LIST)
     types = meta.value(Keys.TOKEN_TYPE, [TokenType.NORMAL] * len(tokens))
     if len(types) != len(tokens):
@@ -262,8 +274,8 @@ def gguf_tokenizer(meta):
                                 for i, t in enumerate(types) if t == TokenType.CONTROL])
     backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
                         for i, t in enumerate(types) if t == TokenType.USER_DEFINED])
-    bos = meta.value(Keys.BOS_ID, None)
-    if meta.value(Keys.ADD_BOS, spec.ignore_merges) and bos is not None:  # llama.cpp's default: on for llama-bpe
+    bos = added_bos(meta)
+    if bos is not None:
         backend.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B", special_tokens=[(tokens[bos], bos)])
     return backend

@@ -17,6 +17,7 @@ from k2cli import quant_commands
 from k2cli import bench
 from k2cli import convert
 from k2cli import download
+from k2cli import serve
 from k2cli.interrupt import Interrupted
 from runtime.errors import K2Error
 
@@ -28,6 +29,7 @@ app.command()(model_commands.info)
 app.command("init-demo")(model_commands.init_demo)
 app.command()(model_commands.generate)
 app.command()(chat.chat)
+app.command()(serve.serve)
 app.command()(plan.plan)
 app.command()(quant_commands.quantize)
 app.command("eval")(quant_commands.eval)

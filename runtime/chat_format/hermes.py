@@ -52,6 +52,16 @@ class Qwen3Parser(ReplyParser):
     }
     held = ()
 
+    @classmethod
+    def canonical_history(cls, messages: list[dict]) -> list[dict]:
+        """The template renders no call ids (results follow their calls in order): the history is read as it is."""
+        return messages
+
+    @classmethod
+    def forced_call(cls, name: str | None, index: int) -> str:
+        """The start of a reply that can only go on as a call, laid out as the template writes one."""
+        return f'{CALL_OPEN}\n{{"name": "' + ("" if name is None else f'{name}", "arguments": ')
+
     def _held_back(self, text: str, markers) -> int:
         marker = held_back(text, markers)
         before = text[:len(text) - marker]

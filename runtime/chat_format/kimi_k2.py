@@ -24,6 +24,7 @@ A stream holds text back only while it cannot tell where the text belongs:
 import re
 from collections.abc import Sequence
 
+from runtime.errors import K2Error
 from runtime.chat_format.reply import THINK_CLOSE, THINK_OPEN, UNKNOWN_NAME, Event, Reply, ToolCall, read_json
 from runtime.tools import NAME_PATTERN, Tool, check_tools
 
@@ -134,6 +135,55 @@ class ReplyParser:
         if not cls.reasoning:
             return False
         return end.endswith(THINK_OPEN) or (cls.implicit_reasoning and thinking_model and not end.endswith(THINK_CLOSE))
+
+    @classmethod
+    def canonical_history(cls, messages: list[dict]) -> list[dict]:
+        """The conversation with every tool call id in K2's own form, as K2 wrote them and expects to read them:
+        `functions.NAME:IDX`, IDX counting the calls of the whole conversation from 0, and each tool result's
+        `tool_call_id` mapped to the id of the call it answers. Clients rewrite ids (`call_abc123`) or restart the
+        counter, and K2 derails after a few such turns (KIMI_K2.md section 7); a client that echoes K2's ids gets them
+        back unchanged. A tool result without an id answers the first unanswered call of the turn before it; one whose
+        id answers no earlier call is refused."""
+        out, renamed, unanswered, count = [], {}, [], 0
+        for i, message in enumerate(messages):
+            message = dict(message)
+            if message.get("role") == "assistant" and message.get("tool_calls"):
+                calls, unanswered = [], []
+                for j, call in enumerate(message["tool_calls"]):
+                    name = ((call or {}).get("function") or {}).get("name")
+                    if not isinstance(name, str) or not name:
+                        raise K2Error(f"messages[{i}].tool_calls[{j}].function.name is missing")
+                    new_id = f"functions.{name}:{count}"
+                    count += 1
+                    if isinstance(call.get("id"), str):
+                        renamed[call["id"]] = new_id
+                    calls.append({**call, "id": new_id})
+                    unanswered.append(new_id)
+                message["tool_calls"] = calls
+            elif message.get("role") == "tool":
+                old = message.get("tool_call_id")
+                if old is None:
+                    if not unanswered:
+                        raise K2Error(f"messages[{i}] is a tool result without a tool_call_id, and no tool call "
+                                      "before it is unanswered")
+                    new_id = unanswered[0]
+                elif old in renamed:
+                    new_id = renamed[old]
+                else:
+                    raise K2Error(f"messages[{i}].tool_call_id: {old!r} answers no tool call before it")
+                if new_id in unanswered:
+                    unanswered.remove(new_id)
+                message["tool_call_id"] = new_id
+            out.append(message)
+        return out
+
+    @classmethod
+    def forced_call(cls, name: str | None, index: int) -> str:
+        """The start of a reply that can only go on as a tool call (`tool_choice` required, or a named function):
+        the model writes the rest. `index` is the call's number in the conversation."""
+        if name is None:
+            return f"{SECTION_BEGIN}{CALL_BEGIN}functions."
+        return f"{SECTION_BEGIN}{CALL_BEGIN}functions.{name}:{index}{ARGUMENTS_BEGIN}"
 
     def feed(self, text: str) -> list[Event]:
         self.buffer += text

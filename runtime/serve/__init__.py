@@ -1,0 +1,6 @@
+"""`k2 serve`: the OpenAI and Anthropic APIs over the engine every other command uses.
+
+worker.py owns the model's thread, service.py turns a conversation into prompt ids and the reply into events (both
+APIs share it), openai_api.py and anthropic_api.py speak the two APIs, app.py holds the routes and their errors,
+server.py binds the socket and runs uvicorn.
+"""

@@ -1,0 +1,61 @@
+"""Binding the socket and running the app under uvicorn until Ctrl-C, which drains the requests in flight (a second
+Ctrl-C stops at once)."""
+import contextlib
+import ipaddress
+import socket
+import sys
+
+from runtime.errors import K2Error
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: one the system picks), or a one-line error."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        raise K2Error(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def run(service, host: str, port: int, api_key: str | None, max_body: int, log_requests: bool = True):
+    """Serve `service` until interrupted; the worker is stopped after the last request is answered."""
+    try:
+        import uvicorn
+
+        from runtime.serve.app import Server
+    except ImportError as e:
+        raise K2Error(f"k2 serve needs its server libraries ({e.name} is missing): pip install 'k2[serve]'") from None
+    if not is_loopback(host) and api_key is None:
+        print(f"warning: serving on {host}, reachable from other machines, without an API key: anyone who can "
+              "reach it can use the model (set --api-key or K2_API_KEY)", file=sys.stderr)
+    sock = bind(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        print(f"k2 serve: {service.name} on http://{url_host}:{bound_port}/v1 (context {service.context} tokens, "
+              f"{service.worker.engine.decoder} decode); Ctrl-C to stop", file=sys.stderr, flush=True)
+        yield
+
+    app = Server(service, api_key, max_body).app(lifespan)
+    config = uvicorn.Config(app, log_level="info" if log_requests else "warning", access_log=log_requests,
+                            timeout_graceful_shutdown=None)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+        service.worker.close()

@@ -56,6 +56,8 @@ def run(service, host: str, port: int, api_key: str | None, max_body: int, log_r
                             timeout_graceful_shutdown=None)
     try:
         uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn drained the requests in flight, then raised the Ctrl-C it caught again
+        print("k2 serve: stopped", file=sys.stderr)
     finally:
         sock.close()
         service.worker.close()

@@ -1,0 +1,56 @@
+"""A real `k2 serve` process on 127.0.0.1 for the tests: started on a free port, its URL read from the line it prints
+when ready, stopped with Ctrl-C (SIGINT) as a user stops it."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 120
+
+
+class ServerProcess:
+    """`k2 serve ARGS --port 0` (through `launcher`, a script that runs the k2 CLI, if given); `url` is its base URL
+    (http://127.0.0.1:PORT) and `log` what it wrote on stderr so far."""
+
+    def __init__(self, *args: str, launcher: Path | None = None, env: dict | None = None):
+        command = [sys.executable, str(launcher)] if launcher else [sys.executable, "-m", "k2cli"]
+        self.proc = subprocess.Popen([*command, "serve", *args, "--port", "0"], cwd=ROOT, text=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     env={**os.environ, "K2_DEBUG": "1", **(env or {})})
+        self.lines: list[str] = []
+        self.url = self._wait_ready()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _wait_ready(self) -> str:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if line.startswith("k2 serve:") and " on http://" in line:
+                return line.split(" on ", 1)[1].split()[0].removesuffix("/v1")
+            if time.monotonic() > deadline:
+                break
+        self.proc.kill()
+        raise RuntimeError("k2 serve did not start:\n" + "".join(self.lines))
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, timeout: float = 60) -> int:
+        """Ctrl-C, and the exit status once it has drained."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode

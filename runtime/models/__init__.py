@@ -1,6 +1,7 @@
 """Architecture families by `model_type`: each family module declares a `FAMILY` (runtime/models/family.py).
 
-A new family is one module listed in FAMILY_MODULES; nothing else in the toolkit needs to know it.
+A new family is one module listed in FAMILY_MODULES; nothing else in the toolkit needs to know it. A family that
+lives elsewhere (the tests' scripted model, tests/scripted_model.py) is added for one process by `register_family`.
 """
 import importlib
 from contextlib import contextmanager
@@ -9,13 +10,23 @@ from runtime import config_schema
 from runtime.errors import K2Error
 from runtime.models.family import Family
 
-FAMILY_MODULES = ("runtime.models.deepseek_v3", "runtime.models.llama", "runtime.models.qwen3",
-                  "runtime.models.qwen3_moe")
+FAMILY_MODULES = ["runtime.models.deepseek_v3", "runtime.models.llama", "runtime.models.qwen3",
+                  "runtime.models.qwen3_moe"]
 DEMO_MODULE = "runtime.models.deepseek_v3_demo"  # the built-in demo: a tiny Kimi K2
 
 
 def families() -> list[Family]:
     return [importlib.import_module(name).FAMILY for name in FAMILY_MODULES]
+
+
+def register_family(module_name: str):
+    """Add the family module `module_name` (one that declares a `FAMILY`) for the rest of this process; registering
+    one again changes nothing."""
+    if module_name in FAMILY_MODULES:
+        return
+    if not isinstance(getattr(importlib.import_module(module_name), "FAMILY", None), Family):
+        raise K2Error(f"{module_name} declares no FAMILY (runtime/models/family.py)")
+    FAMILY_MODULES.append(module_name)
 
 
 def family_of(config: dict) -> Family:

@@ -256,7 +256,10 @@ class ChatReply:
         return [self._chunk(d, logprobs=logprobs if i == 0 else None) for i, d in enumerate(deltas)]
 
     def first_chunk(self) -> dict:
-        return self._chunk({"role": "assistant", "content": ""})
+        chunk = self._chunk({"role": "assistant", "content": ""})
+        if self.api.return_token_ids:
+            chunk["prompt_token_ids"] = self.prompt_ids
+        return chunk
 
     def last_chunks(self, done: Done) -> list[dict]:
         chunks = [self._chunk({}, done.finish_reason)]

@@ -232,3 +232,68 @@ def test_demo_greedy_equals_generate(demo_dir):
     assert (message.model_extra.get("reasoning_content") or "") + (message.content or "") == \
         tokenizer.decode(token_ids)
     assert streamed == message.model_extra.get("reasoning_content")
+
+
+THINKING_SWITCH = "{% if add_generation_prompt and thinking is defined and not thinking %}<think></think>{% endif %}"
+
+
+@pytest.fixture(scope="module")
+def switchable(tmp_path_factory, demo_dir):
+    """A scripted model whose template has K2.5's thinking switch (`thinking`: false closes the think block the
+    reply would start in); reply 0 is an answer without reasoning, reply 1 a call made without reasoning."""
+    call = CALL.format(name="get_time", index=0, arguments='{"city": "Oslo"}')
+    folder = write_scripted(tmp_path_factory.mktemp("switch") / "model",
+                            ["<think></think>Plain answer.", f"<|tool_calls_section_begin|>{call}<|tool_calls_section_end|>"],
+                            tokenizer_from=demo_dir)
+    template = folder / "chat_template.jinja"
+    template.write_text(template.read_text() + THINKING_SWITCH)
+    server = ServerProcess(str(folder), "--quiet", launcher=SCRIPT)
+    yield folder, server
+    assert server.stop() == 0, server.log
+
+
+def test_thinking_switch_reaches_the_template(switchable):
+    """chat_template_kwargs (OpenAI) and `thinking` (Anthropic) reach the template: with thinking off the prompt is
+    transformers' render with thinking=False (the think block closed) and the reply after it is content."""
+    folder, server = switchable
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Hi"}]
+    off = client.chat.completions.create(model="k2", messages=messages, extra_body={
+        "chat_template_kwargs": {"thinking": False}, "return_token_ids": True})
+    source = (folder / "chat_template.jinja").read_text()
+    text = render_jinja_template([messages], chat_template=source, add_generation_prompt=True, thinking=False)[0][0]
+    tokenizer = Tokenizer.from_folder(folder)
+    assert off.model_extra["prompt_token_ids"] == tokenizer.encode_with_added(text)
+    assert text.endswith("<think></think>")
+    assert off.choices[0].message.content == "Plain answer."
+    assert not off.choices[0].message.model_extra.get("reasoning_content")
+    on = client.chat.completions.create(model="k2", messages=messages, extra_body={"return_token_ids": True})
+    text = render_jinja_template([messages], chat_template=source, add_generation_prompt=True)[0][0]
+    assert on.model_extra["prompt_token_ids"] == tokenizer.encode_with_added(text)
+    assert not text.endswith("<think></think>")
+
+    claude = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+    reply = claude.messages.create(model="k2", max_tokens=50, messages=messages, thinking={"type": "disabled"})
+    assert reply.usage.input_tokens == len(off.model_extra["prompt_token_ids"])
+    assert [(b.type, b.text) for b in reply.content] == [("text", "Plain answer.")]
+
+
+def test_tool_choice(switchable):
+    """A named tool_choice starts the reply as that call (the model writes the arguments); `none` offers no tools."""
+    folder, server = switchable
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Time in Oslo?"}]
+    reply = client.chat.completions.create(model="k2", messages=messages, tools=TOOLS,
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}})
+    call = reply.choices[0].message.tool_calls[0]
+    assert (call.id, call.function.name, json.loads(call.function.arguments)) == \
+        ("functions.get_time:0", "get_time", {"city": "Oslo"})
+    assert reply.choices[0].finish_reason == "tool_calls"
+    tokenizer = Tokenizer.from_folder(folder)
+    none = client.chat.completions.create(model="k2", messages=messages, tools=TOOLS, tool_choice="none",
+                                          extra_body={"return_token_ids": True})
+    auto = client.chat.completions.create(model="k2", messages=messages, tools=TOOLS,
+                                          extra_body={"return_token_ids": True})
+    assert "tool_declare" in tokenizer.decode(auto.model_extra["prompt_token_ids"])
+    assert "tool_declare" not in tokenizer.decode(none.model_extra["prompt_token_ids"])

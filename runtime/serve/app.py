@@ -173,7 +173,7 @@ class Server:
         api, ids = openai_api.completion_request(body, self.service)
         reply = openai_api.CompletionReply(self.service, api, ids)
         params = api.sampling(self.service)
-        steps = self.service.complete(ids, params, api.max_tokens, api.stops(), api.logprobs)
+        steps = self.service.complete(ids, params, api.max_tokens, api.stops(), api.logprobs, api.ignore_eos)
         if api.stream:
             async def events():
                 async for item in steps:

@@ -4,7 +4,7 @@ the agents built on it call them.
 Requests are checked strictly (a wrong type is a 400 naming the field, never a value converted behind the client's
 back); fields other servers accept and k2 cannot honour yet are refused by name rather than ignored. Vendor fields
 that change nothing (`user`, `metadata`, `store`, ...) are ignored. vLLM's extensions `top_k`, `min_p`,
-`repetition_penalty`, `chat_template_kwargs` and `return_token_ids` are accepted too.
+`repetition_penalty`, `chat_template_kwargs`, `return_token_ids` and `ignore_eos` are accepted too.
 """
 import json
 import time
@@ -81,6 +81,7 @@ class Sampling(_Strict):
     frequency_penalty: Literal[0] = 0
     logit_bias: Annotated[dict, Field(max_length=0)] | None = None
     return_token_ids: bool = False
+    ignore_eos: bool = False
     model: str | None = None
 
     def sampling(self, service: Service) -> SamplingParams:
@@ -192,7 +193,7 @@ def chat_request(body, service: Service) -> tuple[ChatCompletionRequest, ChatReq
     return r, ChatRequest(
         messages=_messages(r.messages), params=params, max_tokens=r.max_completion_tokens or r.max_tokens,
         tools=tools, tool_choice=choice or "auto", parallel_tool_calls=r.parallel_tool_calls, stop=r.stops(),
-        template_kwargs=r.chat_template_kwargs or {}, top_logprobs=top)
+        template_kwargs=r.chat_template_kwargs or {}, top_logprobs=top, ignore_eos=r.ignore_eos)
 
 
 # Responses ----------------------------------------------------------------------------------------------------------

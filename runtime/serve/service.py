@@ -26,6 +26,7 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     template_kwargs: dict = field(default_factory=dict)
     top_logprobs: int | None = None  # None: no log-probabilities
+    ignore_eos: bool = False  # decode max_tokens whatever the model says (benchmarks)
 
 
 @dataclass
@@ -133,7 +134,8 @@ class Service:
         """The reply to `request`, a Step per drawn token and a Done at the end. Closing the iterator early (the
         client left) stops the decoding."""
         budget = self.budget(len(prompt.ids), request.max_tokens)
-        job = self.submit(prompt.ids, request.params, budget, self.stop_ids, request.top_logprobs)
+        stop_ids = set() if request.ignore_eos else self.stop_ids
+        job = self.submit(prompt.ids, request.params, budget, stop_ids, request.top_logprobs)
         parser = self.reply_parser(in_reasoning=prompt.in_reasoning, tools=request.tools)
         stream, stops = self.tokenizer.stream(), StopStrings(request.stop)
         generated, finish = [], "length"
@@ -142,7 +144,7 @@ class Service:
                 parser.feed(prompt.forced)
             async for token in job:
                 generated.append(token.id)
-                if token.id in self.stop_ids:
+                if token.id in stop_ids:
                     finish = "stop"
                     yield Step(token, [])
                     break
@@ -166,18 +168,20 @@ class Service:
         yield Done(finish, len(prompt.ids), len(generated), job.cached_tokens, generated, stops.found or None)
 
     async def complete(self, ids: list[int], params: SamplingParams, max_tokens: int, stop: list[str],
-                       top_logprobs: int | None) -> AsyncIterator[tuple[Token | None, str] | Done]:
+                       top_logprobs: int | None,
+                       ignore_eos: bool = False) -> AsyncIterator[tuple[Token | None, str] | Done]:
         """Raw completion of `ids` (no template): each drawn token with the text it completed, then a Done. It ends
         at an end-of-sequence id, as `k2 generate` does, or at a stop string."""
         self.check_length(len(ids))
         budget = self.budget(len(ids), max_tokens)
-        job = self.submit(ids, params, budget, self.eos_ids, top_logprobs)
+        eos_ids = set() if ignore_eos else self.eos_ids
+        job = self.submit(ids, params, budget, eos_ids, top_logprobs)
         stream, stops = self.tokenizer.stream(), StopStrings(stop)
         generated, finish = [], "length"
         try:
             async for token in job:
                 generated.append(token.id)
-                if token.id in self.eos_ids:
+                if token.id in eos_ids:
                     finish = "stop"
                     yield token, stops.feed(stream.finish()) + stops.finish()
                     break

@@ -4,6 +4,7 @@ is built on, without FastAPI's own 422 error shape, which neither OpenAI's nor A
 Every failure is answered in the shape of the API that was called, and none stops the server: a malformed request
 is a 400 naming the field, a prompt over the context a 400 saying by how much, a body over the limit a 413, a failed
 generation a 500; a client that disconnects, streaming or not, has its generation stopped before the next token.
+Prompts are rendered and tokenized off the event loop, so a long conversation does not stall the other streams.
 """
 import asyncio
 import hmac
@@ -150,7 +151,7 @@ class Server:
 
     async def chat_completions(self, request: Request, body) -> Response:
         api, chat = openai_api.chat_request(body, self.service)
-        prompt = self.service.render(chat)
+        prompt = await asyncio.to_thread(self.service.render, chat)
         reply = openai_api.ChatReply(self.service, api, chat, prompt.ids)
         if api.stream:
             async def events():
@@ -170,7 +171,7 @@ class Server:
         return await self._collect(request, collect())
 
     async def completions(self, request: Request, body) -> Response:
-        api, ids = openai_api.completion_request(body, self.service)
+        api, ids = await asyncio.to_thread(openai_api.completion_request, body, self.service)
         reply = openai_api.CompletionReply(self.service, api, ids)
         params = api.sampling(self.service)
         steps = self.service.complete(ids, params, api.max_tokens, api.stops(), api.logprobs, api.ignore_eos)
@@ -192,7 +193,7 @@ class Server:
 
     async def messages(self, request: Request, body) -> Response:
         api, chat = anthropic_api.messages_request(body, self.service)
-        prompt = self.service.render(chat)
+        prompt = await asyncio.to_thread(self.service.render, chat)
         reply = anthropic_api.MessageReply(self.service, api, chat, len(prompt.ids))
         if api.stream:
             async def events():
@@ -212,4 +213,5 @@ class Server:
 
     async def count_tokens(self, request: Request, body) -> Response:
         _, chat = anthropic_api.messages_request(body, self.service, count_only=True)
-        return JSONResponse({"input_tokens": len(self.service.render(chat).ids)})
+        prompt = await asyncio.to_thread(self.service.render, chat)
+        return JSONResponse({"input_tokens": len(prompt.ids)})

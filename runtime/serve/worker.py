@@ -102,7 +102,7 @@ class Worker:
         return job
 
     def close(self):
-        """Stop after the job being decoded; jobs still queued are cancelled."""
+        """Stop once the jobs queued so far are decoded (the server has answered every request by then)."""
         self.jobs.put(None)
         self.thread.join()
 

@@ -10,7 +10,10 @@ from runtime.errors import K2Error
 _PROBLEMS = {"model_type": "should be a JSON object", "dict_type": "should be a JSON object",
              "list_type": "should be a JSON list", "string_type": "should be a string", "missing": "is missing",
              "int_type": "should be an integer", "float_type": "should be a number", "bool_type": "should be true "
-             "or false", "extra_forbidden": "is not a field of this object", "literal_error": "{msg}, not {input}"}
+             "or false", "extra_forbidden": "is not a field of this object"}
+# Pydantic's names for the branches of a union that are not models (`str | list[dict]`: `str`, `list[dict[any,any]]`);
+# a model branch goes by its class's name. JSON's field names are none of these.
+_BRANCH_TYPES = {"str", "int", "float", "bool", "none"}
 
 
 class RequestError(K2Error):
@@ -27,15 +30,21 @@ def field_path(loc) -> str:
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif isinstance(part, str) and (part.isidentifier() and not any(c in part for c in "[](")):
+        elif isinstance(part, str) and part.isidentifier() and part not in _BRANCH_TYPES and not part[0].isupper():
             path += f".{part}" if path else part
     return path
 
 
 def validation_error(e: ValidationError) -> RequestError:
-    """The first problem pydantic found, in one line naming the field."""
-    error = e.errors()[0]
-    where = field_path(error["loc"]) or "the request body"
-    problem = _PROBLEMS.get(error["type"], "{msg}").format(msg=error["msg"].replace("Input should", "should", 1),
-                                                          input=reprlib.repr(error.get("input")))
+    """The field at fault, in one line naming it and what it should be. Of a union's branches, the one pydantic went
+    deepest into names the field (`tool_choice.function.name`, not `tool_choice`); where several fail at the same
+    field, each is named (`should be a string or a JSON list`)."""
+    errors = e.errors()
+    where = field_path(max(errors, key=lambda error: len(error["loc"]))["loc"]) or "the request body"
+    here = [error for error in errors if (field_path(error["loc"]) or "the request body") == where]
+    problems = list(dict.fromkeys(_PROBLEMS.get(error["type"], "{msg}").format(
+        msg=error["msg"].replace("Input should", "should", 1)) for error in here))
+    problem = " or ".join([problems[0], *(p.removeprefix("should be ") for p in problems[1:])])
+    if any(error["type"] == "literal_error" for error in here):
+        problem += f", not {reprlib.repr(here[0].get('input'))}"
     return RequestError(f"{where}: {problem}", where)

@@ -49,7 +49,10 @@ class Job:
         return self._cancelled.is_set()
 
     def _put(self, item):
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed (a second Ctrl-C stops the server at once): nobody reads on
+            self.cancel()
 
     def __aiter__(self):
         return self

@@ -40,7 +40,9 @@ class SamplingParams:
     def __post_init__(self):
         checks = [(self.temperature >= 0, "temperature must be >= 0"), (self.top_k >= 0, "top-k must be >= 0"),
                   (0 < self.top_p <= 1, "top-p must lie in (0, 1]"), (0 <= self.min_p <= 1, "min-p must lie in [0, 1]"),
-                  (self.repetition_penalty > 0, "repetition penalty must be > 0")]
+                  (self.repetition_penalty > 0, "repetition penalty must be > 0"),
+                  (self.seed is None or -2**63 <= self.seed < 2**64, "seed must fit in 64 bits: -2**63 to 2**64 - 1, "
+                                                                      "what torch's generator takes")]
         for ok, message in checks:
             if not ok:
                 raise K2Error(message)

@@ -21,6 +21,9 @@ from runtime.serve.worker import MAX_TOP_LOGPROBS, Token
 from runtime.tools import check_tools
 
 MAX_STOP_STRINGS = 16
+# The names a prompt is rendered with (the template's own variables, and ChatTemplate.encode's arguments): the request's
+# fields set them, and chat_template_kwargs may not.
+RENDER_ARGUMENTS = {"messages", "tools", "documents", "add_generation_prompt", "tokenizer", "self"}
 
 
 class _Strict(BaseModel):
@@ -185,6 +188,9 @@ def chat_request(body, service: Service) -> tuple[ChatCompletionRequest, ChatReq
         choice = choice.function.name
     elif choice == "required" and not tools:
         raise RequestError("tool_choice is 'required' but no tools are given", "tool_choice")
+    if taken := sorted(RENDER_ARGUMENTS & set(r.chat_template_kwargs or {})):
+        raise RequestError(f"chat_template_kwargs: {taken[0]!r} is not a template option (k2 renders the prompt "
+                           "with that name itself)", "chat_template_kwargs")
     try:
         params = r.sampling(service)
     except K2Error as e:

@@ -38,10 +38,10 @@ def run(service, host: str, port: int, api_key: str | None, max_body: int, log_r
         from runtime.serve.app import Server
     except ImportError as e:
         raise K2Error(f"k2 serve needs its server libraries ({e.name} is missing): pip install 'k2[serve]'") from None
+    sock = bind(host, port)  # first: a port in use is one line of error, without a warning about serving on it
     if not is_loopback(host) and api_key is None:
         print(f"warning: serving on {host}, reachable from other machines, without an API key: anyone who can "
               "reach it can use the model (set --api-key or K2_API_KEY)", file=sys.stderr)
-    sock = bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -109,6 +109,8 @@ class Server:
                 return _error_response(request, e)
             except K2Error as e:  # a template that refuses the conversation, sampling settings out of range
                 return _error_response(request, RequestError(str(e)))
+            except ClientDisconnect:  # it left while sending its body: no one to answer, nothing gone wrong
+                return Response(status_code=499)
         return endpoint
 
     async def _http_error(self, request: Request, e: HTTPException) -> Response:

@@ -36,10 +36,11 @@ def serve(model: str = options.MODEL,
     """
     from runtime.loader import load
     from runtime.offload import parse_device_map
-    from runtime.serve.server import run
+    from runtime.serve.server import require_libraries, run
     from runtime.serve.service import Service
     from runtime.serve.worker import Worker
 
+    require_libraries()
     limit = parse_size(max_body, "--max-body")
     if api_key is not None and not api_key.strip():
         raise K2Error("--api-key is empty")

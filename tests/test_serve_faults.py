@@ -8,6 +8,7 @@ when the client stays: the next request reports how much of that reply the aband
 """
 import signal
 import socket
+import sys
 import time
 
 import anthropic
@@ -359,6 +360,13 @@ def test_public_address_without_a_key_warns(demo_dir):
 
 def test_empty_api_key_is_refused(demo_dir):
     assert_one_line_error(run_k2_here("serve", str(demo_dir), "--api-key", " "), "--api-key is empty")
+
+
+def test_without_the_serve_extra_a_one_line_error_before_loading(monkeypatch, tmp_path):
+    """Installed without `k2[serve]`: the error says what to install, before any model is read (the folder named
+    does not even exist)."""
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # an import of it raises ImportError, as when it is missing
+    assert_one_line_error(run_k2_here("serve", str(tmp_path / "nowhere")), "pip install 'k2[serve]'")
 
 
 def test_port_in_use_is_a_one_line_error(demo_dir):

@@ -30,14 +30,21 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(service, host: str, port: int, api_key: str | None, max_body: int, log_requests: bool = True):
-    """Serve `service` until interrupted; the worker is stopped after the last request is answered."""
+def require_libraries():
+    """The server's libraries, checked before a model is loaded: they come with the `serve` extra."""
     try:
-        import uvicorn
-
-        from runtime.serve.app import Server
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError as e:
         raise K2Error(f"k2 serve needs its server libraries ({e.name} is missing): pip install 'k2[serve]'") from None
+
+
+def run(service, host: str, port: int, api_key: str | None, max_body: int, log_requests: bool = True):
+    """Serve `service` until interrupted; the worker is stopped after the last request is answered."""
+    import uvicorn
+
+    from runtime.serve.app import Server
+
     sock = bind(host, port)  # first: a port in use is one line of error, without a warning about serving on it
     if not is_loopback(host) and api_key is None:
         print(f"warning: serving on {host}, reachable from other machines, without an API key: anyone who can "

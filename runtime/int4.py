@@ -4,6 +4,7 @@ The model file knows nothing of INT4: `swap_int4_modules` replaces, in a model b
 routed-experts block and each Linear whose checkpoint tensors are packed with a module of the same name that holds
 the packed words and BF16 scales as stored (4.5 bits per weight at group 32). A forward dequantizes only the
 weights it uses: the experts the router picked, one at a time, so memory never holds a BF16 copy of every expert.
+On the CPU, the INT4 kernels (runtime/kernels/cpu.py) read the packed words and scales directly instead.
 """
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from torch import nn
 
 from quant import int4
 from runtime.errors import K2Error
+from runtime.kernels import cpu
 from runtime.models.experts import grouped_experts
 
 PACKED_SUFFIX = ".weight_packed"
@@ -41,7 +43,8 @@ class Int4Linear(nn.Module):
         self.weight = PackedInt4((), out_features, in_features, group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.dense(dtype=x.dtype))
+        y = cpu.int4_linear(x, self.weight)
+        return y if y is not None else F.linear(x, self.weight.dense(dtype=x.dtype))
 
 
 class Int4Experts(nn.Module):
@@ -78,7 +81,11 @@ class Int4Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [N, dim], weights and ids [N, k] -> sum_k weights * expert_k(x); unpacks only the experts hit. Ids < 0
-        are skipped: those slots' experts live elsewhere (runtime/offload.py)."""
+        are skipped: those slots' experts live elsewhere (runtime/offload.py). On the CPU the INT4 kernels
+        (runtime/kernels/cpu.py) read the packed weights directly where they apply."""
+        y = cpu.int4_moe(x, weights, ids, self)
+        if y is not None:
+            return y
         return grouped_experts(x, weights, ids, self.n_experts, lambda e: self.expert_weights(e, x.dtype))
 
     def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -22,3 +22,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def exact_int4(monkeypatch):
+    """INT4 weights through the exact, dequantizing path, in this process and in the k2 processes a test starts: for
+    tests of how INT4 checkpoints load and lay out, compared exactly with float references. The CPU kernels' own
+    arithmetic (int8 activations) is tests/test_cpu_kernels.py's, and `k2 check` bounds it end to end."""
+    from runtime.kernels import cpu
+
+    previous = cpu.mode()
+    monkeypatch.setenv("K2_CPU_KERNEL", "exact")
+    cpu.select("exact")
+    yield
+    cpu.select(previous)

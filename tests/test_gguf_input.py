@@ -23,7 +23,8 @@ from tests.gguf_models import TEMPLATE, TEXTS, write_model
 from tests.helpers import assert_one_line_error, run_k2_here
 from tests.llama_cpp import LlamaCpp, quantize, smollm2_path
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Every INT4 load here is compared exactly with gguf-py's and transformers' float values (exact_int4: conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread", "exact_int4")
 Q = gguf.GGMLQuantizationType
 MOE = dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=True)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -144,6 +144,7 @@ def dequantized_twin(int4_dir, twin_dir):
 
 
 @pytest.mark.parametrize("scope", ["experts", "all-linear"])
+@pytest.mark.usefixtures("exact_int4")
 def test_int4_model_equals_its_dequantized_twin(demo_dir, int4_demo, tmp_path, scope):
     folder = int4_demo
     if scope != "experts":  # attention, dense and shared MLPs packed too: Int4Linear modules

@@ -93,6 +93,7 @@ def test_generate_with_a_plan_records_stats_that_plan_reads(demo_dir, tmp_path):
     assert replanned.returncode == 0, replanned.stderr
 
 
+@pytest.mark.usefixtures("exact_int4")
 def test_int4_experts_stay_packed_when_split_or_streamed(demo_dir, tmp_path):
     """K2-Thinking's case: INT4 experts on the CPU (or streamed) are computed packed, and give the unplaced logits."""
     from runtime.convert.quantize import QuantizeConfig, quantize_checkpoint

@@ -117,6 +117,7 @@ def float32_expert(stored: dict, prefix: str) -> torch.Tensor:
     return ct_dequantize(q, stored[f"{prefix}.weight_scale"].float(), None, args, dtype=torch.float32)
 
 
+@pytest.mark.usefixtures("exact_int4")
 def test_int4_runtime_equals_the_dequantized_float_model(checkpoints):
     """Prefill and cached decode of our packed experts against transformers' Qwen3-MoE holding the float32
     dequantization of the same stored tensors (rel 1e-4)."""

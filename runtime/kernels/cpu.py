@@ -1,0 +1,235 @@
+"""The CPU INT4 kernels (int4_cpu.c): built on first use with the machine's C compiler, one variant per instruction set,
+cached under K2_HOME, loaded through ctypes, and chosen by what this CPU runs.
+
+Plain C through ctypes rather than a torch C++ extension: a C file compiles in about a second where one against
+torch's headers takes a minute, needs no build step at `pip install`, and the kernels take nothing from torch but
+pointers. Its OpenMP threads come from the libgomp torch already loaded (the same soname), so the kernels and torch
+share one thread pool, sized by torch.get_num_threads().
+
+`select(mode)` chooses what an INT4 forward on the CPU runs from its next call: "auto" (the best variant this CPU
+runs, the default; `K2_CPU_KERNEL` sets the starting mode), "exact" (the dequantizing torch path, the reference), or
+a variant by name. Where no compiler is found or the build fails, INT4 forwards take the exact path, after a one-time
+message saying why.
+
+The kernels quantize activations to int8 in blocks of 32 (as llama.cpp's Q8_0 does) and accumulate in fp32: not the
+exact path's arithmetic, which `k2 check` compares against on the user's own machine. `quantize_activations` here is
+the same quantization in torch, the reference the tests hold the kernels to.
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from runtime.errors import K2Error
+from runtime.kernels import say_once
+
+SOURCE = Path(__file__).with_name("int4_cpu.c")
+BLOCK = 32  # inputs per int8 activation scale, and the unit a weight group must be a multiple of
+MAX_BLOCKS = 8192  # blocks per row the kernels hold on their stack (int4_cpu.c): 262,144 inputs
+# Variants, best first, with the compiler flags that build them and the CPU flags (/proc/cpuinfo) they need.
+VARIANTS = {
+    "avx512vnni": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
+                   {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"}),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
+    "scalar": ([], set()),
+}
+MODES = ("auto", "exact", *VARIANTS)
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags the kernel reads (Linux's /proc/cpuinfo); empty where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def runnable_variants() -> list[str]:
+    """The variants this CPU can run, best first (x86 flags checked; elsewhere the portable one)."""
+    flags = cpu_flags()
+    machine = platform.machine().lower()
+    x86 = machine in ("x86_64", "amd64", "i686")
+    return [name for name, (_, needs) in VARIANTS.items() if not needs or (x86 and needs <= flags)]
+
+
+def _cache_dir() -> Path:
+    from runtime.resolve import k2_cache_dir
+
+    return k2_cache_dir() / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(variant: str) -> Path:
+    """The variant's shared library, compiled now unless a build of this source with these flags is cached."""
+    compiler = _compiler()
+    if compiler is None:
+        raise K2Error("no C compiler found (install gcc, or set CC)")
+    flags, _ = VARIANTS[variant]
+    base = ["-O3", "-std=c11", "-fPIC", "-shared", *flags]
+    source = SOURCE.read_bytes()
+    for openmp in (["-fopenmp"], []):  # Apple's clang has no OpenMP: then one thread
+        key = hashlib.sha256(source + " ".join([compiler, *base, *openmp, platform.machine()]).encode()).hexdigest()
+        target = _cache_dir() / f"int4_cpu-{variant}-{key[:16]}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run([compiler, *base, *openmp, str(SOURCE), "-o", str(built), "-lm"],
+                                    capture_output=True, text=True)
+            if result.returncode == 0:
+                os.replace(built, target)  # whole or absent: another process may be building the same
+                return target
+            error = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
+    raise K2Error(f"{compiler} could not build {SOURCE.name} for {variant}: {error}")
+
+
+class Kernels:
+    """One built variant, loaded."""
+
+    def __init__(self, variant: str):
+        self.variant = variant
+        self.library = ctypes.CDLL(str(_build(variant)))
+        self.library.k2_isa.restype = ctypes.c_char_p
+        self.library.k2_openmp.restype = ctypes.c_int
+        self.library.k2_int4_linear.restype = ctypes.c_int
+        self.library.k2_int4_linear.argtypes = [_I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, ctypes.c_int, _PTR,
+                                                ctypes.c_int]
+        self.library.k2_int4_moe.restype = ctypes.c_int
+        self.library.k2_int4_moe.argtypes = [_I64] * 5 + [_PTR] * 9 + [_I64, ctypes.c_int, _PTR, ctypes.c_int]
+        self.openmp = bool(self.library.k2_openmp())
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
+               group_size: int) -> torch.Tensor:
+        """x [N, in] float32 -> [N, out]."""
+        out = packed.shape[0]
+        y = torch.empty(x.shape[0], out, dtype=torch.float32)
+        status = self.library.k2_int4_linear(x.shape[0], in_features, out, x.data_ptr(), packed.data_ptr(),
+                                             scale.data_ptr(), group_size, scale.dtype == torch.float16, y.data_ptr(),
+                                             torch.get_num_threads())
+        if status:
+            raise MemoryError("the INT4 CPU kernel could not allocate its buffers")
+        return y
+
+    def moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts) -> torch.Tensor:
+        """x [N, dim] float32, routing weights float32 and ids int64 [N, k] -> [N, dim] float32."""
+        gate, up, down = experts.gate_proj, experts.up_proj, experts.down_proj
+        y = torch.empty_like(x)
+        status = self.library.k2_int4_moe(
+            x.shape[0], x.shape[1], gate.packed.shape[1], ids.shape[1], gate.packed.shape[0], x.data_ptr(),
+            ids.data_ptr(), weights.data_ptr(), gate.packed.data_ptr(), gate.scale.data_ptr(), up.packed.data_ptr(),
+            up.scale.data_ptr(), down.packed.data_ptr(), down.scale.data_ptr(), gate.group_size,
+            gate.scale.dtype == torch.float16, y.data_ptr(), torch.get_num_threads())
+        if status:
+            raise MemoryError("the INT4 CPU kernel could not allocate its buffers")
+        return y
+
+
+@functools.cache
+def _kernels(variant: str) -> Kernels | str:
+    """The variant loaded, or why it cannot be."""
+    try:
+        return Kernels(variant)
+    except (K2Error, OSError) as e:
+        return str(e)
+
+
+_mode = [os.environ.get("K2_CPU_KERNEL", "auto")]
+
+
+def select(mode: str) -> str:
+    """Make INT4 forwards on the CPU run `mode` from their next call; returns the name now in use (see active())."""
+    if mode not in MODES:
+        raise K2Error(f"unknown CPU kernel mode {mode!r} (one of {', '.join(MODES)})")
+    if mode in VARIANTS and mode not in runnable_variants():
+        raise K2Error(f"this CPU cannot run the {mode} kernels (it runs {', '.join(runnable_variants())})")
+    _mode[0] = mode
+    return active()
+
+
+def mode() -> str:
+    """The mode last selected (what `select` was given, or `K2_CPU_KERNEL`)."""
+    return _mode[0]
+
+
+def current() -> Kernels | None:
+    """The kernels INT4 forwards on the CPU run now; None: the exact path."""
+    mode = _mode[0]
+    if mode == "exact":
+        return None
+    variant = runnable_variants()[0] if mode == "auto" else mode
+    kernels = _kernels(variant)
+    if isinstance(kernels, str):
+        say_once(f"CPU INT4 kernels unavailable ({kernels}); INT4 weights run on the exact, slower path")
+        return None
+    return kernels
+
+
+def active() -> str:
+    """What INT4 forwards on the CPU run now: a variant's name, or "exact"."""
+    kernels = current()
+    return "exact" if kernels is None else kernels.variant
+
+
+def fits(in_features: int, group_size: int, scale: torch.Tensor) -> bool:
+    """Whether the kernels read weights of this shape and scale type."""
+    return (group_size % BLOCK == 0 and in_features % group_size == 0 and in_features // BLOCK <= MAX_BLOCKS
+            and scale.dtype in (torch.bfloat16, torch.float16))
+
+
+def int4_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts) -> torch.Tensor | None:
+    """The routed experts of `experts` (an Int4Experts) through the kernels, or None where they do not apply (the
+    exact path, tensors off the CPU, shapes they do not take)."""
+    kernels = current()
+    gate, down = experts.gate_proj, experts.down_proj
+    if kernels is None or x.device.type != "cpu" or x.shape[0] == 0 or not (
+            fits(gate.in_features, gate.group_size, gate.scale) and fits(down.in_features, down.group_size,
+                                                                          down.scale)):
+        return None
+    y = kernels.moe(x.float().contiguous(), weights.float().contiguous(), ids.long().contiguous(), experts)
+    return y.to(x.dtype)
+
+
+def int4_linear(x: torch.Tensor, weight) -> torch.Tensor | None:
+    """x [..., in] through an INT4 linear's packed `weight` (a PackedInt4), or None where the kernels do not apply."""
+    kernels = current()
+    if kernels is None or x.device.type != "cpu" or not fits(weight.in_features, weight.group_size, weight.scale):
+        return None
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] == 0:
+        return None
+    y = kernels.linear(flat.float().contiguous(), weight.packed, weight.scale, weight.in_features, weight.group_size)
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [..., n] (n a multiple of 32) as the kernels see it: int8 in blocks of 32, scale absmax / 127, rounded half to
+    even, dequantized back to float32. The reference the kernels are tested against."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, BLOCK)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127.0
+    inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+    return (torch.round(blocks * inverse) * scale).reshape(x.shape)
+
+
+def describe() -> str:
+    """One line: what runs, and why, for `k2 check`, `k2 bench` and the tests' output."""
+    kernels = current()
+    if kernels is None:
+        return "exact (dequantizing torch path)" if _mode[0] == "exact" else "exact (no kernels could be built)"
+    threads = f"{torch.get_num_threads()} threads" if kernels.openmp else "1 thread (built without OpenMP)"
+    return f"{kernels.variant} ({threads}; this CPU runs {', '.join(runnable_variants())})"
+

@@ -1,0 +1,141 @@
+"""The CPU INT4 kernels (runtime/kernels/int4_cpu.c) against the dequantized reference, every variant this CPU runs:
+weights packed by compressed-tensors' own packer, activations quantized as the kernels document (int8 blocks of 32),
+the products in float64. Random shapes with odd group counts, experts no token picks, skipped (negative) ids, batches
+of 1 to 64, bf16 and fp16 scales, group sizes 32 to 128. And the fallback: no compiler, the exact path, one message."""
+import pytest
+import torch
+import torch.nn.functional as F
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+from runtime.int4 import Int4Experts, Int4Linear
+from runtime.kernels import cpu
+
+VARIANTS = cpu.runnable_variants()
+REL_TOL = 1e-3
+
+
+def _packed(shape, group: int, scale_dtype, generator):
+    """Random INT4 weights [*lead, out, in]: the stored words and scales, and the float64 matrix they stand for."""
+    q = torch.randint(-8, 8, shape, generator=generator, dtype=torch.int8)
+    scale = (torch.rand(*shape[:-1], shape[-1] // group, generator=generator) * 0.02 + 0.005).to(scale_dtype)
+    words = torch.stack([pack_to_int32(w, 4) for w in q.reshape(-1, *shape[-2:])]).reshape(*shape[:-1], -1)
+    dense = q.double() * scale.double().repeat_interleave(group, dim=-1)
+    return words, scale, dense
+
+
+def _experts(n_experts, dim, hidden, group, scale_dtype, generator):
+    experts = Int4Experts(n_experts, dim, hidden, group)
+    dense = {}
+    for name, shape in (("gate_proj", (n_experts, hidden, dim)), ("up_proj", (n_experts, hidden, dim)),
+                        ("down_proj", (n_experts, dim, hidden))):
+        words, scale, dense[name] = _packed(shape, group, scale_dtype, generator)
+        module = getattr(experts, name)
+        module.packed, module.scale = words, scale
+    return experts, dense
+
+
+def _reference_moe(x, weights, ids, dense):
+    """float64 experts on the activations the kernels see (int8 blocks of 32, before each projection)."""
+    xq = cpu.quantize_activations(x).double()
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for slot, e in enumerate(ids[t].tolist()):
+            if e < 0:
+                continue
+            h = F.silu(dense["gate_proj"][e] @ xq[t]) * (dense["up_proj"][e] @ xq[t])
+            y[t] += weights[t, slot].double() * (dense["down_proj"][e] @ cpu.quantize_activations(h.float()).double())
+    return y
+
+
+def _relative_error(y, reference) -> float:
+    return float((y.double() - reference).norm() / reference.norm())
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request):
+    previous = cpu.active()
+    assert cpu.select(request.param) == request.param, cpu.describe()
+    print(f"CPU INT4 kernels: {cpu.describe()}")
+    yield request.param
+    cpu.select("auto" if previous != "exact" else "exact")
+
+
+# (experts, dim, hidden, group, tokens, top-k, scale dtype): odd group counts (96 / 32 = 3, 160 / 32 = 5), group sizes
+# up to 128, one token (decode) to 64 (prefill), fp16 scales (a GGUF's Q4_0).
+SHAPES = [(8, 96, 160, 32, 1, 2, torch.bfloat16), (5, 256, 64, 64, 7, 3, torch.bfloat16),
+          (16, 128, 384, 128, 64, 4, torch.float16), (3, 224, 96, 32, 2, 1, torch.float16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + f"-{str(s[6])[6:]}")
+def test_moe_kernel_equals_the_dequantized_reference(variant, shape):
+    n_experts, dim, hidden, group, tokens, k, scale_dtype = shape
+    generator = torch.Generator().manual_seed(sum(shape[:6]))
+    experts, dense = _experts(n_experts, dim, hidden, group, scale_dtype, generator)
+    x = torch.randn(tokens, dim, generator=generator)
+    # Each token's k distinct experts, from the first half only (the rest receive no tokens); one slot skipped.
+    ids = torch.stack([torch.randperm(max(k, n_experts // 2), generator=generator)[:k] for _ in range(tokens)])
+    ids[0, -1] = -1
+    weights = torch.rand(tokens, k, generator=generator)
+    y = experts(x, weights, ids)
+    assert _relative_error(y, _reference_moe(x, weights, ids, dense)) < REL_TOL
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 33])
+def test_linear_kernel_equals_the_dequantized_reference(variant, tokens):
+    generator = torch.Generator().manual_seed(tokens)
+    linear = Int4Linear(80, 192, 64)
+    linear.weight.packed, linear.weight.scale, dense = _packed((80, 192), 64, torch.bfloat16, generator)
+    x = torch.randn(2, tokens, 192, generator=generator)
+    y = linear(x)
+    assert y.shape == (2, tokens, 80)
+    assert _relative_error(y, cpu.quantize_activations(x).double() @ dense.T) < REL_TOL
+
+
+def test_variants_agree_with_each_other():
+    """Every variant this CPU runs gives the same output (the same integer sums, fp32 scaling in another order)."""
+    generator = torch.Generator().manual_seed(0)
+    experts, _ = _experts(8, 256, 128, 32, torch.bfloat16, generator)
+    x, ids = torch.randn(4, 256, generator=generator), torch.randint(0, 8, (4, 2), generator=generator)
+    weights = torch.rand(4, 2, generator=generator)
+    outputs = {}
+    for name in VARIANTS:
+        cpu.select(name)
+        outputs[name] = experts(x, weights, ids)
+    cpu.select("auto")
+    for name, y in outputs.items():
+        torch.testing.assert_close(y, outputs["scalar"], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_without_a_compiler_the_exact_path_runs_after_one_message(monkeypatch, tmp_path, capsys):
+    generator = torch.Generator().manual_seed(1)
+    experts, dense = _experts(4, 64, 64, 32, torch.bfloat16, generator)
+    x, ids, weights = torch.randn(3, 64, generator=generator), torch.tensor([[0, 1], [2, 3], [1, 0]]), torch.rand(3, 2)
+    monkeypatch.setenv("K2_HOME", str(tmp_path))  # no cached build to find
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    cpu._kernels.cache_clear()
+    try:
+        assert cpu.select("auto") == "exact"
+        y = experts(x, weights, ids)
+        experts(x, weights, ids)
+    finally:
+        cpu._kernels.cache_clear()
+    assert capsys.readouterr().err.count("CPU INT4 kernels unavailable") == 1
+    exact = torch.stack([sum(w * (dense["down_proj"][e] @ (F.silu(dense["gate_proj"][e] @ x[t].double()) *
+                                                           (dense["up_proj"][e] @ x[t].double())))
+                             for w, e in zip(weights[t].double(), ids[t].tolist())) for t in range(3)])
+    assert _relative_error(y, exact) < 1e-5  # the dequantizing path: no activation quantization
+
+
+def test_exact_mode_is_the_dequantizing_path():
+    generator = torch.Generator().manual_seed(2)
+    experts, dense = _experts(4, 64, 96, 32, torch.bfloat16, generator)
+    x, ids, weights = torch.randn(2, 64, generator=generator), torch.tensor([[0, 3], [1, 2]]), torch.rand(2, 2)
+    assert cpu.select("exact") == "exact"
+    try:
+        y = experts(x, weights, ids)
+    finally:
+        cpu.select("auto")
+    exact = torch.stack([sum(w * (dense["down_proj"][e] @ (F.silu(dense["gate_proj"][e] @ x[t].double()) *
+                                                           (dense["up_proj"][e] @ x[t].double())))
+                             for w, e in zip(weights[t].double(), ids[t].tolist())) for t in range(2)])
+    assert _relative_error(y, exact) < 1e-5

@@ -1,10 +1,4 @@
-"""The CPU INT4 kernels (int4_cpu.c): built on first use with the machine's C compiler, one variant per instruction set,
-cached under K2_HOME, loaded through ctypes, and chosen by what this CPU runs.
-
-Plain C through ctypes rather than a torch C++ extension: a C file compiles in about a second where one against
-torch's headers takes a minute, needs no build step at `pip install`, and the kernels take nothing from torch but
-pointers. Its OpenMP threads come from the libgomp torch already loaded (the same soname), so the kernels and torch
-share one thread pool, sized by torch.get_num_threads().
+"""The CPU INT4 kernels (int4_cpu.c, built by cpu_build.py), chosen by what this CPU runs.
 
 `select(mode)` chooses what an INT4 forward on the CPU runs from its next call: "auto" (the best variant this CPU
 runs, the default; `K2_CPU_KERNEL` sets the starting mode), "exact" (the dequantizing torch path, the reference), or
@@ -17,85 +11,20 @@ the same quantization in torch, the reference the tests hold the kernels to.
 """
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
 from runtime.errors import K2Error
 from runtime.kernels import say_once
+from runtime.kernels.cpu_build import VARIANTS, load, runnable_variants
 
 SOURCE = Path(__file__).with_name("int4_cpu.c")
 BLOCK = 32  # inputs per int8 activation scale, and the unit a weight group must be a multiple of
 MAX_BLOCKS = 8192  # blocks per row the kernels hold on their stack (int4_cpu.c): 262,144 inputs
-# Variants, best first, with the compiler flags that build them and the CPU flags (/proc/cpuinfo) they need.
-VARIANTS = {
-    "avx512vnni": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
-                   {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"}),
-    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
-    "scalar": ([], set()),
-}
 MODES = ("auto", "exact", *VARIANTS)
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-
-
-def cpu_flags() -> set[str]:
-    """The instruction-set flags the kernel reads (Linux's /proc/cpuinfo); empty where unknown."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def runnable_variants() -> list[str]:
-    """The variants this CPU can run, best first (x86 flags checked; elsewhere the portable one)."""
-    flags = cpu_flags()
-    machine = platform.machine().lower()
-    x86 = machine in ("x86_64", "amd64", "i686")
-    return [name for name, (_, needs) in VARIANTS.items() if not needs or (x86 and needs <= flags)]
-
-
-def _cache_dir() -> Path:
-    from runtime.resolve import k2_cache_dir
-
-    return k2_cache_dir() / "kernels"
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-
-
-def _build(variant: str) -> Path:
-    """The variant's shared library, compiled now unless a build of this source with these flags is cached."""
-    compiler = _compiler()
-    if compiler is None:
-        raise K2Error("no C compiler found (install gcc, or set CC)")
-    flags, _ = VARIANTS[variant]
-    base = ["-O3", "-std=c11", "-fPIC", "-shared", *flags]
-    source = SOURCE.read_bytes()
-    for openmp in (["-fopenmp"], []):  # Apple's clang has no OpenMP: then one thread
-        key = hashlib.sha256(source + " ".join([compiler, *base, *openmp, platform.machine()]).encode()).hexdigest()
-        target = _cache_dir() / f"int4_cpu-{variant}-{key[:16]}.so"
-        if target.exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *base, *openmp, str(SOURCE), "-o", str(built), "-lm"],
-                                    capture_output=True, text=True)
-            if result.returncode == 0:
-                os.replace(built, target)  # whole or absent: another process may be building the same
-                return target
-            error = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
-    raise K2Error(f"{compiler} could not build {SOURCE.name} for {variant}: {error}")
 
 
 class Kernels:
@@ -103,7 +32,7 @@ class Kernels:
 
     def __init__(self, variant: str):
         self.variant = variant
-        self.library = ctypes.CDLL(str(_build(variant)))
+        self.library = load(SOURCE, variant)
         self.library.k2_isa.restype = ctypes.c_char_p
         self.library.k2_openmp.restype = ctypes.c_int
         self.library.k2_int4_linear.restype = ctypes.c_int

@@ -26,13 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quant import int4  # noqa: E402
 from runtime import models  # noqa: E402
-from runtime.bench import (BenchSettings, EngineRun, TransformersEngine, copy_bandwidth,  # noqa: E402
+from runtime.bench import (BenchSettings, EngineRun, copy_bandwidth,  # noqa: E402
                            distinct_experts_per_step, random_prompts, time_reps, weight_bytes_per_step)
 from runtime.engine import Engine, select_decoder  # noqa: E402
 from runtime.models.deepseek_v3_demo import demo_config  # noqa: E402
 from runtime.int4 import Int4Experts  # noqa: E402
 from runtime.loader import load  # noqa: E402
 from runtime.loading import load_model  # noqa: E402
+from runtime.peers import TransformersEngine  # noqa: E402
 from runtime.sampling import Sampler  # noqa: E402
 
 K2_WIDTHS = {

@@ -6,6 +6,7 @@ import typer
 
 from k2cli import options
 from runtime.errors import K2Error
+from runtime.numa import describe, format_id_list
 from runtime.units import format_bytes
 
 
@@ -20,6 +21,7 @@ def print_bench(result: dict):
     typer.echo(f"{result['model']} on {result['device']} ({result['dtype']}, {result['threads']} threads, "
                f"decoder {result['decoder']}): batch {result['batch']}, prompt {result['prompt_len']}, "
                f"{result['gen']} new tokens, {result['reps']} reps after {result['warmup']} warm-up")
+    typer.echo(f"  {describe(result['numa_nodes'])}; this process runs on CPUs {format_id_list(result['cpus'])}")
     typer.echo(f"  {'':<14} {'prefill tok/s':>22} {'decode tok/s':>20} {'first token s':>20}")
     typer.echo(_row("k2", result))
     if "compare" in result:
@@ -42,15 +44,13 @@ def bench(model: str = options.MODEL,
           reps: int = typer.Option(5, "--reps", min=1, help="Measured repetitions (mean ± stddev)."),
           warmup: int = typer.Option(1, "--warmup", min=0, help="Unmeasured repetitions first."),
           device: str = options.DEVICE, dtype: str = options.DTYPE,
-          threads: int = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)."),
+          threads: int = options.THREADS,
           plan: Path = options.PLAN, device_map: str = options.DEVICE_MAP,
           compare: str = typer.Option(None, "--compare", help="'transformers' (a model folder) or 'llama.cpp' (a GGUF "
                                                               "file): also run that engine on the same checkpoint, reps "
                                                               "alternating, and print the ratio."),
           eager: bool = options.EAGER, as_json: bool = options.JSON):
     """Measure prefill and decode speed, time to first token, peak memory and the achieved share of the bandwidth."""
-    import torch
-
     from runtime import peers
     from runtime.bench import BenchSettings, run_bench
     from runtime.loader import load
@@ -61,8 +61,7 @@ def bench(model: str = options.MODEL,
         raise K2Error("k2 bench runs in one process; bench a one-stage plan without torchrun")
     if compare:
         peers.peer(compare)  # a missing package is an error before the model loads
-    if threads:
-        torch.set_num_threads(threads)
+    options.apply_threads(threads)
     loaded = load(model, device=device, dtype=dtype, plan=plan, device_map=parse_device_map(device_map))
     settings = BenchSettings(prompt_len=prompt_len, gen=gen, batch=batch, reps=reps, warmup=warmup)
     result = run_bench(loaded, settings, compare=compare, eager=eager)

@@ -328,7 +328,7 @@ def chat(model: str = options.MODEL,
          tools: Path = typer.Option(None, "--tools", help="JSON file of tool definitions (OpenAI shape) the model "
                                                           "may call."),
          device: str = options.DEVICE, dtype: str = options.DTYPE, plan: Path = options.PLAN,
-         device_map: str = options.DEVICE_MAP, eager: bool = options.EAGER,
+         device_map: str = options.DEVICE_MAP, eager: bool = options.EAGER, threads: int = options.THREADS,
          as_json: bool = options.json_flag("With -p or piped input: print the reply message and the turn's numbers "
                                            "as JSON.")):
     """Chat with a model: streamed replies, reasoning dimmed, tool calls shown, the cache kept across turns.
@@ -348,6 +348,7 @@ def chat(model: str = options.MODEL,
         if not prompt.strip():
             raise K2Error("no message: pass -p TEXT, pipe a message on stdin, or run in a terminal")
     tool_list = read_tools(tools) if tools else None
+    options.apply_threads(threads)
     loaded = load(model, device=device, dtype=dtype, plan=plan, device_map=parse_device_map(device_map),
                   progress=sys.stderr.isatty())
     if loaded is None:  # a pipeline rank other than 0: it served rank 0 until the end

@@ -67,7 +67,8 @@ def generate(model: str = options.MODEL,
                                                                             "into this file, for `k2 plan`."),
              temperature: float = options.TEMPERATURE, top_k: int = options.TOP_K, top_p: float = options.TOP_P,
              min_p: float = options.MIN_P, repetition_penalty: float = options.REPETITION_PENALTY,
-             seed: int = options.SEED, eager: bool = options.EAGER, as_json: bool = options.JSON):
+             seed: int = options.SEED, eager: bool = options.EAGER, threads: int = options.THREADS,
+             as_json: bool = options.JSON):
     """Raw completion without a chat template: greedy unless --temperature is above 0 (or a repetition penalty is
     set). For a conversation use `k2 chat`."""
     import time
@@ -84,6 +85,7 @@ def generate(model: str = options.MODEL,
             prompt_ids = [int(i) for i in ids.split(",")]
         except ValueError:
             raise K2Error(f"--ids must be comma-separated integers, got {ids!r}") from None
+    options.apply_threads(threads)
     loaded = load(model, device=device, dtype=dtype, plan=plan, device_map=parse_device_map(device_map),
                   progress=sys.stderr.isatty())
     if loaded is None:  # a pipeline rank other than 0: it served rank 0 until the end

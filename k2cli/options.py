@@ -12,7 +12,7 @@ MODEL_HELP = ("Model folder, a .gguf file (the first of a split set), a Hugging 
 MODEL = typer.Argument("demo", help=MODEL_HELP)
 REQUIRED_MODEL = typer.Argument(..., help=MODEL_HELP)
 
-# Where and how a model runs: `k2 generate`, `k2 chat`, `k2 bench`.
+# Where and how a model runs: `k2 generate`, `k2 chat`, `k2 serve`, `k2 bench`, `k2 check`.
 DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps, ...")
 DTYPE = typer.Option("auto", "--dtype", help="auto (the checkpoint's), float32, bfloat16 or float16.")
 # `k2 eval`'s --dtype: no "auto", since both models must compute alike.
@@ -24,6 +24,17 @@ DEVICE_MAP = typer.Option(None, "--device-map", help="Rename the plan's devices:
 EAGER = typer.Option(False, "--eager", help="Decode with the model's own forward even on CUDA (no fused experts, no "
                                             "CUDA graph).")
 BATCH = typer.Option(1, "--batch", min=1, help="Sequences decoded together.")
+THREADS = typer.Option(None, "--threads", min=1, help="CPU threads torch computes with (default: torch's choice, one "
+                                                      "per core); kept on one NUMA node where they fit one.")
+
+
+def apply_threads(threads: int | None):
+    """Set the CPU threads before the model loads (its weights then land on the threads' NUMA node); print what was
+    done or warned."""
+    from runtime.threads import use_threads
+
+    for note in use_threads(threads):
+        typer.echo(note, err=True)
 
 
 def max_tokens(default: int):

@@ -4,22 +4,12 @@ import json
 import typer
 
 from k2cli import options
+from runtime import numa
+from runtime.numa import format_id_list
 from runtime.units import format_bytes, table_unit
 
 GB = 10**9
 USE_COLUMNS = ("weights", "experts", "kv_cache", "expert_cache")  # a device's *_bytes, in the table's order
-
-
-def _ranges(ids: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5'"""
-    out, start = [], None
-    for i, e in enumerate(ids):
-        if start is None:
-            start = e
-        if i + 1 == len(ids) or ids[i + 1] != e + 1:
-            out.append(f"{start}-{e}" if e != start else str(e))
-            start = None
-    return ",".join(out)
 
 
 def _layer_summary(entry: dict) -> str:
@@ -55,7 +45,7 @@ def print_plan(result: dict):
             else:
                 groups.append(([entry["layer"]], summary))
         for layers, summary in groups:
-            typer.echo(f"  layers {_ranges(layers):<8} {summary}")
+            typer.echo(f"  layers {format_id_list(layers):<8} {summary}")
         if stage["lm_head"]:
             typer.echo(f"  lm_head on {stage['lm_head']}")
     reads = ", ".join(f"{device} {format_bytes(nbytes)}" for device, nbytes in prediction["bytes_read_per_step"].items())
@@ -66,6 +56,7 @@ def print_plan(result: dict):
                f"MPS {a['mps_bandwidth_bytes_per_s'] / GB:g}, disk {a['disk_bandwidth_bytes_per_s'] / GB:g}, "
                f"PCIe {a['pcie_bandwidth_bytes_per_s'] / GB:g}, network {a['network_bandwidth_bytes_per_s'] / GB:g} "
                "(override with --gpu-bw, --cpu-bw, --mps-bw, --disk-bw)")
+    typer.echo(f"this machine: {numa.describe(result['numa_nodes'])}")
 
 
 def plan(model: str = options.MODEL,
@@ -99,6 +90,7 @@ def plan(model: str = options.MODEL,
                     disk_bandwidth=disk_bw * GB, margin=margin)
     result = make_plan(load(model, weights=False), host, stages=stages, ctx=ctx, batch=batch, offload=offload,
                        expert_stats=expert_stats)
+    result["numa_nodes"] = [n.as_dict() for n in numa.nodes()]  # this machine's, whatever host the plan is for
     if as_json:
         typer.echo(json.dumps(result, indent=1))
     else:

@@ -26,7 +26,7 @@ def serve(model: str = options.MODEL,
           max_body: str = options.size_option("8MiB", "--max-body", "Largest request body accepted."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not log each request."),
           device: str = options.DEVICE, dtype: str = options.DTYPE, plan: Path = options.PLAN,
-          device_map: str = options.DEVICE_MAP, eager: bool = options.EAGER):
+          device_map: str = options.DEVICE_MAP, eager: bool = options.EAGER, threads: int = options.THREADS):
     """Serve MODEL over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) and Anthropic's
     (/v1/messages, /v1/messages/count_tokens), for agents and any client of either.
 
@@ -44,6 +44,7 @@ def serve(model: str = options.MODEL,
     limit = parse_size(max_body, "--max-body")
     if api_key is not None and not api_key.strip():
         raise K2Error("--api-key is empty")
+    options.apply_threads(threads)
     loaded = load(model, device=device, dtype=dtype, plan=plan, device_map=parse_device_map(device_map),
                   progress=sys.stderr.isatty())
     if loaded is None:  # a pipeline rank other than 0: it served rank 0 until the end

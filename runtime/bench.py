@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from runtime import peers
+from runtime import numa, peers
 from runtime.engine import Engine
 from runtime.errors import K2Error
 from runtime.sampling import NON_FINITE, Sampler, non_finite_error
@@ -191,7 +191,8 @@ def run_bench(loaded, settings: BenchSettings, compare: str | None = None, eager
     roofline = bandwidth / per_step * s.batch
     result = {
         "model": str(loaded.folder), "device": str(device), "dtype": str(model.model.embed_tokens.weight.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "decoder": engines[0].kind, **asdict(s),
+        "threads": torch.get_num_threads(), "cpus": sorted(numa.allowed_cpus()),
+        "numa_nodes": [n.as_dict() for n in numa.nodes()], "decoder": engines[0].kind, **asdict(s),
         **ours,
         "peak_device_bytes": peak_device, "peak_host_bytes": _peak_host_bytes(),
         "weight_bytes_per_step": per_step, "weight_bytes_per_token": per_step // s.batch,

@@ -42,6 +42,21 @@ def run_k2_here(*args: str, home: Path | None = None) -> subprocess.CompletedPro
     return subprocess.CompletedProcess(["k2", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
+def lscpu_nodes() -> dict[int, list[int]]:
+    """This machine's CPUs by NUMA node, as util-linux's lscpu reports them (skips the test where it is missing)."""
+    import pytest
+
+    if not shutil.which("lscpu"):
+        pytest.skip("lscpu (util-linux) is not installed")
+    rows = subprocess.run(["lscpu", "-p=CPU,NODE"], capture_output=True, text=True, check=True).stdout
+    by_node: dict[int, list[int]] = {}
+    for line in rows.splitlines():
+        if not line.startswith("#"):
+            cpu, node = line.split(",")
+            by_node.setdefault(int(node or 0), []).append(int(cpu))
+    return by_node
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str):
     assert result.returncode != 0, result.stdout
     assert "Traceback" not in result.stderr, result.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from tests.helpers import assert_one_line_error, run_k2, run_k2_here
+from tests.helpers import assert_one_line_error, lscpu_nodes, run_k2, run_k2_here
 
 SMALL = ("--prompt-len", "16", "--gen", "5", "--reps", "2", "--warmup", "0", "--threads", "1")
 RATES = ("prefill_tok_s", "decode_tok_s", "ttft_s")
@@ -48,6 +48,8 @@ def test_bench_json_on_cpu_reports_every_field_positive(demo_dir):
     result = bench_json(str(demo_dir), *SMALL)
     assert (result["device"], result["dtype"], result["decoder"], result["threads"]) == ("cpu", "bfloat16", "eager", 1)
     assert (result["prompt_len"], result["gen"], result["reps"], result["batch"]) == (16, 5, 2, 1)
+    assert {n["node"]: n["cpus"] for n in result["numa_nodes"]} == lscpu_nodes()
+    assert result["cpus"] == sorted(os.sched_getaffinity(0))  # one node here: nothing pinned
     assert_rates_positive(result)
     for key in POSITIVE:
         assert result[key] > 0, key
@@ -74,6 +76,7 @@ def test_bench_table_for_people(demo_dir):
     result = run_k2("bench", str(demo_dir), *SMALL)
     assert result.returncode == 0, result.stderr
     assert "decode tok/s" in result.stdout and "roofline" in result.stdout and "±" in result.stdout
+    assert "NUMA node" in result.stdout and "this process runs on CPUs" in result.stdout
 
 
 def test_compare_without_transformers_installed_is_one_line_error(demo_dir, tmp_path):

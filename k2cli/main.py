@@ -15,6 +15,7 @@ from k2cli import model_commands, plan
 from k2cli import chat
 from k2cli import quant_commands
 from k2cli import bench
+from k2cli import check
 from k2cli import convert
 from k2cli import download
 from k2cli import serve
@@ -34,6 +35,7 @@ app.command()(plan.plan)
 app.command()(quant_commands.quantize)
 app.command("eval")(quant_commands.eval)
 app.command()(bench.bench)
+app.command()(check.check)
 app.command()(convert.convert)
 
 INTERNAL_ERROR = 70  # sysexits' EX_SOFTWARE

@@ -50,6 +50,12 @@ def _log_probs(model, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float().cpu(), dim=-1)
 
 
+def divergence(ref_log_p: torch.Tensor, log_p: torch.Tensor) -> tuple[float, int]:
+    """Log-probabilities [N, V] of a reference and a model at the same N positions -> KL(ref || model) summed over the
+    positions, and the positions where both put the same token first."""
+    return (ref_log_p.exp() * (ref_log_p - log_p)).sum().item(), (ref_log_p.argmax(-1) == log_p.argmax(-1)).sum().item()
+
+
 @torch.inference_mode()
 def evaluate(model, ids: list[int], ctx: int = 512, ref=None, max_windows: int | None = None, progress=None,
              bos_id: int | None = None) -> dict:
@@ -71,8 +77,7 @@ def evaluate(model, ids: list[int], ctx: int = 512, ref=None, max_windows: int |
         score = WindowScore(index, start, len(target), -log_p.gather(1, target).sum().item())
         if ref is not None:
             ref_log_p = _log_probs(ref, tokens)
-            score.kl = (ref_log_p.exp() * (ref_log_p - log_p)).sum().item()
-            score.agree = (ref_log_p.argmax(-1) == log_p.argmax(-1)).sum().item()
+            score.kl, score.agree = divergence(ref_log_p, log_p)
             score.ref_nll = -ref_log_p.gather(1, target).sum().item()
         scores.append(score)
 

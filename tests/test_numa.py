@@ -156,7 +156,7 @@ def test_generate_sets_threads_before_the_model_runs(demo_dir, restore_threads, 
     assert seen == [1]
 
 
-@pytest.mark.parametrize("command", ["chat", "generate", "serve", "bench"])
+@pytest.mark.parametrize("command", ["chat", "generate", "serve", "bench", "check"])
 def test_threads_below_one_is_a_usage_error(command, tmp_path):
     result = run_k2_here(command, tmp_path / "missing", "--threads", "0")
     assert_one_line_error(result, "--threads")

@@ -41,8 +41,9 @@ class CheckSettings:
 
 def cpu_int4_modules(model) -> int:
     """The INT4 modules whose weights are on the CPU: where the CPU kernels run."""
-    return sum(1 for m in model.modules() if isinstance(m, Int4Experts) and m.gate_proj.packed.device.type == "cpu"
-               or isinstance(m, Int4Linear) and m.weight.packed.device.type == "cpu")
+    packed = [m.gate_proj.packed if isinstance(m, Int4Experts) else m.weight.packed
+              for m in model.modules() if isinstance(m, (Int4Experts, Int4Linear))]
+    return sum(1 for p in packed if p.device.type == "cpu")
 
 
 def make_prompts(loaded, settings: CheckSettings) -> list[list[int]]:

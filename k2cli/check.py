@@ -12,6 +12,7 @@ def print_check(result: dict):
         typer.echo(f"{result['model']} on {result['device']} ({result['threads']} threads): the {result['kernel']} "
                    f"kernel against the exact path, {result['prompts']} prompts of {result['tokens']} tokens and "
                    f"{result['decode_steps']} decode steps ({result['positions']} positions)")
+        typer.echo(f"  kernel: {result['kernel_detail']}")
         if result["non_finite_positions"]:
             typer.echo(f"  non-finite logits at {result['non_finite_positions']} positions")
         else:

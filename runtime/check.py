@@ -114,7 +114,7 @@ def run_check(loaded, settings: CheckSettings) -> dict:
     model = loaded.model
     result = {"model": str(loaded.folder), "device": str(loaded.device), "threads": torch.get_num_threads(),
               "int4_modules_on_cpu": cpu_int4_modules(model)}
-    previous = cpu.active()
+    previous = cpu.mode()
     try:
         kernel = result["kernel"] = cpu.select("auto")
         if not result["int4_modules_on_cpu"]:
@@ -142,7 +142,7 @@ def run_check(loaded, settings: CheckSettings) -> dict:
         start = time.perf_counter()
         fast = [teacher_forced_logits(model, prompt, ids)[0] for prompt, ids in zip(prompts, fed)]
         fast_s = time.perf_counter() - start
-        result |= {"compared": True, "prompts": settings.prompts, "tokens": settings.tokens,
+        result |= {"kernel_detail": cpu.describe(), "compared": True, "prompts": settings.prompts, "tokens": settings.tokens,
                    "decode_steps": DECODE_STEPS, **compare_logits(exact, fast), "exact_s": exact_s, "fast_s": fast_s,
                    "limits": {"kl_mean": KL_LIMIT, "top1_agreement": AGREEMENT_LIMIT}}
         result["ok"], result["verdict"] = _verdict(result)

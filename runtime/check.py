@@ -106,9 +106,9 @@ def _verdict(result: dict) -> tuple[bool, str]:
 
 
 def run_check(loaded, settings: CheckSettings) -> dict:
-    """Compare the CPU kernel `cpu.select("auto")` picks with the exact path on `loaded`'s model. The result's "ok"
-    and "verdict" (one line) say whether it passed; "compared" is False where there was nothing to compare: no INT4
-    weights on the CPU, or no kernel built on this machine."""
+    """Compare the CPU kernel INT4 forwards run (the variant selected, or "auto"'s) with the exact path on `loaded`'s
+    model. The result's "ok" and "verdict" (one line) say whether it passed; "compared" is False where there was
+    nothing to compare: no INT4 weights on the CPU, or no kernel built on this machine."""
     from runtime.kernels import cpu
 
     model = loaded.model
@@ -116,7 +116,8 @@ def run_check(loaded, settings: CheckSettings) -> dict:
               "int4_modules_on_cpu": cpu_int4_modules(model)}
     previous = cpu.mode()
     try:
-        kernel = result["kernel"] = cpu.select("auto")
+        # What the user's runs use (K2_CPU_KERNEL may name a variant), or the best variant where that is "exact".
+        kernel = result["kernel"] = cpu.select("auto" if previous == "exact" else previous)
         if not result["int4_modules_on_cpu"]:
             return result | {"compared": False, "ok": True,
                              "verdict": f"{loaded.folder} holds no INT4 weights on the CPU, the only weights the CPU "
@@ -142,8 +143,9 @@ def run_check(loaded, settings: CheckSettings) -> dict:
         start = time.perf_counter()
         fast = [teacher_forced_logits(model, prompt, ids)[0] for prompt, ids in zip(prompts, fed)]
         fast_s = time.perf_counter() - start
-        result |= {"kernel_detail": cpu.describe(), "compared": True, "prompts": settings.prompts, "tokens": settings.tokens,
-                   "decode_steps": DECODE_STEPS, **compare_logits(exact, fast), "exact_s": exact_s, "fast_s": fast_s,
+        result |= {"kernel_detail": cpu.describe(), "compared": True, "prompts": settings.prompts,
+                   "tokens": settings.tokens, "decode_steps": DECODE_STEPS, **compare_logits(exact, fast),
+                   "exact_s": exact_s, "fast_s": fast_s,
                    "limits": {"kl_mean": KL_LIMIT, "top1_agreement": AGREEMENT_LIMIT}}
         result["ok"], result["verdict"] = _verdict(result)
         return result

@@ -107,8 +107,8 @@ def choose_cpus(found: list[Node], allowed: set[int], threads: int) -> tuple[set
                       f"(--threads {largest} or fewer keeps the threads and the weights on one node)")
     node, cpus = max(fitting, key=lambda pair: (pair[0].free_bytes or 0, -pair[0].node))
     free = f", {format_bytes(node.free_bytes)} free" if node.free_bytes is not None else ""
-    return cpus, (f"pinned {threads} thread{'s' if threads > 1 else ''} to NUMA node {node.node} (CPUs {format_id_list(cpus)}{free}); the "
-                  f"weights load into its memory while it has room")
+    return cpus, (f"pinned {threads} thread{'s' if threads > 1 else ''} to NUMA node {node.node} (CPUs "
+                  f"{format_id_list(cpus)}{free}); the weights load into its memory while it has room")
 
 
 def pin_threads(cpus: set[int]):

@@ -19,8 +19,8 @@ from runtime.errors import K2Error
 
 # Variants, best first, with the compiler flags that build them and the CPU flags (/proc/cpuinfo) they need.
 VARIANTS = {
-    "avx512vnni": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
-                   {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"}),
+    "avx512vnni": (["-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
+                   {"avx512f", "avx512bw", "avx512_vnni", "avx2", "fma", "f16c"}),
     "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
     "scalar": ([], set()),
 }

@@ -5,16 +5,18 @@
  * a row holds elements 2m (low nibble) and 2m + 1 (high nibble). Scales are bf16 or fp16 (a GGUF's Q4_0), one per
  * group of `group` inputs, a multiple of 32.
  *
- * Activations are quantized to int8 in blocks of 32, as llama.cpp's Q8_0 does: d = absmax / 127, q = round(x / d)
- * (computed as x * (1 / d), rounded half to even, the arithmetic runtime/kernels/cpu.py's reference repeats). They
- * are stored in the order two blocks' 32 weight bytes unpack in (low nibbles: even elements, then high nibbles: odd
- * ones; see `position`), so two blocks' dot products are two multiply-adds of 32 byte pairs. The nibbles are used as
- * unsigned bytes and the offset is taken out once per row: sum (n - 8) q = sum n q - 8 sum q.
+ * Activations are quantized to int16 in blocks of 32 inputs: d = absmax / 32767, q = round(x / d) (computed as
+ * x * (1 / d), rounded half to even; runtime/kernels/cpu.py's reference repeats it). That is 2^-16 of a block's
+ * largest value, far finer than a bf16 activation's own rounding (2^-9), so the result is the exact path's
+ * (dequantize, then multiply) within what fp32 summation order changes, and `k2 check` finds the two alike on any
+ * model (llama.cpp's int8 activations, 2^-8, measured a mean KL of 3e-3 against it on SmolLM2). A block's 16 weight
+ * bytes unpack into its low nibbles (even elements) then high nibbles (odd elements); its activations are laid out
+ * once per token in that order, so a block is one or two multiply-adds of 16-bit pairs into int32, exact. The
+ * nibbles' offset comes out once per row: sum (n - 8) q = sum n q - 8 sum q.
  *
- * One variant is compiled per instruction set (runtime/kernels/cpu.py passes the flags): AVX2 (+FMA, F16C), the same
- * with AVX-512 VNNI's one-instruction byte dot product on 256-bit vectors, and plain C that any compiler vectorizes as
- * it can. A row's dot product keeps four accumulators and takes the offsets out in one vector pass. OpenMP threads split output rows, so threads never write
- * the same value; without OpenMP the kernels run on one thread.
+ * One variant is compiled per instruction set (runtime/kernels/cpu_build.py passes the flags): AVX2 + FMA + F16C, the
+ * same with AVX-512 VNNI's vpdpwssd for a block's multiply-adds, and plain C that any compiler vectorizes as it can. OpenMP threads take output rows
+ * 16 at a time, so no two threads write the same value; without OpenMP the kernels run on one thread.
  */
 #include <math.h>
 #include <stdint.h>
@@ -28,15 +30,25 @@
 #include <omp.h>
 #endif
 
-#define QK 32 /* activation block: inputs per int8 scale */
+#define QK 32 /* inputs per block: 16 weight bytes */
 #define ROWS_PER_TASK 16
+#define MAX_BLOCKS 8192 /* inputs per row up to 262,144: far above any model's */
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define K2_ISA "avx512vnni"
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define K2_ISA "avx2"
 #else
 #define K2_ISA "scalar"
+#endif
+
+/* Blocks whose weight words one vector holds: 4 in a 512-bit register, 2 in a 256-bit one. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define GROUP_BLOCKS 4
+#elif defined(__AVX2__)
+#define GROUP_BLOCKS 2
+#else
+#define GROUP_BLOCKS 1
 #endif
 
 const char *k2_isa(void) { return K2_ISA; }
@@ -91,31 +103,34 @@ static inline float scale_at(const uint16_t *scales, int64_t i, int fp16) {
 
 /* Activations ---------------------------------------------------------------------------------------------------- */
 
-/* Where element i of block b goes among a row's quantized activations: blocks are laid out in pairs, as a pair's 32
- * weight bytes unpack: [b's even elements, b + 1's even elements, b's odd elements, b + 1's odd elements], 16 each; a
- * last, unpaired block as [even, odd]. */
+/* Where element i of block b goes among a row's laid-out activations. The weights are read GROUP_BLOCKS blocks at a
+ * time as 16-bit words, each holding 4 consecutive nibbles, and each nibble position k (0-3) is widened by a shift and
+ * a mask into lanes of its own: so element 4j + k of a group goes to k * (8 * GROUP_BLOCKS) + j. Blocks after the last
+ * whole group are laid out one block at a time the same way. */
 static inline int64_t position(int64_t b, int64_t blocks, int i) {
-    const int64_t pair = b & ~(int64_t)1;
-    if (pair + 1 < blocks) {
-        return pair * QK + (i & 1) * QK + (b - pair) * (QK / 2) + i / 2;
+    const int64_t first = b - b % GROUP_BLOCKS;
+    if (first + GROUP_BLOCKS <= blocks) {
+        const int64_t e = (b - first) * QK + i;
+        return first * QK + (e % 4) * (8 * GROUP_BLOCKS) + e / 4;
     }
-    return b * QK + (i & 1) * (QK / 2) + i / 2;
+    return b * QK + (i % 4) * 8 + i / 4;
 }
 
-/* x [n] (n a multiple of QK) -> q [n] int8 in pair order, d [n / QK] scales, s [n / QK] sums of q. */
-static void quantize_row(const float *x, int64_t n, int8_t *q, float *d, int32_t *s) {
+/* x [n] (n a multiple of QK) -> q [n] int16 laid out as `position` says; d [n / QK] the blocks' scales; s [n / QK]
+ * the sums of their q. */
+static void quantize_row(const float *x, int64_t n, int16_t *q, float *d, int32_t *s) {
     for (int64_t b = 0; b < n / QK; b++) {
         const float *xb = x + b * QK;
         float amax = 0.0f;
         for (int i = 0; i < QK; i++) {
-            float a = fabsf(xb[i]);
-            amax = a > amax ? a : amax;
+            const float v = fabsf(xb[i]);
+            amax = v > amax ? v : amax;
         }
-        float scale = amax / 127.0f, inverse = scale != 0.0f ? 1.0f / scale : 0.0f;
+        const float scale = amax / 32767.0f, inverse = scale != 0.0f ? 1.0f / scale : 0.0f;
         int32_t sum = 0;
         for (int i = 0; i < QK; i++) {
-            int32_t v = (int32_t)nearbyintf(xb[i] * inverse);
-            q[position(b, n / QK, i)] = (int8_t)v;
+            const int32_t v = (int32_t)nearbyintf(xb[i] * inverse);
+            q[position(b, n / QK, i)] = (int16_t)v;
             sum += v;
         }
         d[b] = scale;
@@ -132,123 +147,117 @@ static inline float hsum256(__m256 v) {
     x = _mm_add_ss(x, _mm_movehdup_ps(x));
     return _mm_cvtss_f32(x);
 }
-
-/* The 16 bytes of a block as 32 nibble values: low nibbles (even elements), then high nibbles (odd elements). */
-static inline __m256i unpack_block(const uint8_t *w) {
-    __m128i packed = _mm_loadu_si128((const __m128i *)w);
-    __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
-}
-
-/* A block's dot product as 8 int32 partial sums: unsigned nibbles times signed bytes. */
-static inline __m256i block_dot(const uint8_t *w, const int8_t *q) {
-    __m256i wv = unpack_block(w), xv = _mm256_loadu_si256((const __m256i *)q);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
-#else
-    /* pairs summed into int16 (at most 2 * 15 * 127, no saturation), then into int32 */
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), _mm256_set1_epi16(1));
 #endif
-}
 
-/* Two blocks' dot products (32 weight bytes, 64 activations in pair order): lanes 0-3 block b, lanes 4-7 block b + 1. */
-static inline __m256i pair_dot(const uint8_t *w, const int8_t *q) {
-    const __m256i mask = _mm256_set1_epi8(0x0f), v = _mm256_loadu_si256((const __m256i *)w);
-    const __m256i low = _mm256_and_si256(v, mask), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-    const __m256i even = _mm256_loadu_si256((const __m256i *)q), odd = _mm256_loadu_si256((const __m256i *)(q + QK));
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), low, even), high, odd);
-#else
-    /* at most 4 * 15 * 127 per int16: no saturation */
-    __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, even), _mm256_maddubs_epi16(high, odd));
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-#endif
+/* A group of blocks' dot products as int32 lanes, 4 per block: its weight words' four nibbles, each widened into
+ * 16-bit lanes by a shift and a mask, times the laid-out activations, pairs summed into int32. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+static inline __m512i group_dot(const uint8_t *w, const int16_t *q) {
+    const __m512i v = _mm512_loadu_si512((const void *)w), mask = _mm512_set1_epi16(0x0f);
+    __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, mask), _mm512_loadu_si512(q));
+    dot = _mm512_dpwssd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(v, 4), mask), _mm512_loadu_si512(q + 32));
+    dot = _mm512_dpwssd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(v, 8), mask), _mm512_loadu_si512(q + 64));
+    return _mm512_dpwssd_epi32(dot, _mm512_srli_epi16(v, 12), _mm512_loadu_si512(q + 96));
+}
+#elif defined(__AVX2__)
+static inline __m256i group_dot(const uint8_t *w, const int16_t *q) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)w), mask = _mm256_set1_epi16(0x0f);
+    const __m256i d0 = _mm256_madd_epi16(_mm256_and_si256(v, mask), _mm256_loadu_si256((const __m256i *)q));
+    const __m256i d1 = _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+                                         _mm256_loadu_si256((const __m256i *)(q + 16)));
+    const __m256i d2 = _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 8), mask),
+                                         _mm256_loadu_si256((const __m256i *)(q + 32)));
+    const __m256i d3 = _mm256_madd_epi16(_mm256_srli_epi16(v, 12), _mm256_loadu_si256((const __m256i *)(q + 48)));
+    return _mm256_add_epi32(_mm256_add_epi32(d0, d1), _mm256_add_epi32(d2, d3));
 }
 #endif
 
-#define MAX_BLOCKS 8192 /* inputs per row up to 262,144: far above any model's */
+/* Blocks [from, to) of a row in plain C (the blocks after the last whole group, and the portable variant). */
+static float blocks_dot(const uint8_t *w, const int16_t *q, const float *combined, int64_t from, int64_t to,
+                        int64_t blocks) {
+    float total = 0.0f;
+    for (int64_t b = from; b < to; b++) {
+        int32_t dot = 0;
+        for (int i = 0; i < QK; i++) {
+            dot += (int32_t)((w[b * 16 + i / 2] >> (4 * (i & 1))) & 0x0f) * q[position(b, blocks, i)];
+        }
+        total += (float)dot * combined[b];
+    }
+    return total;
+}
 
-/* Row `w` (n / 2 bytes) against the quantized activations (q, d, s) of one token. */
-static float row_dot(const uint8_t *w, const uint16_t *scales, int fp16, int64_t blocks_per_group, const int8_t *q,
+/* Row `w` (n / 2 bytes) against one token's quantized activations (q, d, s). */
+static float row_dot(const uint8_t *w, const uint16_t *scales, int fp16, int64_t blocks_per_group, const int16_t *q,
                      const float *d, const int32_t *s, int64_t n) {
     const int64_t blocks = n / QK;
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    /* Each block's combined scale (activation times weight), and the offset term they imply: computed 8 blocks at a
-     * time, so the loop below carries no scalar work and no chain longer than its four accumulators. */
-    float combined[MAX_BLOCKS];
-    __m256 offset = _mm256_setzero_ps();
+    /* Each block's scale (the weight's times the activations'), 8 at a time where a group is one block; the offset
+     * term is their dot product with the blocks' sums. */
+    float combined[MAX_BLOCKS], offset = 0.0f;
     int64_t b = 0;
+#if defined(__AVX2__)
+    __m256 offsets = _mm256_setzero_ps();
     if (blocks_per_group == 1) {
         for (; b + 8 <= blocks; b += 8) {
-            __m128i raw = _mm_loadu_si128((const __m128i *)(scales + b));
-            __m256 ws = fp16 ? _mm256_cvtph_ps(raw)
-                             : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-            __m256 cs = _mm256_mul_ps(_mm256_loadu_ps(d + b), ws);
-            _mm256_storeu_ps(combined + b, cs);
-            offset = _mm256_fmadd_ps(cs, _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(s + b))), offset);
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(scales + b));
+            const __m256 widened = fp16 ? _mm256_cvtph_ps(raw)
+                                        : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+            const __m256 both = _mm256_mul_ps(widened, _mm256_loadu_ps(d + b));
+            _mm256_storeu_ps(combined + b, both);
+            offsets = _mm256_fmadd_ps(both, _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(s + b))), offsets);
         }
     }
-    float tail = 0.0f;
+    offset = hsum256(offsets);
+#endif
     for (; b < blocks; b++) {
         combined[b] = d[b] * scale_at(scales, b / blocks_per_group, fp16);
-        tail += combined[b] * (float)s[b];
+        offset += combined[b] * (float)s[b];
     }
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const __m256i halves = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
-    for (b = 0; b + 8 <= blocks; b += 8) {
-        for (int i = 0; i < 4; i++) {
-            const int64_t at = b + 2 * i; /* a pair's two scales, each over its four lanes */
-            __m256 scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(
-                _mm_load_sd((const double *)(combined + at)))), halves);
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_dot(w + at * 16, q + at * QK)), scale, acc[i]);
-        }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    const int64_t whole = blocks - blocks % GROUP_BLOCKS;
+    /* lanes 0-3 block b, 4-7 block b + 1, ...: each lane's scale from a 4-float load */
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (b = 0; b < whole; b += GROUP_BLOCKS) {
+        const __m512 scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(combined + b)));
+        acc[(b / GROUP_BLOCKS) & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(group_dot(w + b * 16, q + b * QK)), scale,
+                                                      acc[(b / GROUP_BLOCKS) & 1]);
     }
-    for (; b + 2 <= blocks; b += 2) {
-        __m256 scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(
-            _mm_load_sd((const double *)(combined + b)))), halves);
-        acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_dot(w + b * 16, q + b * QK)), scale, acc[0]);
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + blocks_dot(w, q, combined, whole, blocks, blocks) -
+           8.0f * offset;
+#elif defined(__AVX2__)
+    const int64_t whole = blocks - blocks % GROUP_BLOCKS;
+    const __m256i spread = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (b = 0; b < whole; b += GROUP_BLOCKS) {
+        const __m256 scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(
+            _mm_load_sd((const double *)(combined + b)))), spread);
+        acc[(b / GROUP_BLOCKS) & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group_dot(w + b * 16, q + b * QK)), scale,
+                                                      acc[(b / GROUP_BLOCKS) & 1]);
     }
-    if (b < blocks) { /* a last, unpaired block */
-        acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(w + b * 16, q + b * QK)), _mm256_broadcast_ss(combined + b),
-                                 acc[1]);
-    }
-    __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    return hsum256(sum) - 8.0f * (hsum256(offset) + tail);
+    return hsum256(_mm256_add_ps(acc[0], acc[1])) + blocks_dot(w, q, combined, whole, blocks, blocks) - 8.0f * offset;
 #else
-    float total = 0.0f, offset = 0.0f;
-    for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *wb = w + b * 16;
-        int32_t dot = 0;
-        for (int i = 0; i < 16; i++) {
-            dot += (int32_t)(wb[i] & 0x0f) * q[position(b, blocks, 2 * i)] +
-                   (int32_t)(wb[i] >> 4) * q[position(b, blocks, 2 * i + 1)];
-        }
-        float sb = d[b] * scale_at(scales, b / blocks_per_group, fp16);
-        total += (float)dot * sb;
-        offset += (float)s[b] * sb;
-    }
-    return total - 8.0f * offset;
+    return blocks_dot(w, q, combined, 0, blocks, blocks) - 8.0f * offset;
 #endif
 }
 
 /* Quantized activations of several rows, allocated together. */
 typedef struct {
-    int8_t *q;
+    int16_t *q;
     float *d;
     int32_t *s;
 } Quantized;
 
-static int quantized_alloc(Quantized *a, int64_t rows, int64_t n) {
-    a->q = malloc((size_t)(rows * n));
-    a->d = malloc(sizeof(float) * (size_t)(rows * n / QK));
-    a->s = malloc(sizeof(int32_t) * (size_t)(rows * n / QK));
-    return a->q && a->d && a->s;
+static int quantized_alloc(Quantized *x, int64_t rows, int64_t n) {
+    x->q = malloc(sizeof(int16_t) * (size_t)(rows * n));
+    x->d = malloc(sizeof(float) * (size_t)(rows * n / QK));
+    x->s = malloc(sizeof(int32_t) * (size_t)(rows * n / QK));
+    return x->q && x->d && x->s;
 }
 
-static void quantized_free(Quantized *a) {
-    free(a->q);
-    free(a->d);
-    free(a->s);
+static void quantized_free(Quantized *x) {
+    free(x->q);
+    free(x->d);
+    free(x->s);
 }
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -256,36 +265,37 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 /* A linear layer: x [n_tokens, in] float32 -> y [n_tokens, out] = x W^T. Returns 0, or -1 if out of memory. */
 int k2_int4_linear(int64_t n_tokens, int64_t in, int64_t out, const float *x, const uint8_t *w, const uint16_t *scales,
                    int64_t group, int fp16, float *y, int threads) {
-    Quantized xq = {0};
-    if (!quantized_alloc(&xq, n_tokens, in)) {
-        quantized_free(&xq);
+    Quantized xa = {0};
+    if (!quantized_alloc(&xa, n_tokens, in)) {
+        quantized_free(&xa);
         return -1;
     }
-    const int64_t blocks = in / QK, bpg = group / QK, groups = in / group, tasks = (out + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    const int64_t blocks = in / QK, bpg = group / QK, groups = in / group;
+    const int64_t tasks = (out + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < n_tokens; t++) {
-            quantize_row(x + t * in, in, xq.q + t * in, xq.d + t * blocks, xq.s + t * blocks);
+            quantize_row(x + t * in, in, xa.q + t * in, xa.d + t * blocks, xa.s + t * blocks);
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
         for (int64_t task = 0; task < tasks; task++) {
             for (int64_t r = task * ROWS_PER_TASK; r < out && r < (task + 1) * ROWS_PER_TASK; r++) {
                 for (int64_t t = 0; t < n_tokens; t++) {
-                    y[t * out + r] = row_dot(w + r * in / 2, scales + r * groups, fp16, bpg, xq.q + t * in,
-                                             xq.d + t * blocks, xq.s + t * blocks, in);
+                    y[t * out + r] = row_dot(w + r * in / 2, scales + r * groups, fp16, bpg, xa.q + t * in,
+                                             xa.d + t * blocks, xa.s + t * blocks, in);
                 }
             }
         }
     }
-    quantized_free(&xq);
+    quantized_free(&xa);
     return 0;
 }
 
 /* Routed experts of one MoE layer: y [n_tokens, dim] = sum over each token's k slots of
  * route_w * down_e(silu(gate_e x) * up_e x), e = ids[t, slot] (slots with e < 0 are skipped: placed elsewhere).
- * Expert e's gate/up are [hidden, dim], its down [dim, hidden], `expert_bytes` and `expert_scales` apart.
- * The (token, slot) pairs are grouped by expert, so each weight row is read once per step for all its tokens.
+ * Expert e's gate and up are [hidden, dim], its down [dim, hidden], stacked by expert.
+ * The (token, slot) pairs are grouped by expert, so each weight row is read once per call for all its tokens.
  * Returns 0, or -1 if out of memory. */
 int k2_int4_moe(int64_t n_tokens, int64_t dim, int64_t hidden, int64_t k, int64_t n_experts, const float *x,
                 const int64_t *ids, const float *route_w, const uint8_t *gate, const uint16_t *gate_s,
@@ -295,10 +305,10 @@ int k2_int4_moe(int64_t n_tokens, int64_t dim, int64_t hidden, int64_t k, int64_
     int64_t *start = calloc((size_t)n_experts + 1, sizeof(int64_t)), *next = malloc(sizeof(int64_t) * (size_t)n_experts);
     int64_t *active = malloc(sizeof(int64_t) * (size_t)n_experts), *order = malloc(sizeof(int64_t) * (size_t)rows);
     float *h = malloc(sizeof(float) * (size_t)(rows * hidden));
-    Quantized xq = {0}, hq = {0};
+    Quantized xa = {0}, ha = {0};
     int status = -1;
-    if (!start || !next || !active || !order || !h || !quantized_alloc(&xq, n_tokens, dim) ||
-        !quantized_alloc(&hq, rows, hidden)) {
+    if (!start || !next || !active || !order || !h || !quantized_alloc(&xa, n_tokens, dim) ||
+        !quantized_alloc(&ha, rows, hidden)) {
         goto done;
     }
     /* Counting sort of the (token, slot) pairs by expert: order[start[e] .. start[e + 1]) are expert e's pairs. */
@@ -318,39 +328,41 @@ int k2_int4_moe(int64_t n_tokens, int64_t dim, int64_t hidden, int64_t k, int64_
     const int64_t dim_blocks = dim / QK, hidden_blocks = hidden / QK, bpg = group / QK;
     const int64_t up_bytes = hidden * dim / 2, up_scales = hidden * (dim / group);
     const int64_t down_bytes = dim * hidden / 2, down_scales = dim * (hidden / group);
-    const int64_t hidden_tasks = (hidden + ROWS_PER_TASK - 1) / ROWS_PER_TASK, dim_tasks = (dim + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    const int64_t hidden_tasks = (hidden + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    const int64_t dim_tasks = (dim + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
 
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < n_tokens; t++) {
-            quantize_row(x + t * dim, dim, xq.q + t * dim, xq.d + t * dim_blocks, xq.s + t * dim_blocks);
+            quantize_row(x + t * dim, dim, xa.q + t * dim, xa.d + t * dim_blocks, xa.s + t * dim_blocks);
         }
-        /* gate and up: each thread a range of hidden rows, for every active expert and its tokens */
-#pragma omp for schedule(static)
+        /* gate and up: each task a range of hidden rows, for every active expert and its tokens */
+#pragma omp for schedule(dynamic)
         for (int64_t task = 0; task < hidden_tasks; task++) {
             for (int64_t i = 0; i < n_active; i++) {
                 const int64_t e = active[i];
                 for (int64_t r = task * ROWS_PER_TASK; r < hidden && r < (task + 1) * ROWS_PER_TASK; r++) {
                     const uint8_t *gr = gate + e * up_bytes + r * dim / 2, *ur = up + e * up_bytes + r * dim / 2;
-                    const uint16_t *gs = gate_s + e * up_scales + r * (dim / group), *us = up_s + e * up_scales + r * (dim / group);
+                    const uint16_t *gs = gate_s + e * up_scales + r * (dim / group);
+                    const uint16_t *us = up_s + e * up_scales + r * (dim / group);
                     for (int64_t j = start[e]; j < start[e + 1]; j++) {
-                        const int64_t p = order[j], t = p / k;
-                        const int8_t *q = xq.q + t * dim;
-                        const float *d = xq.d + t * dim_blocks;
-                        const int32_t *s = xq.s + t * dim_blocks;
-                        float g = row_dot(gr, gs, fp16, bpg, q, d, s, dim), u = row_dot(ur, us, fp16, bpg, q, d, s, dim);
-                        h[j * hidden + r] = silu(g) * u;
+                        const int64_t t = order[j] / k;
+                        const int16_t *q = xa.q + t * dim;
+                        const float *d = xa.d + t * dim_blocks;
+                        const int32_t *sums = xa.s + t * dim_blocks;
+                        h[j * hidden + r] = silu(row_dot(gr, gs, fp16, bpg, q, d, sums, dim)) *
+                                            row_dot(ur, us, fp16, bpg, q, d, sums, dim);
                     }
                 }
             }
         }
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < pairs; j++) {
-            quantize_row(h + j * hidden, hidden, hq.q + j * hidden, hq.d + j * hidden_blocks, hq.s + j * hidden_blocks);
+            quantize_row(h + j * hidden, hidden, ha.q + j * hidden, ha.d + j * hidden_blocks, ha.s + j * hidden_blocks);
         }
-        /* down: each thread a range of output rows, summing every active expert's share into its own rows of y */
-#pragma omp for schedule(static)
+        /* down: each task a range of output rows, summing every active expert's share into its own rows of y */
+#pragma omp for schedule(dynamic)
         for (int64_t task = 0; task < dim_tasks; task++) {
             for (int64_t r = task * ROWS_PER_TASK; r < dim && r < (task + 1) * ROWS_PER_TASK; r++) {
                 for (int64_t t = 0; t < n_tokens; t++) y[t * dim + r] = 0.0f;
@@ -360,8 +372,8 @@ int k2_int4_moe(int64_t n_tokens, int64_t dim, int64_t hidden, int64_t k, int64_
                     const uint16_t *ds = down_s + e * down_scales + r * (hidden / group);
                     for (int64_t j = start[e]; j < start[e + 1]; j++) {
                         const int64_t p = order[j], t = p / k;
-                        y[t * dim + r] += route_w[p] * row_dot(dr, ds, fp16, bpg, hq.q + j * hidden,
-                                                                hq.d + j * hidden_blocks, hq.s + j * hidden_blocks, hidden);
+                        y[t * dim + r] += route_w[p] * row_dot(dr, ds, fp16, bpg, ha.q + j * hidden,
+                                                                ha.d + j * hidden_blocks, ha.s + j * hidden_blocks, hidden);
                     }
                 }
             }
@@ -374,7 +386,7 @@ done:
     free(active);
     free(order);
     free(h);
-    quantized_free(&xq);
-    quantized_free(&hq);
+    quantized_free(&xa);
+    quantized_free(&ha);
     return status;
 }

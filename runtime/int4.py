@@ -19,6 +19,13 @@ PACKED_SUFFIX = ".weight_packed"
 COMPANION_SUFFIXES = (".weight_scale", ".weight_shape")
 
 
+def exact_dtype(x: torch.Tensor) -> torch.dtype:
+    """What the dequantizing path computes in: float32 on the CPU, where it is the reference the kernels are checked
+    against (`k2 check`) and bf16 would round every dequantized weight, q * scale, to 8 bits; the model's dtype
+    elsewhere."""
+    return torch.float32 if x.device.type == "cpu" else x.dtype
+
+
 class PackedInt4(nn.Module):
     """Weights [*lead, out, in] as stored: `packed` int32 [*lead, out, ceil(in/8)], BF16 `scale` [*lead, out, groups]."""
 
@@ -44,7 +51,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = cpu.int4_linear(x, self.weight)
-        return y if y is not None else F.linear(x, self.weight.dense(dtype=x.dtype))
+        if y is not None:
+            return y
+        dtype = exact_dtype(x)
+        return F.linear(x.to(dtype), self.weight.dense(dtype=dtype)).to(x.dtype)
 
 
 class Int4Experts(nn.Module):
@@ -86,7 +96,9 @@ class Int4Experts(nn.Module):
         y = cpu.int4_moe(x, weights, ids, self)
         if y is not None:
             return y
-        return grouped_experts(x, weights, ids, self.n_experts, lambda e: self.expert_weights(e, x.dtype))
+        dtype = exact_dtype(x)
+        return grouped_experts(x.to(dtype), weights, ids, self.n_experts,
+                               lambda e: self.expert_weights(e, dtype)).to(x.dtype)
 
     def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(p.dense(e, dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))

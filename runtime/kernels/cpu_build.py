@@ -7,6 +7,7 @@ pointers. Their OpenMP threads come from the libgomp torch already loaded (the s
 share one thread pool, sized by torch.get_num_threads().
 """
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -26,22 +27,25 @@ VARIANTS = {
 }
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     """The instruction-set flags of this CPU (Linux's /proc/cpuinfo); empty where unknown."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
-def runnable_variants() -> list[str]:
-    """The variants this CPU can run, best first (x86 flags checked; elsewhere the portable one)."""
+@functools.cache
+def runnable_variants() -> tuple[str, ...]:
+    """The variants this CPU can run, best first (x86 flags checked; elsewhere the portable one). Read once: every
+    INT4 forward on the CPU asks."""
     flags = cpu_flags()
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
-    return [name for name, (_, needs) in VARIANTS.items() if not needs or (x86 and needs <= flags)]
+    return tuple(name for name, (_, needs) in VARIANTS.items() if not needs or (x86 and needs <= flags))
 
 
 def _cache_dir() -> Path:

@@ -175,14 +175,19 @@ static inline __m256i group_dot(const uint8_t *w, const int16_t *q) {
 }
 #endif
 
-/* Blocks [from, to) of a row in plain C (the blocks after the last whole group, and the portable variant). */
-static float blocks_dot(const uint8_t *w, const int16_t *q, const float *combined, int64_t from, int64_t to,
-                        int64_t blocks) {
+/* Blocks [from, to) of a row in plain C: the portable variant, and the blocks after the last whole group. Each is
+ * laid out on its own: element 4j + k, nibble k of the block's word j, at k * 8 + j. */
+static float blocks_dot(const uint8_t *w, const int16_t *q, const float *combined, int64_t from, int64_t to) {
     float total = 0.0f;
     for (int64_t b = from; b < to; b++) {
+        const uint8_t *wb = w + b * 16;
+        const int16_t *qb = q + b * QK;
         int32_t dot = 0;
-        for (int i = 0; i < QK; i++) {
-            dot += (int32_t)((w[b * 16 + i / 2] >> (4 * (i & 1))) & 0x0f) * q[position(b, blocks, i)];
+        for (int k = 0; k < 4; k++) { /* nibble k of every word: activations k * 8 .. k * 8 + 7, in order */
+            for (int j = 0; j < 8; j++) {
+                dot += (int32_t)((((uint32_t)wb[2 * j] | (uint32_t)wb[2 * j + 1] << 8) >> (4 * k)) & 0x0f) *
+                       qb[k * 8 + j];
+            }
         }
         total += (float)dot * combined[b];
     }
@@ -226,7 +231,7 @@ static float row_dot(const uint8_t *w, const uint16_t *scales, int fp16, int64_t
         acc[(b / GROUP_BLOCKS) & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(group_dot(w + b * 16, q + b * QK)), scale,
                                                       acc[(b / GROUP_BLOCKS) & 1]);
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + blocks_dot(w, q, combined, whole, blocks, blocks) -
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + blocks_dot(w, q, combined, whole, blocks) -
            8.0f * offset;
 #elif defined(__AVX2__)
     const int64_t whole = blocks - blocks % GROUP_BLOCKS;
@@ -239,9 +244,9 @@ static float row_dot(const uint8_t *w, const uint16_t *scales, int fp16, int64_t
         acc[(b / GROUP_BLOCKS) & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group_dot(w + b * 16, q + b * QK)), scale,
                                                       acc[(b / GROUP_BLOCKS) & 1]);
     }
-    return hsum256(_mm256_add_ps(acc[0], acc[1])) + blocks_dot(w, q, combined, whole, blocks, blocks) - 8.0f * offset;
+    return hsum256(_mm256_add_ps(acc[0], acc[1])) + blocks_dot(w, q, combined, whole, blocks) - 8.0f * offset;
 #else
-    return blocks_dot(w, q, combined, 0, blocks, blocks) - 8.0f * offset;
+    return blocks_dot(w, q, combined, 0, blocks) - 8.0f * offset;
 #endif
 }
 

@@ -51,6 +51,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
+def reply_starts_in_reasoning(reply_parser: type[ReplyParser], template: ChatTemplate, tokenizer: Tokenizer,
+                              prompt_ids: list[int]) -> bool:
+    """Whether the reply to `prompt_ids` starts inside a think block, by the reply format's rule, from where the
+    prompt leaves it and whether the model thinks at all (its template writes `</think>`, a token of its vocabulary)."""
+    thinks = THINK_CLOSE in template.literal_text and THINK_CLOSE in tokenizer.special_tokens
+    return reply_parser.starts_in_reasoning(tokenizer.decode(prompt_ids[-4:]), thinks)
+
+
 def check_messages(messages) -> list[dict]:
     """A conversation in the OpenAI shape, as /load reads it: a list of {"role", "content", ...} objects."""
     if not isinstance(messages, list):
@@ -141,10 +149,7 @@ class ChatSession:
         self.cache_ids = ids[:reused]
         stats = TurnStats(len(ids), reused, len(ids) - reused)
         self.turns.append(stats)
-        # Whether the reply starts inside a think block, by the reply format's rule, from where the prompt leaves it
-        # and whether the model thinks at all (its template writes `</think>`, a token of its vocabulary).
-        thinks = THINK_CLOSE in self.template.literal_text and THINK_CLOSE in self.tokenizer.special_tokens
-        in_reasoning = self.reply_parser.starts_in_reasoning(self.tokenizer.decode(ids[-4:]), thinks)
+        in_reasoning = reply_starts_in_reasoning(self.reply_parser, self.template, self.tokenizer, ids)
         parser = self.reply_parser(in_reasoning=in_reasoning, tools=self.tools)
         stream = self.tokenizer.stream()
         generated: list[int] = []

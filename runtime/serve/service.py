@@ -8,11 +8,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from runtime.chat_format import THINK_CLOSE, Event
+from runtime.chat_format import Event
 from runtime.engine import new_token_budget
 from runtime.serve.errors import RequestError
 from runtime.sampling import SamplingParams
 from runtime.serve.worker import Job, Token, Worker
+from runtime.session import reply_starts_in_reasoning
 
 
 @dataclass
@@ -92,8 +93,6 @@ class Service:
         self.eos_ids = loaded.eos_ids
         self.vocab_size = loaded.args.vocab_size
         self.created = int(time.time())
-        # Whether the model thinks at all: its template writes `</think>`, a token of its vocabulary.
-        self.thinks = THINK_CLOSE in self.template.literal_text and THINK_CLOSE in self.tokenizer.special_tokens
 
     # Prompts ----------------------------------------------------------------------------------------------------
 
@@ -110,8 +109,8 @@ class Service:
             calls = sum(len(m.get("tool_calls") or []) for m in messages if m.get("role") == "assistant")
             forced = self.reply_parser.forced_call(name, calls)
             ids = ids + self.tokenizer.encode_marked(forced, self.template.control_tokens(self.tokenizer))
-        prompt_end = self.tokenizer.decode(ids[-4:]) if not forced else ""
-        in_reasoning = self.reply_parser.starts_in_reasoning(prompt_end, self.thinks) if not forced else False
+        # A forced call starts the reply outside any think block.
+        in_reasoning = not forced and reply_starts_in_reasoning(self.reply_parser, self.template, self.tokenizer, ids)
         self.check_length(len(ids))
         return Prompt(ids, forced, in_reasoning)
 

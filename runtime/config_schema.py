@@ -32,6 +32,10 @@ _PHRASES = {
     "string_type": "expected a string", "dict_type": "expected an object", "model_type": "expected an object",
     "dataclass_type": "expected an object", "list_type": "expected a list", "finite_number": "expected a finite number",
 }
+# The same errors worded for JSON a client sent (a tool list, a request): pydantic's messages in JSON's terms where they
+# speak Python's; runtime/tools.py and runtime/serve/errors.py add their own.
+JSON_PROBLEMS = {"model_type": "should be a JSON object", "dict_type": "should be a JSON object",
+                 "list_type": "should be a JSON list", "string_type": "should be a string", "missing": "is missing"}
 _BOUNDS = {"greater_than": "must be greater than {gt}", "greater_than_equal": "must be at least {ge}",
            "less_than_equal": "must be at most {le}", "multiple_of": "must be a multiple of {multiple_of}"}
 

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, TypeAdapter, ValidationError
 
+from runtime.config_schema import JSON_PROBLEMS
 from runtime.errors import K2Error
 
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for a function name
@@ -47,11 +48,9 @@ class Tool(_Schema):
 _TOOL_LIST = TypeAdapter(list[Tool])
 
 
-# Pydantic's wording, in JSON's terms where it speaks Python's.
-_PROBLEMS = {"model_type": "should be a JSON object", "dict_type": "should be a JSON object",
-             "list_type": "should be a JSON list", "string_type": "should be a string", "missing": "is missing",
-             "string_pattern_mismatch": "{input} is not a function name (1 to 64 letters, digits, _ or -)",
-             "literal_error": "{msg}, not {input}"}
+_PROBLEMS = JSON_PROBLEMS | {
+    "string_pattern_mismatch": "{input} is not a function name (1 to 64 letters, digits, _ or -)",
+    "literal_error": "{msg}, not {input}"}
 
 
 def _one_line(error: dict) -> str:

@@ -4,13 +4,11 @@ import reprlib
 
 from pydantic import ValidationError
 
+from runtime.config_schema import JSON_PROBLEMS
 from runtime.errors import K2Error
 
-# Pydantic's wording, in JSON's terms where it speaks Python's.
-_PROBLEMS = {"model_type": "should be a JSON object", "dict_type": "should be a JSON object",
-             "list_type": "should be a JSON list", "string_type": "should be a string", "missing": "is missing",
-             "int_type": "should be an integer", "float_type": "should be a number", "bool_type": "should be true "
-             "or false", "extra_forbidden": "is not a field of this object"}
+_PROBLEMS = JSON_PROBLEMS | {"int_type": "should be an integer", "float_type": "should be a number",
+                             "bool_type": "should be true or false", "extra_forbidden": "is not a field of this object"}
 # Pydantic's names for the branches of a union that are not models (`str | list[dict]`: `str`, `list[dict[any,any]]`);
 # a model branch goes by its class's name. JSON's field names are none of these.
 _BRANCH_TYPES = {"str", "int", "float", "bool", "none"}

@@ -335,8 +335,6 @@ def chat(model: str = options.MODEL,
 
     Default sampling is the model's generation_config.json; the flags override it.
     """
-    from runtime.loader import load
-    from runtime.offload import parse_device_map
     from runtime.resolve import k2_cache_dir
     from runtime.session import ChatSession
 
@@ -348,10 +346,8 @@ def chat(model: str = options.MODEL,
         if not prompt.strip():
             raise K2Error("no message: pass -p TEXT, pipe a message on stdin, or run in a terminal")
     tool_list = read_tools(tools) if tools else None
-    options.apply_threads(threads)
-    loaded = load(model, device=device, dtype=dtype, plan=plan, device_map=parse_device_map(device_map),
-                  progress=sys.stderr.isatty())
-    if loaded is None:  # a pipeline rank other than 0: it served rank 0 until the end
+    loaded = options.load_to_run(model, device, dtype, plan, device_map, threads)
+    if loaded is None:
         return
     try:
         overrides = options.sampling_overrides(temperature, top_k, top_p, min_p, repetition_penalty, seed)

@@ -1,6 +1,5 @@
 """`k2 info`, `k2 init-demo`, `k2 generate`: inspect, create and run a checkpoint."""
 import json
-import sys
 from pathlib import Path
 
 import typer
@@ -74,8 +73,7 @@ def generate(model: str = options.MODEL,
     import time
 
     from runtime.engine import new_token_budget
-    from runtime.loader import load
-    from runtime.offload import ExpertStats, expert_cache_hit_rate, parse_device_map
+    from runtime.offload import ExpertStats, expert_cache_hit_rate
     from runtime.sampling import Sampler, SamplingParams
 
     overrides = options.sampling_overrides(temperature, top_k, top_p, min_p, repetition_penalty, seed)
@@ -85,10 +83,8 @@ def generate(model: str = options.MODEL,
             prompt_ids = [int(i) for i in ids.split(",")]
         except ValueError:
             raise K2Error(f"--ids must be comma-separated integers, got {ids!r}") from None
-    options.apply_threads(threads)
-    loaded = load(model, device=device, dtype=dtype, plan=plan, device_map=parse_device_map(device_map),
-                  progress=sys.stderr.isatty())
-    if loaded is None:  # a pipeline rank other than 0: it served rank 0 until the end
+    loaded = options.load_to_run(model, device, dtype, plan, device_map, threads)
+    if loaded is None:
         return
     try:
         if ids is None:

@@ -37,6 +37,19 @@ def apply_threads(threads: int | None):
         typer.echo(note, err=True)
 
 
+def load_to_run(model: str, device: str, dtype: str, plan, device_map: str | None, threads: int | None):
+    """The model loaded and placed as `k2 generate`, `k2 chat` and `k2 serve` run it, after --threads (so the weights
+    land on the threads' NUMA node); None on a pipeline rank other than 0, which served rank 0 until the end."""
+    import sys
+
+    from runtime.loader import load
+    from runtime.offload import parse_device_map
+
+    apply_threads(threads)
+    return load(model, device=device, dtype=dtype, plan=plan, device_map=parse_device_map(device_map),
+                progress=sys.stderr.isatty())
+
+
 def max_tokens(default: int):
     return typer.Option(default, "--max-tokens", "-n", min=1,
                         help="At most this many new tokens (per reply, in a chat).")

@@ -1,6 +1,5 @@
 """`k2 serve`: an OpenAI- and Anthropic-compatible server for agents, on the engine `k2 chat` uses."""
 import os
-import sys
 from pathlib import Path
 
 import typer
@@ -34,8 +33,6 @@ def serve(model: str = options.MODEL,
     time, in order; a client that disconnects stops its generation. Ctrl-C finishes the requests in flight, then
     exits; a second Ctrl-C exits at once.
     """
-    from runtime.loader import load
-    from runtime.offload import parse_device_map
     from runtime.serve.server import require_libraries, run
     from runtime.serve.service import Service
     from runtime.serve.worker import Worker
@@ -44,10 +41,8 @@ def serve(model: str = options.MODEL,
     limit = parse_size(max_body, "--max-body")
     if api_key is not None and not api_key.strip():
         raise K2Error("--api-key is empty")
-    options.apply_threads(threads)
-    loaded = load(model, device=device, dtype=dtype, plan=plan, device_map=parse_device_map(device_map),
-                  progress=sys.stderr.isatty())
-    if loaded is None:  # a pipeline rank other than 0: it served rank 0 until the end
+    loaded = options.load_to_run(model, device, dtype, plan, device_map, threads)
+    if loaded is None:
         return
     try:
         if not loaded.has_tokenizer:

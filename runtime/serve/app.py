@@ -135,9 +135,17 @@ class Server:
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _collect(self, request: Request, work) -> Response:
+    async def _collect(self, request: Request, steps: AsyncIterator, add: Callable, finish: Callable) -> Response:
+        """A reply that is not streamed: each step of the generation goes to `add`, its Done to `finish`, which gives
+        the body; the generation stops if the client leaves first."""
+        async def work():
+            async for item in steps:
+                if isinstance(item, Done):
+                    return JSONResponse(finish(item))
+                add(item)
+
         try:
-            return await _until_disconnected(request, work)
+            return await _until_disconnected(request, work())
         except RequestError:
             raise
         except K2Error as e:
@@ -164,13 +172,7 @@ class Server:
                         yield _sse(chunk)
                 yield _sse("[DONE]")
             return self._stream(request, events())
-
-        async def collect():
-            async for item in self.service.chat(chat, prompt):
-                if isinstance(item, Done):
-                    return JSONResponse(reply.message(item))
-                reply.add(item)
-        return await self._collect(request, collect())
+        return await self._collect(request, self.service.chat(chat, prompt), reply.add, reply.message)
 
     async def completions(self, request: Request, body) -> Response:
         api, ids = await asyncio.to_thread(openai_api.completion_request, body, self.service)
@@ -185,13 +187,7 @@ class Server:
                         yield _sse(chunk)
                 yield _sse("[DONE]")
             return self._stream(request, events())
-
-        async def collect():
-            async for item in steps:
-                if isinstance(item, Done):
-                    return JSONResponse(reply.response(item))
-                reply.chunk(*item)
-        return await self._collect(request, collect())
+        return await self._collect(request, steps, lambda item: reply.chunk(*item), reply.response)
 
     async def messages(self, request: Request, body) -> Response:
         api, chat = anthropic_api.messages_request(body, self.service)
@@ -205,13 +201,7 @@ class Server:
                     for event in (reply.stop(item) if isinstance(item, Done) else reply.events(item)):
                         yield _sse(event, event["type"])
             return self._stream(request, events())
-
-        async def collect():
-            async for item in self.service.chat(chat, prompt):
-                if isinstance(item, Done):
-                    return JSONResponse(reply.message(item))
-                reply.events(item)
-        return await self._collect(request, collect())
+        return await self._collect(request, self.service.chat(chat, prompt), reply.events, reply.message)
 
     async def count_tokens(self, request: Request, body) -> Response:
         _, chat = anthropic_api.messages_request(body, self.service, count_only=True)

@@ -23,7 +23,8 @@ class ServerProcess:
                                      env={**os.environ, "K2_DEBUG": "1", **(env or {})})
         self.lines: list[str] = []
         self.url = self._wait_ready()
-        threading.Thread(target=self._drain, daemon=True).start()
+        self.reader = threading.Thread(target=self._drain, daemon=True)
+        self.reader.start()
 
     def _wait_ready(self) -> str:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -42,6 +43,9 @@ class ServerProcess:
 
     @property
     def log(self) -> str:
+        """Its stderr so far; all of it once the process has exited (the thread reading it is waited for)."""
+        if self.proc.poll() is not None:
+            self.reader.join(10)
         return "".join(self.lines)
 
     def stop(self, timeout: float = 60) -> int:

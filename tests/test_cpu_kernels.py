@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
+from runtime.errors import K2Error
 from runtime.int4 import Int4Experts, Int4Linear
 from runtime.kernels import cpu
 
@@ -138,3 +139,11 @@ def test_exact_mode_is_the_dequantizing_path():
     finally:
         cpu.select("auto")
     assert _relative_error(y, _reference_moe(x, weights, ids, dense, _exact)) < REL_TOL
+
+
+def test_a_wrong_k2_cpu_kernel_is_a_one_line_error(monkeypatch):
+    """K2_CPU_KERNEL is read when a kernel is first asked for: a mode that does not exist is refused by name."""
+    monkeypatch.setenv("K2_CPU_KERNEL", "avx9000")
+    monkeypatch.setattr(cpu, "_mode", [None])
+    with pytest.raises(K2Error, match="K2_CPU_KERNEL: unknown CPU kernel mode 'avx9000'"):
+        cpu.active()

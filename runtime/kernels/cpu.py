@@ -81,30 +81,36 @@ def _kernels(variant: str) -> Kernels | str:
         return str(e)
 
 
-_mode = [os.environ.get("K2_CPU_KERNEL", "auto")]
+_mode: list[str | None] = [None]  # None: K2_CPU_KERNEL's, checked when first asked
+
+
+def _checked(mode: str, source: str = "") -> str:
+    if mode not in MODES:
+        raise K2Error(f"{source}unknown CPU kernel mode {mode!r} (one of {', '.join(MODES)})")
+    if mode in VARIANTS and mode not in runnable_variants():
+        raise K2Error(f"{source}this CPU cannot run the {mode} kernels (it runs {', '.join(runnable_variants())})")
+    return mode
 
 
 def select(mode: str) -> str:
     """Make INT4 forwards on the CPU run `mode` from their next call; returns the name now in use (see active())."""
-    if mode not in MODES:
-        raise K2Error(f"unknown CPU kernel mode {mode!r} (one of {', '.join(MODES)})")
-    if mode in VARIANTS and mode not in runnable_variants():
-        raise K2Error(f"this CPU cannot run the {mode} kernels (it runs {', '.join(runnable_variants())})")
-    _mode[0] = mode
+    _mode[0] = _checked(mode)
     return active()
 
 
 def mode() -> str:
-    """The mode last selected (what `select` was given, or `K2_CPU_KERNEL`)."""
+    """The mode last selected (what `select` was given, or `K2_CPU_KERNEL`, "auto" where unset)."""
+    if _mode[0] is None:
+        _mode[0] = _checked(os.environ.get("K2_CPU_KERNEL", "auto"), "K2_CPU_KERNEL: ")
     return _mode[0]
 
 
 def current() -> Kernels | None:
     """The kernels INT4 forwards on the CPU run now; None: the exact path."""
-    mode = _mode[0]
-    if mode == "exact":
+    mode_now = mode()
+    if mode_now == "exact":
         return None
-    variant = runnable_variants()[0] if mode == "auto" else mode
+    variant = runnable_variants()[0] if mode_now == "auto" else mode_now
     kernels = _kernels(variant)
     if isinstance(kernels, str):
         say_once(f"CPU INT4 kernels unavailable ({kernels}); INT4 weights run on the exact, slower path")
@@ -162,7 +168,7 @@ def describe() -> str:
     """One line: what runs, and why, for `k2 check`, `k2 bench` and the tests' output."""
     kernels = current()
     if kernels is None:
-        return "exact (dequantizing torch path)" if _mode[0] == "exact" else "exact (no kernels could be built)"
+        return "exact (dequantizing torch path)" if mode() == "exact" else "exact (no kernels could be built)"
     threads = f"{torch.get_num_threads()} threads" if kernels.openmp else "1 thread (built without OpenMP)"
     return f"{kernels.variant} ({threads}; this CPU runs {', '.join(runnable_variants())})"
 

@@ -44,7 +44,7 @@ def bench(model: str = options.MODEL,
           reps: int = typer.Option(5, "--reps", min=1, help="Measured repetitions (mean ± stddev)."),
           warmup: int = typer.Option(1, "--warmup", min=0, help="Unmeasured repetitions first."),
           device: str = options.DEVICE, dtype: str = options.DTYPE,
-          threads: int = options.THREADS,
+          threads: int = options.THREADS, int8: bool = options.INT8,
           plan: Path = options.PLAN, device_map: str = options.DEVICE_MAP,
           compare: str = typer.Option(None, "--compare", help="'transformers' (a model folder) or 'llama.cpp' (a GGUF "
                                                               "file): also run that engine on the same checkpoint, reps "
@@ -62,7 +62,7 @@ def bench(model: str = options.MODEL,
     if compare:
         peers.peer(compare)  # a missing package is an error before the model loads
     options.apply_threads(threads)
-    loaded = load(model, device=device, dtype=dtype, plan=plan, device_map=parse_device_map(device_map))
+    loaded = load(model, device=device, dtype=dtype, plan=plan, device_map=parse_device_map(device_map), int8=int8)
     settings = BenchSettings(prompt_len=prompt_len, gen=gen, batch=batch, reps=reps, warmup=warmup)
     result = run_bench(loaded, settings, compare=compare, eager=eager)
     if as_json:

@@ -329,6 +329,7 @@ def chat(model: str = options.MODEL,
                                                           "may call."),
          device: str = options.DEVICE, dtype: str = options.DTYPE, plan: Path = options.PLAN,
          device_map: str = options.DEVICE_MAP, eager: bool = options.EAGER, threads: int = options.THREADS,
+         int8: bool = options.INT8,
          as_json: bool = options.json_flag("With -p or piped input: print the reply message and the turn's numbers "
                                            "as JSON.")):
     """Chat with a model: streamed replies, reasoning dimmed, tool calls shown, the cache kept across turns.
@@ -346,7 +347,7 @@ def chat(model: str = options.MODEL,
         if not prompt.strip():
             raise K2Error("no message: pass -p TEXT, pipe a message on stdin, or run in a terminal")
     tool_list = read_tools(tools) if tools else None
-    loaded = options.load_to_run(model, device, dtype, plan, device_map, threads)
+    loaded = options.load_to_run(model, device, dtype, plan, device_map, threads, int8)
     if loaded is None:
         return
     try:

@@ -26,8 +26,8 @@ def check(model: str = options.MODEL,
           prompts: int = typer.Option(4, "--prompts", min=1, help="Prompts run through both paths."),
           tokens: int = typer.Option(32, "--tokens", min=1, help="Tokens per prompt (its prefill; a few decode steps "
                                                                  "follow)."),
-          threads: int = options.THREADS, device: str = options.DEVICE, dtype: str = options.COMPUTE_DTYPE,
-          as_json: bool = options.JSON):
+          threads: int = options.THREADS, int8: bool = options.INT8, device: str = options.DEVICE,
+          dtype: str = options.COMPUTE_DTYPE, as_json: bool = options.JSON):
     """Check the CPU kernel this machine selects against the exact path: max logit difference, KL, greedy agreement.
 
     Exits 1 with a one-line verdict when the mean KL(exact || fast) exceeds 1e-3 or the top-1 agreement falls below
@@ -41,7 +41,8 @@ def check(model: str = options.MODEL,
     if in_pipeline():
         raise K2Error("k2 check runs in one process, without torchrun")
     options.apply_threads(threads)
-    result = run_check(load(model, device=device, dtype=dtype), CheckSettings(prompts=prompts, tokens=tokens))
+    loaded = load(model, device=device, dtype=dtype, int8=int8)
+    result = run_check(loaded, CheckSettings(prompts=prompts, tokens=tokens))
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:

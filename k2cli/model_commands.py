@@ -67,7 +67,7 @@ def generate(model: str = options.MODEL,
              temperature: float = options.TEMPERATURE, top_k: int = options.TOP_K, top_p: float = options.TOP_P,
              min_p: float = options.MIN_P, repetition_penalty: float = options.REPETITION_PENALTY,
              seed: int = options.SEED, eager: bool = options.EAGER, threads: int = options.THREADS,
-             as_json: bool = options.JSON):
+             int8: bool = options.INT8, as_json: bool = options.JSON):
     """Raw completion without a chat template: greedy unless --temperature is above 0 (or a repetition penalty is
     set). For a conversation use `k2 chat`."""
     import time
@@ -83,7 +83,7 @@ def generate(model: str = options.MODEL,
             prompt_ids = [int(i) for i in ids.split(",")]
         except ValueError:
             raise K2Error(f"--ids must be comma-separated integers, got {ids!r}") from None
-    loaded = options.load_to_run(model, device, dtype, plan, device_map, threads)
+    loaded = options.load_to_run(model, device, dtype, plan, device_map, threads, int8)
     if loaded is None:
         return
     try:

@@ -27,6 +27,11 @@ BATCH = typer.Option(1, "--batch", min=1, help="Sequences decoded together.")
 THREADS = typer.Option(None, "--threads", min=1, help="CPU threads torch computes with (default: torch's choice, one "
                                                       "per core); kept on one NUMA node where they fit one.")
 
+INT8 = typer.Option(False, "--int8", help="Quantize the dense weights (attention, shared experts, dense layers, the "
+                                          "output head) to int8 with a scale per output row as the model loads, for "
+                                          "the CPU kernels: half a BF16 layer's bytes per token (llama.cpp's Q8_0). "
+                                          "CPU only.")
+
 
 def apply_threads(threads: int | None):
     """Set the CPU threads before the model loads (its weights then land on the threads' NUMA node); print what was
@@ -37,7 +42,8 @@ def apply_threads(threads: int | None):
         typer.echo(note, err=True)
 
 
-def load_to_run(model: str, device: str, dtype: str, plan, device_map: str | None, threads: int | None):
+def load_to_run(model: str, device: str, dtype: str, plan, device_map: str | None, threads: int | None,
+                int8: bool = False):
     """The model loaded and placed as `k2 generate`, `k2 chat` and `k2 serve` run it, after --threads (so the weights
     land on the threads' NUMA node); None on a pipeline rank other than 0, which served rank 0 until the end."""
     import sys
@@ -47,7 +53,7 @@ def load_to_run(model: str, device: str, dtype: str, plan, device_map: str | Non
 
     apply_threads(threads)
     return load(model, device=device, dtype=dtype, plan=plan, device_map=parse_device_map(device_map),
-                progress=sys.stderr.isatty())
+                progress=sys.stderr.isatty(), int8=int8)
 
 
 def max_tokens(default: int):

@@ -1,8 +1,8 @@
 """`k2 check`: does the CPU kernel this machine selects compute what the exact path computes, on this model?
 
 Users of other engines find out that an INT4 kernel is wrong on their CPU from repeated tokens or gibberish; this
-says so in seconds. One loaded model serves both runs: runtime.kernels.cpu.select switches every INT4 forward on the
-CPU between the exact path (dequantize, then torch) and the kernel. Each prompt runs through both teacher-forced:
+says so in seconds. One loaded model serves both runs: runtime.kernels.cpu.select switches every INT4 (and, with
+--int8, int8) forward on the CPU between the exact path (dequantize, then torch) and the kernel. Each prompt runs through both teacher-forced:
 the prefill's logits at every position (the kernel's tokens-grouped-by-expert path), then DECODE_STEPS steps of one
 token each (its single-token path, through the cache as the engine decodes), fed the tokens the exact path picks
 greedily, so both paths see the same inputs and one disagreement cannot cascade into the rest.
@@ -16,6 +16,7 @@ import torch
 from runtime.errors import K2Error
 from runtime.eval import divergence
 from runtime.int4 import Int4Experts, Int4Linear
+from runtime.int8 import Int8Linear
 
 KL_LIMIT = 1e-3  # mean KL(exact || fast) in nats per position
 AGREEMENT_LIMIT = 0.99  # share of positions whose top token agrees
@@ -39,11 +40,11 @@ class CheckSettings:
     seed: int = 0  # of the random prompts of a model without a tokenizer
 
 
-def cpu_int4_modules(model) -> int:
-    """The INT4 modules whose weights are on the CPU: where the CPU kernels run."""
-    packed = [m.gate_proj.packed if isinstance(m, Int4Experts) else m.weight.packed
-              for m in model.modules() if isinstance(m, (Int4Experts, Int4Linear))]
-    return sum(1 for p in packed if p.device.type == "cpu")
+def cpu_kernel_modules(model) -> int:
+    """The INT4 and int8 modules whose weights are on the CPU: where the CPU kernels run."""
+    held = [m.gate_proj.packed if isinstance(m, Int4Experts) else m.weight.packed if isinstance(m, Int4Linear)
+            else m.weight for m in model.modules() if isinstance(m, (Int4Experts, Int4Linear, Int8Linear))]
+    return sum(1 for t in held if t.device.type == "cpu")
 
 
 def make_prompts(loaded, settings: CheckSettings) -> list[list[int]]:
@@ -113,15 +114,15 @@ def run_check(loaded, settings: CheckSettings) -> dict:
 
     model = loaded.model
     result = {"model": str(loaded.folder), "device": str(loaded.device), "threads": torch.get_num_threads(),
-              "int4_modules_on_cpu": cpu_int4_modules(model)}
+              "kernel_modules_on_cpu": cpu_kernel_modules(model)}
     previous = cpu.mode()
     try:
         # What the user's runs use (K2_CPU_KERNEL may name a variant), or the best variant where that is "exact".
         kernel = result["kernel"] = cpu.select("auto" if previous == "exact" else previous)
-        if not result["int4_modules_on_cpu"]:
+        if not result["kernel_modules_on_cpu"]:
             return result | {"compared": False, "ok": True,
-                             "verdict": f"{loaded.folder} holds no INT4 weights on the CPU, the only weights the CPU "
-                                        "kernels compute with: nothing to compare"}
+                             "verdict": f"{loaded.folder} holds no INT4 or int8 weights on the CPU, the only weights "
+                                        "the CPU kernels compute with: nothing to compare"}
         if kernel == "exact":
             return result | {"compared": False, "ok": True,
                              "verdict": "no CPU kernel could be built on this machine, so k2 computes with the exact "

@@ -177,11 +177,12 @@ class LoadedModel:
 
 def load(spec: str | Path = DEMO, device: str = "cpu", dtype: str | None = None, weights: bool = True,
          plan: str | Path | None = None, device_map: dict[str, str] | None = None, progress: bool = False,
-         complete: bool = False) -> LoadedModel | None:
+         complete: bool = False, int8: bool = False) -> LoadedModel | None:
     """Open MODEL (a folder, a GGUF file, a cached repo id or "demo"). With `plan` (a `k2 plan --json` file) the
     model is placed as it says. Under torchrun each rank loads its own stage; every rank but 0 serves rank 0 until it
     is done and then gets None. Without weights, `complete` requires every shard's header (what reads all the weights
-    needs); otherwise config.json alone is enough."""
+    needs); otherwise config.json alone is enough. `int8` quantizes the dense linears to int8 for the CPU kernels
+    (runtime/int8.py)."""
     folder = resolve_model(str(spec))
     if not weights:
         checkpoint = open_checkpoint(folder, require_weights=complete, allow_missing_shards=not complete)
@@ -190,6 +191,9 @@ def load(spec: str | Path = DEMO, device: str = "cpu", dtype: str | None = None,
 
     target = check_device(device)
     dtype = torch_dtype(dtype)
+    if int8 and (target.type != "cpu" or plan or in_pipeline()):
+        raise K2Error("--int8 is for the CPU kernels: load the model whole on the CPU (--device cpu, no --plan, no "
+                      "torchrun)")
     plan_data = read_plan(plan) if plan else None
     checkpoint = open_checkpoint(folder, allow_missing_shards=in_pipeline())  # a stage's folder has its shards only
     if in_pipeline():
@@ -204,6 +208,10 @@ def load(spec: str | Path = DEMO, device: str = "cpu", dtype: str | None = None,
         raise K2Error(f"the plan has {len(plan_data['stages'])} stages: run it with "
                       f"torchrun --nproc-per-node {len(plan_data['stages'])}")
     model = load_model(checkpoint, dtype, "cpu" if plan_data else target, progress=progress)
+    if int8:
+        from runtime.int8 import quantize_dense_int8
+
+        quantize_dense_int8(model)
     if plan_data:
         apply_placement(model, plan_data["stages"][0], device_map)
     return LoadedModel(folder, checkpoint, model, model.device, placed=plan_data is not None)

@@ -57,7 +57,7 @@ def test_selected_kernel_passes(int4_dir):
     before = cpu.mode()
     code, result, stderr = check_json(int4_dir)
     assert code == 0, stderr
-    assert result["compared"] and result["ok"] and result["int4_modules_on_cpu"] > 0
+    assert result["compared"] and result["ok"] and result["kernel_modules_on_cpu"] > 0
     assert cpu.mode() == before  # the check leaves the selection as it found it
     assert result["kernel"] == cpu.select("auto")  # what the kernels' own dispatch picks here
     cpu.select(before)
@@ -107,7 +107,7 @@ def test_wrong_kernel_fails_with_one_line_verdict(int4_dir, broken_kernel):
 def test_model_without_int4_weights_has_nothing_to_compare(demo_dir):
     code, result, stderr = check_json(demo_dir)
     assert code == 0, stderr
-    assert (result["compared"], result["ok"], result["int4_modules_on_cpu"]) == (False, True, 0)
+    assert (result["compared"], result["ok"], result["kernel_modules_on_cpu"]) == (False, True, 0)
     assert "nothing to compare" in result["verdict"]
 
 

@@ -1,8 +1,8 @@
-"""The CPU INT4 kernels (runtime/kernels/int4_cpu.c) against the dequantized reference, every variant this CPU runs:
-weights packed by compressed-tensors' own packer, activations quantized as the kernels document (int16 blocks of 32),
-the products in float64. Random shapes with odd group counts,
-experts no token picks, skipped (negative) ids, batches of 1 to 64, bf16 and fp16 scales, group sizes 32 to 128. And
-the fallback: no compiler, the exact path, one message."""
+"""The CPU INT4 and int8 kernels (runtime/kernels/cpu_kernels.c) against the dequantized reference, every variant
+this CPU runs: INT4 weights packed by compressed-tensors' own packer, activations quantized as the kernels document
+(int16 blocks of 32), the products in float64. Random shapes with odd group counts, experts no token picks, skipped
+(negative) ids, batches of 1 to 64, bf16 and fp16 scales, group sizes 32 to 128. And the fallback: no compiler, the
+exact path, one message."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
 from runtime.errors import K2Error
 from runtime.int4 import Int4Experts, Int4Linear
+from runtime.int8 import Int8Linear
 from runtime.kernels import cpu
 
 VARIANTS = cpu.runnable_variants()
@@ -95,6 +96,18 @@ def test_linear_kernel_equals_the_dequantized_reference(variant, tokens):
     y = linear(x)
     assert y.shape == (2, tokens, 80)
     assert _relative_error(y, cpu.quantize_activations(x).double() @ dense.T) < REL_TOL
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 64])
+def test_int8_linear_kernel_equals_the_dequantized_reference(variant, tokens):
+    """int8 rows with one scale each (runtime/int8.py), inputs of 7 blocks (odd), a bias; 1 to 64 tokens."""
+    generator = torch.Generator().manual_seed(100 + tokens)
+    linear = Int8Linear(torch.randint(-127, 128, (48, 224), generator=generator, dtype=torch.int8),
+                        torch.rand(48, generator=generator) * 0.01, torch.randn(48, generator=generator))
+    x = torch.randn(tokens, 224, generator=generator)
+    y = linear(x)
+    dense = linear.weight.double() * linear.scale.double()[:, None]
+    assert _relative_error(y, cpu.quantize_activations(x).double() @ dense.T + linear.bias.double()) < REL_TOL
 
 
 def test_variants_agree_with_each_other():

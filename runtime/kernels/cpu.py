@@ -1,4 +1,4 @@
-"""The CPU INT4 kernels (int4_cpu.c, built by cpu_build.py), chosen by what this CPU runs.
+"""The CPU INT4 kernels (cpu_kernels.c, built by cpu_build.py), chosen by what this CPU runs.
 
 `select(mode)` chooses what an INT4 forward on the CPU runs from its next call: "auto" (the best variant this CPU
 runs, the default; `K2_CPU_KERNEL` sets the starting mode), "exact" (the dequantizing torch path, the reference), or
@@ -23,10 +23,10 @@ from runtime.errors import K2Error
 from runtime.kernels import say_once
 from runtime.kernels.cpu_build import VARIANTS, load, runnable_variants
 
-SOURCE = Path(__file__).with_name("int4_cpu.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 BLOCK = 32  # inputs per activation scale and per 16 weight bytes: the unit a weight group must be a multiple of
 LEVELS = 32767  # int16 activations: a block's largest value maps to this
-MAX_BLOCKS = 8192  # blocks per row the kernels hold on their stack (int4_cpu.c): 262,144 inputs
+MAX_BLOCKS = 8192  # blocks per row the kernels hold on their stack (cpu_kernels.c): 262,144 inputs
 MODES = ("auto", "exact", *VARIANTS)
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -44,6 +44,8 @@ class Kernels:
                                                 ctypes.c_int]
         self.library.k2_int4_moe.restype = ctypes.c_int
         self.library.k2_int4_moe.argtypes = [_I64] * 5 + [_PTR] * 9 + [_I64, ctypes.c_int, _PTR, ctypes.c_int]
+        self.library.k2_int8_linear.restype = ctypes.c_int
+        self.library.k2_int8_linear.argtypes = [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, ctypes.c_int]
         self.openmp = bool(self.library.k2_openmp())
 
     def linear(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
@@ -56,6 +58,15 @@ class Kernels:
                                              torch.get_num_threads())
         if status:
             raise MemoryError("the INT4 CPU kernel could not allocate its buffers")
+        return y
+
+    def int8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x [N, in] float32, int8 `weight` [out, in] with float32 `scale` [out] -> [N, out]."""
+        y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+        status = self.library.k2_int8_linear(x.shape[0], weight.shape[1], weight.shape[0], x.data_ptr(),
+                                             weight.data_ptr(), scale.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        if status:
+            raise MemoryError("the int8 CPU kernel could not allocate its buffers")
         return y
 
     def moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts) -> torch.Tensor:
@@ -152,6 +163,19 @@ def int4_linear(x: torch.Tensor, weight) -> torch.Tensor | None:
     if flat.shape[0] == 0:
         return None
     y = kernels.linear(flat.float().contiguous(), weight.packed, weight.scale, weight.in_features, weight.group_size)
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """x [..., in] through int8 `weight` [out, in] with per-row float32 `scale`, or None where the kernels do not
+    apply."""
+    kernels = current()
+    if kernels is None or x.device.type != "cpu" or weight.shape[1] % BLOCK or weight.shape[1] // BLOCK > MAX_BLOCKS:
+        return None
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] == 0:
+        return None
+    y = kernels.int8_linear(flat.float().contiguous(), weight, scale)
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 

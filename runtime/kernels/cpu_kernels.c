@@ -119,9 +119,9 @@ static inline int64_t position(int64_t b, int64_t blocks, int i) {
     return b * QK + (i % 4) * 8 + i / 4;
 }
 
-/* x [n] (n a multiple of QK) -> q [n] int16 laid out as `position` says; d [n / QK] the blocks' scales; s [n / QK]
- * the sums of their q. */
-static void quantize_row(const float *x, int64_t n, int16_t *q, float *d, int32_t *s) {
+/* x [n] (n a multiple of QK) -> q [n] int16 laid out as `position` says (for INT4 weights) or in order (for int8
+ * weights: `in_order`); d [n / QK] the blocks' scales; s [n / QK] the sums of their q. */
+static void quantize_row(const float *x, int64_t n, int16_t *q, float *d, int32_t *s, int in_order) {
     for (int64_t b = 0; b < n / QK; b++) {
         const float *xb = x + b * QK;
         float amax = 0.0f;
@@ -133,7 +133,7 @@ static void quantize_row(const float *x, int64_t n, int16_t *q, float *d, int32_
         int32_t sum = 0;
         for (int i = 0; i < QK; i++) {
             const int32_t v = (int32_t)nearbyintf(xb[i] * inverse);
-            q[position(b, n / QK, i)] = (int16_t)v;
+            q[in_order ? b * QK + i : position(b, n / QK, i)] = (int16_t)v;
             sum += v;
         }
         d[b] = scale;
@@ -286,7 +286,7 @@ int k2_int4_linear(int64_t n_tokens, int64_t in, int64_t out, const float *x, co
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < n_tokens; t++) {
-            quantize_row(x + t * in, in, xa.q + t * in, xa.d + t * blocks, xa.s + t * blocks);
+            quantize_row(x + t * in, in, xa.q + t * in, xa.d + t * blocks, xa.s + t * blocks, 0);
         }
 #pragma omp for schedule(dynamic)
         for (int64_t task = 0; task < tasks; task++) {
@@ -294,6 +294,73 @@ int k2_int4_linear(int64_t n_tokens, int64_t in, int64_t out, const float *x, co
                 for (int64_t t = 0; t < n_tokens; t++) {
                     y[t * out + r] = row_dot(w + r * in / 2, scales + r * groups, fp16, bpg, xa.q + t * in,
                                              xa.d + t * blocks, xa.s + t * blocks, in);
+                }
+            }
+        }
+    }
+    quantized_free(&xa);
+    return 0;
+}
+
+/* int8 weights -------------------------------------------------------------------------------------------------- */
+
+/* Row `w` (n int8 weights, in order) against one token's activations quantized in order (q, d): the sum over blocks of
+ * d[b] times the block's exact integer dot product. The row's own scale is the caller's to apply. */
+static float row_dot_int8(const int8_t *w, const int16_t *q, const float *d, int64_t n) {
+    const int64_t blocks = n / QK;
+    int64_t b = 0;
+    float total = 0.0f;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (; b < blocks; b++) {
+        if (b % 2 == 0) _mm_prefetch((const char *)(w + b * QK + PREFETCH_BYTES), _MM_HINT_T0);
+        const __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + b * QK)));
+        const __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wide, _mm512_loadu_si512(q + b * QK));
+        acc[b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(d[b]), acc[b & 1]);
+    }
+    total = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+#elif defined(__AVX2__)
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (; b < blocks; b++) {
+        if (b % 2 == 0) _mm_prefetch((const char *)(w + b * QK + PREFETCH_BYTES), _MM_HINT_T0);
+        const __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + b * QK)));
+        const __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + b * QK + 16)));
+        const __m256i *qb = (const __m256i *)(q + b * QK);
+        const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(qb)),
+                                             _mm256_madd_epi16(hi, _mm256_loadu_si256(qb + 1)));
+        acc[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[b]), acc[b & 1]);
+    }
+    total = hsum256(_mm256_add_ps(acc[0], acc[1]));
+#endif
+    for (; b < blocks; b++) {
+        int32_t dot = 0;
+        for (int i = 0; i < QK; i++) dot += (int32_t)w[b * QK + i] * q[b * QK + i];
+        total += (float)dot * d[b];
+    }
+    return total;
+}
+
+/* A linear layer with int8 weights and one scale per output row: x [n_tokens, in] float32 -> y [n_tokens, out] =
+ * x (scale * W)^T. Returns 0, or -1 if out of memory. */
+int k2_int8_linear(int64_t n_tokens, int64_t in, int64_t out, const float *x, const int8_t *w, const float *scales,
+                   float *y, int threads) {
+    Quantized xa = {0};
+    if (!quantized_alloc(&xa, n_tokens, in)) {
+        quantized_free(&xa);
+        return -1;
+    }
+    const int64_t blocks = in / QK, tasks = (out + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n_tokens; t++) {
+            quantize_row(x + t * in, in, xa.q + t * in, xa.d + t * blocks, xa.s + t * blocks, 1);
+        }
+#pragma omp for schedule(dynamic)
+        for (int64_t task = 0; task < tasks; task++) {
+            for (int64_t r = task * ROWS_PER_TASK; r < out && r < (task + 1) * ROWS_PER_TASK; r++) {
+                for (int64_t t = 0; t < n_tokens; t++) {
+                    y[t * out + r] = scales[r] * row_dot_int8(w + r * in, xa.q + t * in, xa.d + t * blocks, in);
                 }
             }
         }
@@ -346,7 +413,7 @@ int k2_int4_moe(int64_t n_tokens, int64_t dim, int64_t hidden, int64_t k, int64_
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < n_tokens; t++) {
-            quantize_row(x + t * dim, dim, xa.q + t * dim, xa.d + t * dim_blocks, xa.s + t * dim_blocks);
+            quantize_row(x + t * dim, dim, xa.q + t * dim, xa.d + t * dim_blocks, xa.s + t * dim_blocks, 0);
         }
         /* gate and up: each task a range of hidden rows, for every active expert and its tokens */
 #pragma omp for schedule(dynamic)
@@ -370,7 +437,8 @@ int k2_int4_moe(int64_t n_tokens, int64_t dim, int64_t hidden, int64_t k, int64_
         }
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < pairs; j++) {
-            quantize_row(h + j * hidden, hidden, ha.q + j * hidden, ha.d + j * hidden_blocks, ha.s + j * hidden_blocks);
+            quantize_row(h + j * hidden, hidden, ha.q + j * hidden, ha.d + j * hidden_blocks, ha.s + j * hidden_blocks,
+                         0);
         }
         /* down: each task a range of output rows, summing every active expert's share into its own rows of y */
 #pragma omp for schedule(dynamic)

@@ -42,7 +42,7 @@ class Int8Linear(nn.Module):
         y = cpu.int8_linear(x, self.weight, self.scale)
         if y is None:
             y = F.linear(x.float(), self.dense()).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else (y + self.bias).to(x.dtype)
 
 
 def quantize_dense_int8(model: nn.Module) -> dict[str, int]:

@@ -10,9 +10,10 @@ project's own tools, into --out (kept and reused by later runs):
     q4_0-bf16.gguf        k2 convert int4 q4_0-bf16.gguf --to gguf        (INT4 experts copied losslessly into Q4_0)
     q4_0-q8_0.gguf        k2 convert int4 q4_0-q8_0.gguf --to gguf --type q8_0
 
-Then four rows, reps alternating so background load falls on every row alike, all on --threads threads: llama.cpp
+Then five rows, reps alternating so background load falls on every row alike, all on --threads threads: llama.cpp
 (the cyllama wheel: runtime/peers.py's LlamaCppEngine, what `k2 bench --compare llama.cpp` runs) on both GGUF files,
-and k2 (the engine `k2 bench` times) on int4/ and bf16/. Prefill is one prompt of --prompt-len random ids, decode
+and k2 (the engine `k2 bench` times) on int4/ (as stored, and with --int8: the dense weights in int8, against
+llama.cpp's Q8_0 row) and bf16/. Prefill is one prompt of --prompt-len random ids, decode
 --gen tokens; min and median over --reps. Each is set against the copy bandwidth measured in this run
 (runtime/bench.py's copy_bandwidth, what `k2 bench` reports): decode against the weights one token reads (attention,
 shared expert, router, 8 of 32 experts per layer, an embedding row, the head), prefill against every weight read
@@ -65,11 +66,12 @@ K2_WIDTHS = {
     "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0,
 }
 SLICE_SHARDS = 8  # write_demo holds one shard's bytes twice while saving: keep each under 1 GB
-VARIANTS = {  # row label: what it runs on, in --out
-    "llama.cpp, Q4_0 experts + bf16 rest": "q4_0-bf16.gguf",
-    "llama.cpp, Q4_0 experts + Q8_0 rest": "q4_0-q8_0.gguf",
-    "k2, INT4 experts + bf16 rest": "int4",
-    "k2, BF16": "bf16",
+VARIANTS = {  # row label: what it runs on, in --out, and whether k2 loads it with --int8
+    "llama.cpp, Q4_0 experts + bf16 rest": ("q4_0-bf16.gguf", False),
+    "llama.cpp, Q4_0 experts + Q8_0 rest": ("q4_0-q8_0.gguf", False),
+    "k2, INT4 experts + bf16 rest": ("int4", False),
+    "k2 --int8, INT4 experts + int8 rest": ("int4", True),
+    "k2, BF16": ("bf16", False),
 }
 FALLBACK_LLC_BYTES = 64 << 20
 PROJECTION = (2048, 7168)  # an expert's gate (or up) projection, [out, in]
@@ -94,7 +96,7 @@ def k2(*args: str | Path):
 def build_slice(out: Path, n_experts: int, ggufs: bool) -> dict[str, Path]:
     """The slice's folders (and with `ggufs` its GGUF files) in `out`: each reused when complete, else (re)built."""
     out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after the weights are drawn
-    paths = {name: out / name for name in VARIANTS.values()}
+    paths = {name: out / name for name, _ in VARIANTS.values()}
     if not (paths["bf16"] / "config.json").exists():  # write_demo renames a finished folder into place
         log(f"writing the BF16 slice ({n_experts} experts) to {paths['bf16']}")
         write_demo(paths["bf16"], config_overrides=K2_WIDTHS | {"n_routed_experts": n_experts}, n_shards=SLICE_SHARDS)
@@ -133,8 +135,8 @@ def open_rows(paths: dict[str, Path], max_len: int) -> list[dict]:
     """Each row's engine and the weight bytes its token reads (decode) and its prompt reads (prefill)."""
     llama_cpp = peer("llama.cpp")
     rows = []
-    for label, name in VARIANTS.items():
-        loaded = load(paths[name], weights=not name.endswith(".gguf"))
+    for label, (name, int8) in VARIANTS.items():
+        loaded = load(paths[name], weights=not name.endswith(".gguf"), int8=int8)
         if loaded.gguf_file is not None:
             engine = llama_cpp(loaded, torch.device("cpu"), None, 1, max_len)  # its own greedy sampler
             args = loaded.args
@@ -196,6 +198,9 @@ def print_end_to_end(result: dict):
     int4, bf16 = decode["k2, INT4 experts + bf16 rest"], decode["k2, BF16"]
     print(f"\nk2 INT4 decode: {int4 / decode['llama.cpp, Q4_0 experts + bf16 rest']:.2f}x llama.cpp on the same "
           f"weights (target >= 1), {int4 / bf16:.2f}x k2 BF16 (target >= 1.6)")
+    int8 = decode["k2 --int8, INT4 experts + int8 rest"]
+    print(f"k2 --int8 decode: {int8 / decode['llama.cpp, Q4_0 experts + Q8_0 rest']:.2f}x llama.cpp with Q8_0 dense "
+          "weights (target >= 1)")
 
 
 def llc_bytes() -> int:

@@ -98,16 +98,34 @@ def test_linear_kernel_equals_the_dequantized_reference(variant, tokens):
     assert _relative_error(y, cpu.quantize_activations(x).double() @ dense.T) < REL_TOL
 
 
-@pytest.mark.parametrize("tokens", [1, 4, 64])
+def _int8_linear(rows: int, generator) -> Int8Linear:
+    return Int8Linear(torch.randint(-127, 128, (rows, 224), generator=generator, dtype=torch.int8),
+                      torch.rand(rows, generator=generator) * 0.01, torch.randn(rows, generator=generator))
+
+
+@pytest.mark.parametrize("tokens", [1, cpu.PROMPT_TOKENS - 1])
 def test_int8_linear_kernel_equals_the_dequantized_reference(variant, tokens):
-    """int8 rows with one scale each (runtime/int8.py), inputs of 7 blocks (odd), a bias; 1 to 64 tokens."""
+    """int8 rows with one scale each (runtime/int8.py), inputs of 7 blocks (odd), a bias."""
     generator = torch.Generator().manual_seed(100 + tokens)
-    linear = Int8Linear(torch.randint(-127, 128, (48, 224), generator=generator, dtype=torch.int8),
-                        torch.rand(48, generator=generator) * 0.01, torch.randn(48, generator=generator))
+    linear = _int8_linear(48, generator)
     x = torch.randn(tokens, 224, generator=generator)
-    y = linear(x)
     dense = linear.weight.double() * linear.scale.double()[:, None]
-    assert _relative_error(y, cpu.quantize_activations(x).double() @ dense.T + linear.bias.double()) < REL_TOL
+    assert _relative_error(linear(x), cpu.quantize_activations(x).double() @ dense.T + linear.bias.double()) < REL_TOL
+
+
+def test_int8_linear_multiplies_a_prompt_by_the_dequantized_matrix(monkeypatch):
+    """From PROMPT_TOKENS tokens on: the matrix in float32 (in bfloat16 for bfloat16 inputs, as F.linear multiplies
+    them), a few rows at a time."""
+    monkeypatch.setattr(cpu, "CHUNK_WEIGHTS", 224 * 10)  # 48 rows in chunks of 10: the last one partial
+    generator = torch.Generator().manual_seed(7)
+    linear = _int8_linear(48, generator)
+    x = torch.randn(2, cpu.PROMPT_TOKENS, 224, generator=generator)
+    dense = linear.weight.float() * linear.scale[:, None]
+    torch.testing.assert_close(linear(x), F.linear(x, dense, linear.bias), rtol=1e-6, atol=1e-6)
+    half = x.bfloat16()
+    y = linear(half)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, (F.linear(half, dense.bfloat16()) + linear.bias).bfloat16())
 
 
 def test_variants_agree_with_each_other():

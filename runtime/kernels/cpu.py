@@ -15,6 +15,7 @@ exact path on the user's own machine.
 import ctypes
 import functools
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -28,6 +29,11 @@ BLOCK = 32  # inputs per activation scale and per 16 weight bytes: the unit a we
 LEVELS = 32767  # int16 activations: a block's largest value maps to this
 MAX_BLOCKS = 8192  # blocks per row the kernels hold on their stack (cpu_kernels.c): 262,144 inputs
 MODES = ("auto", "exact", *VARIANTS)
+# From this many tokens on, an int8 weight is dequantized and multiplied by torch (AMX or AVX-512 BF16 where the CPU
+# has them) rather than dotted row by row. 7168 x 2048 on one thread here, the two cross at 4-5 tokens in bfloat16
+# (at 64 tokens: 6.3 ms against the kernel's 68 ms) and at about 10 in float32.
+PROMPT_TOKENS = 8
+CHUNK_WEIGHTS = 1 << 22  # weights dequantized at a time: the scratch matrix's bound (16 MiB in float32)
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -46,6 +52,7 @@ class Kernels:
         self.library.k2_int4_moe.argtypes = [_I64] * 5 + [_PTR] * 9 + [_I64, ctypes.c_int, _PTR, ctypes.c_int]
         self.library.k2_int8_linear.restype = ctypes.c_int
         self.library.k2_int8_linear.argtypes = [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, ctypes.c_int]
+        self.library.k2_int8_dense.argtypes = [_I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int, ctypes.c_int]
         self.openmp = bool(self.library.k2_openmp())
 
     def linear(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
@@ -68,6 +75,12 @@ class Kernels:
         if status:
             raise MemoryError("the int8 CPU kernel could not allocate its buffers")
         return y
+
+    def int8_dense(self, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """int8 `weight` [out, in] times its rows' float32 `scale`, written into `out` (bfloat16 or float32)."""
+        self.library.k2_int8_dense(weight.shape[0], weight.shape[1], weight.data_ptr(), scale.data_ptr(),
+                                   out.data_ptr(), out.dtype == torch.bfloat16, torch.get_num_threads())
+        return out
 
     def moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts) -> torch.Tensor:
         """x [N, dim] float32, routing weights float32 and ids int64 [N, k] -> [N, dim] float32."""
@@ -168,15 +181,46 @@ def int4_linear(x: torch.Tensor, weight) -> torch.Tensor | None:
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """x [..., in] through int8 `weight` [out, in] with per-row float32 `scale`, or None where the kernels do not
-    apply."""
+    apply. From PROMPT_TOKENS tokens on, as a matrix multiply instead (`_int8_matmul`)."""
     kernels = current()
     if kernels is None or x.device.type != "cpu" or weight.shape[1] % BLOCK or weight.shape[1] // BLOCK > MAX_BLOCKS:
         return None
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] == 0:
         return None
-    y = kernels.int8_linear(flat.float().contiguous(), weight, scale)
+    if flat.shape[0] >= PROMPT_TOKENS:
+        y = _int8_matmul(kernels, flat, weight, scale)
+    else:
+        y = kernels.int8_linear(flat.float().contiguous(), weight, scale)
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _int8_matmul(kernels: Kernels, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [N, in] times the int8 weight's matrix, in bfloat16 for a bfloat16 x (as the model's own layers multiply),
+    float32 otherwise: CHUNK_WEIGHTS weights dequantized at a time into a scratch matrix, so an output head of any
+    size needs no copy of itself."""
+    dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    x = x.to(dtype)
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=dtype)
+    rows = max(1, CHUNK_WEIGHTS // weight.shape[1])
+    scratch = _scratch(dtype, min(rows, weight.shape[0]) * weight.shape[1])
+    for first in range(0, weight.shape[0], rows):
+        part = weight[first:first + rows]
+        dense = kernels.int8_dense(part, scale[first:first + rows], scratch[:part.numel()].view(part.shape))
+        y[:, first:first + part.shape[0]] = x @ dense.T
+    return y
+
+
+_scratch_buffers = threading.local()  # per thread: the server's model thread and a test's main thread never share
+
+
+def _scratch(dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """A matrix's worth of memory kept between calls: a fresh one per call costs its page faults each time (a 29 MB
+    matrix took 10x as long to fill the first time as the next)."""
+    buffers = _scratch_buffers.__dict__.setdefault("buffers", {})
+    if dtype not in buffers or buffers[dtype].numel() < numel:
+        buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buffers[dtype]
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:

@@ -369,6 +369,35 @@ int k2_int8_linear(int64_t n_tokens, int64_t in, int64_t out, const float *x, co
     return 0;
 }
 
+/* int8 weights as a matrix, for prompts ---------------------------------------------------------------------------- */
+
+/* Where a prompt gives an int8 weight many tokens, a matrix multiply beats any number of row dot products (torch's runs
+ * on AMX or AVX-512 BF16 where the CPU has them); this writes the matrix it multiplies by, in bf16 (rounded to nearest
+ * even) or float32. */
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* int8 rows times their scales -> out [rows, cols], bf16 (`bf16`) or float32. */
+void k2_int8_dense(int64_t rows, int64_t cols, const int8_t *w, const float *scales, void *out, int bf16,
+                   int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const int8_t *wr = w + r * cols;
+        const float scale = scales[r];
+        if (bf16) {
+            uint16_t *o = (uint16_t *)out + r * cols;
+            for (int64_t c = 0; c < cols; c++) o[c] = float_to_bf16((float)wr[c] * scale);
+        } else {
+            float *o = (float *)out + r * cols;
+            for (int64_t c = 0; c < cols; c++) o[c] = (float)wr[c] * scale;
+        }
+    }
+}
+
 /* Routed experts of one MoE layer: y [n_tokens, dim] = sum over each token's k slots of
  * route_w * down_e(silu(gate_e x) * up_e x), e = ids[t, slot] (slots with e < 0 are skipped: placed elsewhere).
  * Expert e's gate and up are [hidden, dim], its down [dim, hidden], stacked by expert.

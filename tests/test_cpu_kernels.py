@@ -12,6 +12,7 @@ from runtime.errors import K2Error
 from runtime.int4 import Int4Experts, Int4Linear
 from runtime.int8 import Int8Linear
 from runtime.kernels import cpu
+from runtime.models.experts import grouped_experts
 
 VARIANTS = cpu.runnable_variants()
 REL_TOL = 1e-5  # fp32 sums of up to 384 products in another order than float64's
@@ -103,7 +104,7 @@ def _int8_linear(rows: int, generator) -> Int8Linear:
                       torch.rand(rows, generator=generator) * 0.01, torch.randn(rows, generator=generator))
 
 
-@pytest.mark.parametrize("tokens", [1, cpu.PROMPT_TOKENS - 1])
+@pytest.mark.parametrize("tokens", [1, 5, 64])
 def test_int8_linear_kernel_equals_the_dequantized_reference(variant, tokens):
     """int8 rows with one scale each (runtime/int8.py), inputs of 7 blocks (odd), a bias."""
     generator = torch.Generator().manual_seed(100 + tokens)
@@ -113,19 +114,47 @@ def test_int8_linear_kernel_equals_the_dequantized_reference(variant, tokens):
     assert _relative_error(linear(x), cpu.quantize_activations(x).double() @ dense.T + linear.bias.double()) < REL_TOL
 
 
-def test_int8_linear_multiplies_a_prompt_by_the_dequantized_matrix(monkeypatch):
-    """From PROMPT_TOKENS tokens on: the matrix in float32 (in bfloat16 for bfloat16 inputs, as F.linear multiplies
-    them), a few rows at a time."""
+@pytest.fixture
+def prompt_matmul(monkeypatch):
+    """A prompt's bf16 tokens through torch's matmul, whatever this CPU's bf16 support (slow without, not wrong)."""
+    monkeypatch.setattr(cpu, "_matmul_applies", lambda x: x.dtype == torch.bfloat16)
+
+
+def test_int8_prompt_multiplies_by_the_dequantized_matrix(variant, prompt_matmul, monkeypatch):
+    """From INT8_MATMUL_TOKENS bf16 tokens on: F.linear by the matrix rounded to bf16, a few rows at a time."""
     monkeypatch.setattr(cpu, "CHUNK_WEIGHTS", 224 * 10)  # 48 rows in chunks of 10: the last one partial
     generator = torch.Generator().manual_seed(7)
     linear = _int8_linear(48, generator)
-    x = torch.randn(2, cpu.PROMPT_TOKENS, 224, generator=generator)
-    dense = linear.weight.float() * linear.scale[:, None]
-    torch.testing.assert_close(linear(x), F.linear(x, dense, linear.bias), rtol=1e-6, atol=1e-6)
-    half = x.bfloat16()
-    y = linear(half)
+    x = torch.randn(2, cpu.INT8_MATMUL_TOKENS, 224, generator=generator).bfloat16()
+    dense = (linear.weight.float() * linear.scale[:, None]).bfloat16()
+    torch.testing.assert_close(linear(x), (F.linear(x, dense) + linear.bias).bfloat16(), rtol=0, atol=0)
+
+
+def test_int4_prompt_experts_multiply_by_the_dequantized_matrices(variant, prompt_matmul, monkeypatch):
+    """Experts EXPERT_MATMUL_TOKENS or more bf16 tokens chose run as torch matmuls by their matrices rounded to bf16
+    (what compressed-tensors' packed integers times the scales give); the others, and skipped slots, the kernel's
+    way, in the same call."""
+    n_experts, dim, hidden, k = 6, 96, 64, 2
+    generator = torch.Generator().manual_seed(3)
+    experts, dense = _experts(n_experts, dim, hidden, 32, torch.bfloat16, generator)
+    tokens = cpu.EXPERT_MATMUL_TOKENS + 3
+    ids = torch.stack([torch.tensor([0, 1 + t % 5]) for t in range(tokens)])  # expert 0: every token; 1-5: few
+    ids[1, 1] = -1
+    weights = torch.rand(tokens, k, generator=generator)
+    x = torch.randn(tokens, dim, generator=generator).bfloat16()
+    dequantized = []
+    matrices_of = cpu._int4_matrices
+    monkeypatch.setattr(cpu, "_int4_matrices", lambda *a: dequantized.append(a[-1]) or matrices_of(*a))
+    y = experts(x, weights, ids)
+    assert dequantized == [0]
+    first = torch.where(ids == 0, ids, -1)
+    rest = torch.where(ids == 0, -1, ids)
+    matrices = {name: m[0].bfloat16() for name, m in dense.items()}
+    expected = grouped_experts(x, weights, first, n_experts,
+                               lambda e: (matrices["gate_proj"], matrices["up_proj"], matrices["down_proj"])).float()
+    expected += _reference_moe(x.float(), weights, rest, dense).float()
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y, (F.linear(half, dense.bfloat16()) + linear.bias).bfloat16())
+    torch.testing.assert_close(y, expected.bfloat16())
 
 
 def test_variants_agree_with_each_other():

@@ -22,18 +22,23 @@ import torch
 
 from runtime.errors import K2Error
 from runtime.kernels import say_once
-from runtime.kernels.cpu_build import VARIANTS, load, runnable_variants
+from runtime.kernels.cpu_build import VARIANTS, cpu_flags, load, runnable_variants
+from runtime.models.experts import grouped_experts
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 BLOCK = 32  # inputs per activation scale and per 16 weight bytes: the unit a weight group must be a multiple of
 LEVELS = 32767  # int16 activations: a block's largest value maps to this
 MAX_BLOCKS = 8192  # blocks per row the kernels hold on their stack (cpu_kernels.c): 262,144 inputs
 MODES = ("auto", "exact", *VARIANTS)
-# From this many tokens on, an int8 weight is dequantized and multiplied by torch (AMX or AVX-512 BF16 where the CPU
-# has them) rather than dotted row by row. 7168 x 2048 on one thread here, the two cross at 4-5 tokens in bfloat16
-# (at 64 tokens: 6.3 ms against the kernel's 68 ms) and at about 10 in float32.
-PROMPT_TOKENS = 8
-CHUNK_WEIGHTS = 1 << 22  # weights dequantized at a time: the scratch matrix's bound (16 MiB in float32)
+# Where a prompt gives a weight this many tokens or more, a CPU with native bf16 matrix multiplies (AMX or AVX-512
+# BF16) multiplies a bf16 input by the dequantized weight (torch's matmul) rather than dotting each row with each
+# token. The crossovers, measured here on one thread: an int8 7168 x 2048 layer at 4-5 tokens (at 64 tokens 6.3 ms
+# against the kernel's 68 ms); an INT4 expert (7168 x 2048 x 3) at about 12 tokens (at 32 tokens 18 ms against 44 ms;
+# the matmul reorders the weight it is given for AMX each time, which sets its floor).
+INT8_MATMUL_TOKENS = 8
+EXPERT_MATMUL_TOKENS = 16
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+CHUNK_WEIGHTS = 1 << 22  # int8 weights dequantized at a time: the scratch matrix's bound (8 MiB)
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -52,7 +57,8 @@ class Kernels:
         self.library.k2_int4_moe.argtypes = [_I64] * 5 + [_PTR] * 9 + [_I64, ctypes.c_int, _PTR, ctypes.c_int]
         self.library.k2_int8_linear.restype = ctypes.c_int
         self.library.k2_int8_linear.argtypes = [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, ctypes.c_int]
-        self.library.k2_int8_dense.argtypes = [_I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int, ctypes.c_int]
+        self.library.k2_int8_dense.argtypes = [_I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int]
+        self.library.k2_int4_dense.argtypes = [_I64, _I64, _PTR, _PTR, _I64, ctypes.c_int, _PTR, ctypes.c_int]
         self.openmp = bool(self.library.k2_openmp())
 
     def linear(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
@@ -77,9 +83,15 @@ class Kernels:
         return y
 
     def int8_dense(self, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """int8 `weight` [out, in] times its rows' float32 `scale`, written into `out` (bfloat16 or float32)."""
+        """int8 `weight` [out, in] times its rows' float32 `scale`, written into `out` (bfloat16)."""
         self.library.k2_int8_dense(weight.shape[0], weight.shape[1], weight.data_ptr(), scale.data_ptr(),
-                                   out.data_ptr(), out.dtype == torch.bfloat16, torch.get_num_threads())
+                                   out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def int4_dense(self, packed: torch.Tensor, scale: torch.Tensor, group_size: int, out: torch.Tensor) -> torch.Tensor:
+        """Packed INT4 rows [rows, in / 8] times their group scales, written into `out` [rows, in] (bfloat16)."""
+        self.library.k2_int4_dense(out.shape[0], out.shape[1], packed.data_ptr(), scale.data_ptr(), group_size,
+                                   scale.dtype == torch.float16, out.data_ptr(), torch.get_num_threads())
         return out
 
     def moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts) -> torch.Tensor:
@@ -156,15 +168,43 @@ def fits(in_features: int, group_size: int, scale: torch.Tensor) -> bool:
 
 def int4_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts) -> torch.Tensor | None:
     """The routed experts of `experts` (an Int4Experts) through the kernels, or None where they do not apply (the
-    exact path, tensors off the CPU, shapes they do not take)."""
+    exact path, tensors off the CPU, shapes they do not take). An expert that EXPERT_MATMUL_TOKENS or more of the
+    tokens chose is multiplied as matrices instead where `_matmul_applies`: dequantized by the kernels, then torch's
+    matmul."""
     kernels = current()
     gate, down = experts.gate_proj, experts.down_proj
     if kernels is None or x.device.type != "cpu" or x.shape[0] == 0 or not (
             fits(gate.in_features, gate.group_size, gate.scale) and fits(down.in_features, down.group_size,
                                                                           down.scale)):
         return None
-    y = kernels.moe(x.float().contiguous(), weights.float().contiguous(), ids.long().contiguous(), experts)
+    ids, x32, w32 = ids.long(), x.float().contiguous(), weights.float().contiguous()
+    if x.shape[0] < EXPERT_MATMUL_TOKENS or not _matmul_applies(x):  # decode: no expert has that many tokens
+        return kernels.moe(x32, w32, ids.contiguous(), experts).to(x.dtype)
+    many = torch.bincount(ids[ids >= 0], minlength=experts.n_experts) >= EXPERT_MATMUL_TOKENS
+    matmul = (ids >= 0) & many[ids.clamp_min(0)]
+    y = kernels.moe(x32, w32, ids.masked_fill(matmul, -1), experts)
+    if matmul.any():
+        y += grouped_experts(x, weights, ids.masked_fill(~matmul, -1), experts.n_experts,
+                             lambda e: _int4_matrices(kernels, experts, e)).float()
     return y.to(x.dtype)
+
+
+def _int4_matrices(kernels: Kernels, experts, e: int) -> list[torch.Tensor]:
+    """Expert e's gate, up and down as bf16 matrices, each in a scratch matrix of its own (valid until the next
+    expert's)."""
+    matrices = []
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        weight = getattr(experts, name)
+        rows = weight.packed.shape[1]
+        out = _scratch(name, rows * weight.in_features).view(rows, weight.in_features)
+        matrices.append(kernels.int4_dense(weight.packed[e], weight.scale[e], weight.group_size, out))
+    return matrices
+
+
+def _matmul_applies(x: torch.Tensor) -> bool:
+    """Whether a prompt's tokens go through torch's matmul: bf16 inputs (multiplied in bf16, as the model's own bf16
+    layers are) on a CPU with native bf16 matrix multiplies. Elsewhere the kernels are as fast or faster."""
+    return x.dtype == torch.bfloat16 and bool(NATIVE_BF16_FLAGS & cpu_flags())
 
 
 def int4_linear(x: torch.Tensor, weight) -> torch.Tensor | None:
@@ -181,14 +221,14 @@ def int4_linear(x: torch.Tensor, weight) -> torch.Tensor | None:
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """x [..., in] through int8 `weight` [out, in] with per-row float32 `scale`, or None where the kernels do not
-    apply. From PROMPT_TOKENS tokens on, as a matrix multiply instead (`_int8_matmul`)."""
+    apply. From INT8_MATMUL_TOKENS tokens on, as a matrix multiply where `_matmul_applies` (`_int8_matmul`)."""
     kernels = current()
     if kernels is None or x.device.type != "cpu" or weight.shape[1] % BLOCK or weight.shape[1] // BLOCK > MAX_BLOCKS:
         return None
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] == 0:
         return None
-    if flat.shape[0] >= PROMPT_TOKENS:
+    if flat.shape[0] >= INT8_MATMUL_TOKENS and _matmul_applies(x):
         y = _int8_matmul(kernels, flat, weight, scale)
     else:
         y = kernels.int8_linear(flat.float().contiguous(), weight, scale)
@@ -196,14 +236,11 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
 
 
 def _int8_matmul(kernels: Kernels, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [N, in] times the int8 weight's matrix, in bfloat16 for a bfloat16 x (as the model's own layers multiply),
-    float32 otherwise: CHUNK_WEIGHTS weights dequantized at a time into a scratch matrix, so an output head of any
-    size needs no copy of itself."""
-    dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-    x = x.to(dtype)
-    y = torch.empty(x.shape[0], weight.shape[0], dtype=dtype)
+    """x [N, in] (bf16) times the int8 weight's matrix: CHUNK_WEIGHTS weights dequantized at a time into a scratch
+    matrix, so an output head of any size needs no copy of itself."""
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
     rows = max(1, CHUNK_WEIGHTS // weight.shape[1])
-    scratch = _scratch(dtype, min(rows, weight.shape[0]) * weight.shape[1])
+    scratch = _scratch("int8", min(rows, weight.shape[0]) * weight.shape[1])
     for first in range(0, weight.shape[0], rows):
         part = weight[first:first + rows]
         dense = kernels.int8_dense(part, scale[first:first + rows], scratch[:part.numel()].view(part.shape))
@@ -214,13 +251,13 @@ def _int8_matmul(kernels: Kernels, x: torch.Tensor, weight: torch.Tensor, scale:
 _scratch_buffers = threading.local()  # per thread: the server's model thread and a test's main thread never share
 
 
-def _scratch(dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """A matrix's worth of memory kept between calls: a fresh one per call costs its page faults each time (a 29 MB
-    matrix took 10x as long to fill the first time as the next)."""
+def _scratch(use: str, numel: int) -> torch.Tensor:
+    """A bf16 matrix's worth of memory for `use`, kept between calls: a fresh one per call costs its page faults each
+    time (a 29 MB matrix took 10x as long to fill the first time as the next)."""
     buffers = _scratch_buffers.__dict__.setdefault("buffers", {})
-    if dtype not in buffers or buffers[dtype].numel() < numel:
-        buffers[dtype] = torch.empty(numel, dtype=dtype)
-    return buffers[dtype]
+    if use not in buffers or buffers[use].numel() < numel:
+        buffers[use] = torch.empty(numel, dtype=torch.bfloat16)
+    return buffers[use]
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:

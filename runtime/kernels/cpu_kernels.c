@@ -369,11 +369,11 @@ int k2_int8_linear(int64_t n_tokens, int64_t in, int64_t out, const float *x, co
     return 0;
 }
 
-/* int8 weights as a matrix, for prompts ---------------------------------------------------------------------------- */
+/* Weights as a matrix, for prompts --------------------------------------------------------------------------------- */
 
-/* Where a prompt gives an int8 weight many tokens, a matrix multiply beats any number of row dot products (torch's runs
- * on AMX or AVX-512 BF16 where the CPU has them); this writes the matrix it multiplies by, in bf16 (rounded to nearest
- * even) or float32. */
+/* Where a prompt gives a weight many tokens, a CPU with native bf16 matrix multiplies (AMX, AVX-512 BF16) multiplies by
+ * the weight as a bf16 matrix faster than any number of row dot products: these write that matrix, rounded to nearest
+ * even (runtime/kernels/cpu.py decides where). */
 
 static inline uint16_t float_to_bf16(float f) {
     uint32_t bits;
@@ -381,21 +381,51 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
-/* int8 rows times their scales -> out [rows, cols], bf16 (`bf16`) or float32. */
-void k2_int8_dense(int64_t rows, int64_t cols, const int8_t *w, const float *scales, void *out, int bf16,
-                   int threads) {
+/* int8 rows times their scales -> out [rows, cols] bf16. */
+void k2_int8_dense(int64_t rows, int64_t cols, const int8_t *w, const float *scales, uint16_t *out, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; r++) {
-        const int8_t *wr = w + r * cols;
-        const float scale = scales[r];
-        if (bf16) {
-            uint16_t *o = (uint16_t *)out + r * cols;
-            for (int64_t c = 0; c < cols; c++) o[c] = float_to_bf16((float)wr[c] * scale);
-        } else {
-            float *o = (float *)out + r * cols;
-            for (int64_t c = 0; c < cols; c++) o[c] = (float)wr[c] * scale;
+        for (int64_t c = 0; c < cols; c++) out[r * cols + c] = float_to_bf16((float)w[r * cols + c] * scales[r]);
+    }
+}
+
+/* One packed INT4 row of n inputs times its group scales -> out bf16. With AVX-512, a block's 16 possible values,
+ * (nibble - 8) * scale, are rounded once into a table, and its 32 nibbles, widened to 16-bit indices, look them up in
+ * one permute: a sixth of the time of the plain loop, which the compiler vectorizes elsewhere. */
+static void int4_dense_row(int64_t n, const uint8_t *w, const uint16_t *scales, int64_t group, int fp16,
+                           uint16_t *out) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    const __m512 levels = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
+    const __m128i nibble = _mm_set1_epi8(0x0f);
+    for (int64_t b = 0; b < n / QK; b++) {
+        const __m512 values = _mm512_mul_ps(levels, _mm512_set1_ps(scale_at(scales, b * QK / group, fp16)));
+        __m512i bits = _mm512_castps_si512(values);
+        bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(
+                                                           _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1))));
+        const __m512i table = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+        const __m128i bytes = _mm_loadu_si128((const __m128i *)(w + b * QK / 2));
+        const __m128i lo = _mm_and_si128(bytes, nibble), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+        const __m512i index = _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(lo, hi),
+                                                                    _mm_unpacklo_epi8(lo, hi)));
+        _mm512_storeu_si512((void *)(out + b * QK), _mm512_permutexvar_epi16(index, table));
+    }
+#else
+    for (int64_t b = 0; b < n / QK; b++) {
+        const float scale = scale_at(scales, b * QK / group, fp16);
+        for (int m = 0; m < QK / 2; m++) {
+            out[b * QK + 2 * m] = float_to_bf16((float)((int)(w[b * QK / 2 + m] & 15) - 8) * scale);
+            out[b * QK + 2 * m + 1] = float_to_bf16((float)((int)(w[b * QK / 2 + m] >> 4) - 8) * scale);
         }
     }
+#endif
+}
+
+/* Packed INT4 rows (n / 2 bytes each, as the kernels read them) times their group scales -> out [rows, n] bf16. */
+void k2_int4_dense(int64_t rows, int64_t n, const uint8_t *w, const uint16_t *scales, int64_t group, int fp16,
+                   uint16_t *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) int4_dense_row(n, w + r * n / 2, scales + r * (n / group), group, fp16,
+                                                      out + r * n);
 }
 
 /* Routed experts of one MoE layer: y [n_tokens, dim] = sum over each token's k slots of

@@ -22,6 +22,8 @@ def print_bench(result: dict):
                f"decoder {result['decoder']}): batch {result['batch']}, prompt {result['prompt_len']}, "
                f"{result['gen']} new tokens, {result['reps']} reps after {result['warmup']} warm-up")
     typer.echo(f"  {describe(result['numa_nodes'])}; this process runs on CPUs {format_id_list(result['cpus'])}")
+    if result["cpu_kernel"]:
+        typer.echo(f"  CPU kernels (INT4 and int8 weights): {result['cpu_kernel']}")
     typer.echo(f"  {'':<14} {'prefill tok/s':>22} {'decode tok/s':>20} {'first token s':>20}")
     typer.echo(_row("k2", result))
     if "compare" in result:

@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from runtime import numa, peers
+from runtime.check import cpu_kernel_modules
 from runtime.engine import Engine
 from runtime.errors import K2Error
+from runtime.kernels import cpu
 from runtime.sampling import NON_FINITE, Sampler, non_finite_error
 
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}  # past every cache level, small enough for any test machine
@@ -192,7 +194,8 @@ def run_bench(loaded, settings: BenchSettings, compare: str | None = None, eager
     result = {
         "model": str(loaded.folder), "device": str(device), "dtype": str(model.model.embed_tokens.weight.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "cpus": sorted(numa.allowed_cpus()),
-        "numa_nodes": [n.as_dict() for n in numa.nodes()], "decoder": engines[0].kind, **asdict(s),
+        "numa_nodes": [n.as_dict() for n in numa.nodes()], "decoder": engines[0].kind,
+        "cpu_kernel": cpu.describe() if cpu_kernel_modules(model) else None, **asdict(s),
         **ours,
         "peak_device_bytes": peak_device, "peak_host_bytes": _peak_host_bytes(),
         "weight_bytes_per_step": per_step, "weight_bytes_per_token": per_step // s.batch,

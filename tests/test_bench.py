@@ -8,6 +8,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from runtime.kernels import cpu
 from tests.helpers import assert_one_line_error, lscpu_nodes, run_k2, run_k2_here
 
 SMALL = ("--prompt-len", "16", "--gen", "5", "--reps", "2", "--warmup", "0", "--threads", "1")
@@ -27,15 +28,23 @@ def assert_rates_positive(row: dict):
         assert row[key]["mean"] > 0 and row[key]["std"] >= 0, (key, row[key])
 
 
-def checkpoint_decode_bytes(folder: Path, batch: int) -> int:
+INT8_LINEARS = ("q_a_proj.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight", "o_proj.weight",
+                "gate_proj.weight", "up_proj.weight", "down_proj.weight", "lm_head.weight")
+
+
+def checkpoint_decode_bytes(folder: Path, batch: int, int8: bool = False) -> int:
     """Bytes a batch-1 decode step must read, from the headers alone: every tensor but the routed experts and the
-    embedding, `top_k` experts of each MoE layer, one embedding row per sequence."""
+    embedding, `top_k` experts of each MoE layer, one embedding row per sequence. With `int8`, the dense linears but
+    MLA's kv_b_proj at a byte per weight and four per row."""
     config = json.loads((folder / "config.json").read_text())
     sizes = {}
     for shard in folder.glob("*.safetensors"):
         with safe_open(shard, "pt") as f:
             for name in f.keys():
-                sizes[name] = f.get_tensor(name).numel() * f.get_tensor(name).element_size()
+                tensor = f.get_tensor(name)
+                int8_linear = int8 and ".mlp.experts." not in name and name.endswith(INT8_LINEARS)
+                sizes[name] = tensor.numel() + 4 * tensor.shape[0] if int8_linear else \
+                    tensor.numel() * tensor.element_size()
     experts = {n: b for n, b in sizes.items() if ".mlp.experts." in n}
     n_moe_layers = len({n.split(".mlp.")[0] for n in experts})
     per_expert = sum(experts.values()) / (n_moe_layers * config["n_routed_experts"])
@@ -50,12 +59,19 @@ def test_bench_json_on_cpu_reports_every_field_positive(demo_dir):
     assert (result["prompt_len"], result["gen"], result["reps"], result["batch"]) == (16, 5, 2, 1)
     assert {n["node"]: n["cpus"] for n in result["numa_nodes"]} == lscpu_nodes()
     assert result["cpus"] == sorted(os.sched_getaffinity(0))  # one node here: nothing pinned
+    assert result["cpu_kernel"] is None  # BF16 weights: no CPU kernel runs
     assert_rates_positive(result)
     for key in POSITIVE:
         assert result[key] > 0, key
     assert result["weight_bytes_per_token"] == checkpoint_decode_bytes(demo_dir, batch=1)
     assert result["roofline_decode_tok_s"] == result["copy_bandwidth_bytes_s"] / result["weight_bytes_per_step"]
     assert result["bandwidth_fraction"] == result["decode_tok_s"]["mean"] / result["roofline_decode_tok_s"]
+
+
+def test_bench_int8_reads_a_byte_per_dense_weight_through_the_kernels(demo_dir):
+    result = bench_json(str(demo_dir), *SMALL, "--int8")
+    assert result["weight_bytes_per_token"] == checkpoint_decode_bytes(demo_dir, batch=1, int8=True)
+    assert result["cpu_kernel"].startswith(cpu.active())
 
 
 def test_bench_compares_with_transformers_in_the_same_run(demo_dir):

@@ -2,7 +2,10 @@
 
 An `Engine` owns a cache of `slots` rows. A request starts in a slot (its prompt prefilled, its first token drawn),
 then every `step()` feeds each running slot's last token and draws the next, with that slot's own sampler; a slot
-leaves between steps and another request may take it. Slots have their own lengths, so no padding is involved.
+leaves between steps and another request may take it. Slots have their own lengths, so no padding is involved. A
+prompt may also be fed in pieces (`prefill`) between other slots' steps, and a slot may start from a prefix another
+slot holds, or one copied to the host earlier (`copy_prefix`, `export_prefix`, `import_prefix`): the server's
+continuous batching and prefix reuse.
 
 The decode step is one of three interchangeable decoders, chosen by `select_decoder` from the device and the
 settings alone: `eager` runs the model's forward as it is (any device, placed models, pipelines); `cuda-graph`
@@ -42,16 +45,27 @@ def select_decoder(device: torch.device | str, eager: bool = False, placed: bool
 
 
 class EagerStep:
-    """One decode step through the model's own forward."""
+    """One decode step through the model's own forward, over the cache's rows up to the last running one: rows past
+    it are not computed (the server keeps its requests in the lowest slots it can)."""
 
     def __init__(self, model, cache):
         self.model, self.cache = model, cache
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        """tokens [B, 1] -> logits [B, V]; `positions` [B] (host) as in the model's step_inputs, or None."""
-        if positions is not None:
-            positions = positions.to(self.model.device, non_blocking=True)
-        return self.model(tokens, self.cache, positions=positions)[:, -1]
+    def __call__(self, tokens: torch.Tensor, running: list[bool]) -> torch.Tensor:
+        """tokens [B, 1] -> logits [n, V] for slots 0..n-1, the last running one n-1; running slots grow by one."""
+        n = max(i for i, r in enumerate(running) if r) + 1
+        window = self.cache.rows(0, n)
+        idle = torch.tensor([not r for r in running[:n]])
+        if int(window.lengths.max()) < window.max_len:
+            # Rows not running take the step too, writing one column past what they hold (read by nobody), and give
+            # it back: attention reads as far as the longest row, not the whole cache.
+            logits = self.model(tokens[:n], window)[:, -1]
+            window.lengths -= idle.long()
+        else:  # an idle row is full, with no column past it: idle rows write in the spare column max_len instead
+            positions = torch.where(idle, window.max_len, window.lengths)
+            logits = self.model(tokens[:n], window, positions=positions.to(self.model.device))[:, -1]
+            window.lengths += (~idle).long()
+        return logits
 
 
 class StaticStep:
@@ -79,15 +93,18 @@ class StaticStep:
         with torch.cuda.graph(self.graph):
             self._run()
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, running: list[bool]) -> torch.Tensor:
+        """tokens [B, 1] -> logits [B, V] for every slot; rows not running write in the spare column max_len."""
+        active = torch.tensor(running)
         self.tokens.copy_(tokens)
-        self.positions.copy_(positions, non_blocking=True)
+        self.positions.copy_(torch.where(active, self.cache.lengths, self.cache.max_len), non_blocking=True)
         if self.capture and self.graph is None:
             self._capture()
         if self.graph is not None:
             self.graph.replay()
         else:
             self._run()
+        self.cache.lengths += active.long()
         return self.logits
 
 
@@ -145,6 +162,19 @@ class Engine:
         return int(self.cache.lengths[slot])
 
     @torch.inference_mode()
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        """Append `ids` to what slot `slot` holds, computing their cache entries; returns the last one's logits [1, V].
+        The server feeds a long prompt in pieces this way, between the other slots' decode steps."""
+        if self.length(slot) + len(ids) > self.max_len:
+            raise K2Error(f"slot {slot} holds {self.length(slot)} tokens; {len(ids)} more pass the cache's "
+                          f"{self.max_len}")
+        view = self.cache.rows(slot)
+        tokens = torch.tensor([ids], device=self.model.device)
+        for start in range(0, tokens.shape[1], PREFILL_CHUNK):
+            logits = self.model(tokens[:, start:start + PREFILL_CHUNK], view, last_only=True)
+        return logits[:, -1]
+
+    @torch.inference_mode()
     def start(self, slot: int, prompt: list[int], sampler: Sampler, keep: int = 0) -> torch.Tensor:
         """Begin a request in `slot`: keep the first `keep` tokens the slot holds (a prefix `prompt` shares with
         them), prefill the rest of `prompt`, and draw the first new token ([1], on the device; `NON_FINITE` if the
@@ -154,12 +184,9 @@ class Engine:
         if len(prompt) > self.max_len:
             raise K2Error(f"the prompt has {len(prompt)} tokens; the cache holds {self.max_len}")
         self.truncate(slot, keep)
-        view = self.cache.rows(slot)
-        tokens = torch.tensor([prompt[keep:]], device=self.model.device)
-        for start in range(0, tokens.shape[1], PREFILL_CHUNK):
-            logits = self.model(tokens[:, start:start + PREFILL_CHUNK], view, last_only=True)
+        logits = self.prefill(slot, prompt[keep:])
         sampler.observe(torch.tensor([prompt], device=self.model.device))
-        first = sampler(logits[:, -1])
+        first = sampler(logits)
         self.next_ids[slot] = feedable(first)
         self.samplers[slot] = sampler
         return first
@@ -174,34 +201,60 @@ class Engine:
         """The request in `slot` leaves the running batch; what it cached stays until the slot starts again."""
         self.samplers[slot] = None
 
+    # Prefixes moved between slots and the host: what lets requests that share a beginning compute it once. A
+    # pipeline's cache lives partly in other processes, so there only a slot's own prefix is kept (truncate).
+
+    @property
+    def copies_prefixes(self) -> bool:
+        from runtime.pipeline import PipelineModel
+
+        return not isinstance(self.model, PipelineModel)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token of one slot takes, over every layer."""
+        return sum(b.shape[-1] * b.element_size() for b in self.cache.buffers.values())
+
+    @torch.inference_mode()
+    def copy_prefix(self, source: int, target: int, n: int):
+        """Make slot `target` hold the first `n` tokens slot `source` holds."""
+        if not 0 < n <= self.length(source):
+            raise K2Error(f"slot {source} holds {self.length(source)} tokens, not {n}")
+        for buffer in self.cache.buffers.values():
+            buffer[target, :n] = buffer[source, :n]
+        self.cache.lengths[target] = n
+
+    @torch.inference_mode()
+    def export_prefix(self, slot: int, n: int) -> dict[int, torch.Tensor]:
+        """A host copy of the first `n` tokens slot `slot` holds: per layer [n, width]."""
+        if not 0 < n <= self.length(slot):
+            raise K2Error(f"slot {slot} holds {self.length(slot)} tokens, not {n}")
+        return {i: buffer[slot, :n].to("cpu", copy=True) for i, buffer in self.cache.buffers.items()}
+
+    @torch.inference_mode()
+    def import_prefix(self, slot: int, rows: dict[int, torch.Tensor], n: int):
+        """Make slot `slot` hold the first `n` tokens of `rows` (what export_prefix gave)."""
+        for i, buffer in self.cache.buffers.items():
+            buffer[slot, :n].copy_(rows[i][:n])
+        self.cache.lengths[slot] = n
+
     @torch.inference_mode()
     def step(self) -> torch.Tensor:
         """Feed every running slot its last drawn token and draw the next: ids [slots] on the device (a free slot's
         entry is meaningless; `NON_FINITE` where a slot's logits were not finite). Each running slot's length grows by
         one."""
         running = [s is not None for s in self.samplers]
-        lengths = self.cache.lengths
-        if all(running):  # the common case (one request, or a full batch): no masking
-            active, longest = 1, int(lengths.max())
-            positions = None if self.decoder == "eager" else lengths.clone()
-        elif any(running):
-            # Free slots write their step past max_len, where no sequence reads.
-            active = torch.tensor(running)
-            longest = int(lengths[active].max())
-            positions = torch.where(active, lengths, self.max_len)
-        else:
+        if not any(running):
             raise K2Error("no request is running")
-        if longest >= self.max_len:
+        if int(self.cache.lengths[torch.tensor(running)].max()) >= self.max_len:
             raise K2Error(f"the cache holds {self.max_len} tokens per slot and a running slot is full")
-        logits = self._step(self.next_ids, positions)
-        if positions is not None:  # without positions, the forward grew them itself
-            lengths += active
+        logits = self._step(self.next_ids, running)  # [n, V]: slots 0..n-1
         shared = self.samplers[0]
         if all(s is shared for s in self.samplers):  # one sampler for the whole batch (k2 bench)
             drawn = shared(logits)
         else:
             drawn = self.next_ids[:, 0].clone()
-            for slot, sampler in enumerate(self.samplers):
+            for slot, sampler in enumerate(self.samplers[:logits.shape[0]]):
                 if sampler is not None:
                     drawn[slot] = sampler(logits[slot:slot + 1])[0]
         self.next_ids = feedable(drawn)[:, None]

@@ -6,10 +6,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 120
+SETTLE_TIMEOUT_S = 30
 
 
 class ServerProcess:
@@ -58,3 +60,19 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+    def metrics(self) -> dict[str, float]:
+        """GET /metrics, each sample's value by its name (the text format's `name value` lines)."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as response:
+            text = response.read().decode()
+        return {name: float(value) for name, value in (line.split() for line in text.splitlines()
+                                                        if line and not line.startswith("#"))}
+
+    def settled_metrics(self) -> dict[str, float]:
+        """/metrics once no request runs or waits (those whose clients left have stopped)."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while (metrics := self.metrics())["k2_running_requests"] or metrics["k2_queue_depth"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"requests still run after {SETTLE_TIMEOUT_S} s: {metrics}")
+            time.sleep(0.02)
+        return metrics

@@ -3,8 +3,8 @@ by the official openai and anthropic clients, and by raw HTTP (httpx) for what a
 request must get its error in the shape of the API called, and the next good request must still succeed.
 
 Most cases share one server; a client that leaves mid-reply is checked against the greedy reply the same server gives
-when the client stays: the next request reports how much of that reply the abandoned one had drawn (its
-`cached_tokens`, the tokens the model's cache kept), which a generation that went on would have run to the end.
+when the client stays: the server's generated-tokens counter (/metrics) says how much of that reply the abandoned
+request drew, which a generation that went on would have run to the end.
 """
 import signal
 import socket
@@ -195,50 +195,52 @@ def greedy(oai):
     return prompt, tokens, seconds
 
 
-def forget(oai: openai.OpenAI):
-    """Fill the model's cache with a prompt unlike HI's, so that what it holds next is the next request's."""
-    oai.completions.create(model="demo", prompt=[7] * 8, max_tokens=1)
+def drawn_by(server: ServerProcess, leave) -> int:
+    """How many tokens the server drew for the request that `leave()` sends and abandons: what its generated-tokens
+    counter gained once nothing runs or waits any more (a generation that went on would run to the context's end)."""
+    before = server.settled_metrics()["k2_generated_tokens_total"]
+    leave()
+    return server.settled_metrics()["k2_generated_tokens_total"] - before
 
 
-def drawn_before_stop(oai: openai.OpenAI, greedy) -> int:
-    """How many of the greedy reply's tokens the last request drew before it stopped: the next request, the greedy
-    prompt and reply, finds that many past the prompt in the model's cache (negative after `forget`: it drew none)."""
-    prompt, tokens, _ = greedy
-    probe = oai.completions.create(model="demo", prompt=prompt + tokens[:-1], max_tokens=1, temperature=0)
-    return probe.usage.prompt_tokens_details.cached_tokens - len(prompt)
+def test_openai_stream_left_mid_reply_stops_its_generation(server, oai, claude, greedy):
+    received = []
 
+    def leave():
+        stream = oai.chat.completions.create(model="demo", messages=HI, max_tokens=LONG, temperature=0, stream=True)
+        chunks = iter(stream)
+        received.extend(next(chunks) for _ in range(4))
+        stream.close()
 
-def test_openai_stream_left_mid_reply_stops_its_generation(oai, claude, greedy):
-    forget(oai)
-    stream = oai.chat.completions.create(model="demo", messages=HI, max_tokens=LONG, temperature=0, stream=True)
-    chunks = iter(stream)
-    received = [next(chunks) for _ in range(4)]
-    stream.close()
+    drawn = drawn_by(server, leave)
     assert received[0].choices[0].delta.role == "assistant"
-    drawn = drawn_before_stop(oai, greedy)
-    assert 0 <= drawn < len(greedy[1]) // 2, f"the abandoned stream drew {drawn} of {len(greedy[1])} tokens"
+    assert 0 < drawn < len(greedy[1]) // 2, f"the abandoned stream drew {drawn} of {len(greedy[1])} tokens"
     still_serves(oai, claude)
 
 
-def test_anthropic_stream_left_mid_reply_stops_its_generation(oai, claude, greedy):
-    forget(oai)
-    stream = claude.messages.create(model="demo", messages=HI, max_tokens=LONG, stream=True,
-                                    extra_body={"temperature": 0})
-    events = iter(stream)
-    received = [next(events) for _ in range(4)]
-    stream.close()
+def test_anthropic_stream_left_mid_reply_stops_its_generation(server, oai, claude, greedy):
+    received = []
+
+    def leave():
+        stream = claude.messages.create(model="demo", messages=HI, max_tokens=LONG, stream=True,
+                                        extra_body={"temperature": 0})
+        events = iter(stream)
+        received.extend(next(events) for _ in range(4))
+        stream.close()
+
+    drawn = drawn_by(server, leave)
     assert received[0].type == "message_start" and received[0].message.usage.input_tokens == len(greedy[0])
-    drawn = drawn_before_stop(oai, greedy)
-    assert 0 <= drawn < len(greedy[1]) // 2, f"the abandoned stream drew {drawn} of {len(greedy[1])} tokens"
+    assert 0 < drawn < len(greedy[1]) // 2, f"the abandoned stream drew {drawn} of {len(greedy[1])} tokens"
     still_serves(oai, claude)
 
 
-def test_request_whose_client_times_out_stops_its_generation(oai, claude, greedy):
-    forget(oai)
-    with pytest.raises(openai.APITimeoutError):  # after a twentieth of the time the whole reply takes
-        oai.with_options(timeout=greedy[2] / 20).chat.completions.create(model="demo", messages=HI,
-                                                                         max_tokens=LONG, temperature=0)
-    drawn = drawn_before_stop(oai, greedy)
+def test_request_whose_client_times_out_stops_its_generation(server, oai, claude, greedy):
+    def leave():
+        with pytest.raises(openai.APITimeoutError):  # after a twentieth of the time the whole reply takes
+            oai.with_options(timeout=greedy[2] / 20).chat.completions.create(model="demo", messages=HI,
+                                                                             max_tokens=LONG, temperature=0)
+
+    drawn = drawn_by(server, leave)
     assert drawn < len(greedy[1]) // 2, f"the abandoned request drew {drawn} of {len(greedy[1])} tokens"
     still_serves(oai, claude)
 

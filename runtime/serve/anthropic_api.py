@@ -20,7 +20,7 @@ from runtime.tools import check_tools
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "request_too_large", 500: "api_error"}
+               405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error"}
 
 
 class _Strict(BaseModel):
@@ -165,10 +165,18 @@ class MessageReply:
         self.calls = []
         self.output_tokens = 0
 
-    def _message(self, content: list, stop_reason=None, stop_sequence=None, output_tokens=0) -> dict:
+    def _message(self, content: list, stop_reason=None, stop_sequence=None, done: Done | None = None) -> dict:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.service.name,
                 "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-                "usage": {"input_tokens": self.prompt_tokens, "output_tokens": output_tokens}}
+                "usage": self._usage(done)}
+
+    def _usage(self, done: Done | None) -> dict:
+        """Anthropic counts the prompt tokens read from a cache apart: input_tokens are the others, those computed.
+        Before the request has a slot (message_start) that is not known yet: the whole prompt."""
+        if done is None:
+            return {"input_tokens": self.prompt_tokens, "output_tokens": 0}
+        return {"input_tokens": done.prompt_tokens - done.cached_tokens, "cache_read_input_tokens": done.cached_tokens,
+                "cache_creation_input_tokens": 0, "output_tokens": done.completion_tokens}
 
     def start(self) -> list[dict]:
         return [{"type": "message_start", "message": self._message([])}]
@@ -220,13 +228,13 @@ class MessageReply:
         reason = "stop_sequence" if done.stop_sequence else STOP_REASONS[done.finish_reason]
         return self._close() + [
             {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": done.stop_sequence},
-             "usage": {"output_tokens": done.completion_tokens}},
+             "usage": self._usage(done)},
             {"type": "message_stop"}]
 
     def message(self, done: Done) -> dict:
         reason = "stop_sequence" if done.stop_sequence else STOP_REASONS[done.finish_reason]
         content = [{k: v for k, v in block.items() if k != "closed"} for block in self.blocks]
-        return self._message(content, reason, done.stop_sequence, done.completion_tokens)
+        return self._message(content, reason, done.stop_sequence, done)
 
 
 def error_body(error: RequestError) -> dict:

@@ -2,8 +2,9 @@
 is built on, without FastAPI's own 422 error shape, which neither OpenAI's nor Anthropic's clients read).
 
 Every failure is answered in the shape of the API that was called, and none stops the server: a malformed request
-is a 400 naming the field, a prompt over the context a 400 saying by how much, a body over the limit a 413, a failed
-generation a 500; a client that disconnects, streaming or not, has its generation stopped before the next token.
+is a 400 naming the field, a prompt over the context a 400 saying by how much, a body over the limit a 413, a full
+queue a 429 (before any of a stream is sent), a failed generation a 500; a client that disconnects, streaming or not,
+has its generation stopped before the next token.
 Prompts are rendered and tokenized off the event loop, so a long conversation does not stall the other streams.
 """
 import asyncio
@@ -20,15 +21,19 @@ from starlette.routing import Route
 from runtime.errors import K2Error
 from runtime.serve import anthropic_api, openai_api
 from runtime.serve.errors import RequestError
+from runtime.serve.metrics import CONTENT_TYPE
 from runtime.serve.service import Done, Service
 
+RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.1  # how often a request that is not streamed checks that its client is still there
 
 
 def _error_response(request: Request, error: RequestError) -> JSONResponse:
     anthropic = request.url.path.startswith("/v1/messages")
     body = anthropic_api.error_body(error) if anthropic else openai_api.error_body(error)
-    return JSONResponse(body, status_code=error.status)
+    # A full queue empties as requests finish: the official clients wait Retry-After seconds before they retry.
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 429 else None
+    return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 async def _read_json(request: Request, limit: int):
@@ -79,6 +84,7 @@ class Server:
 
     def app(self, lifespan=None) -> Starlette:
         routes = [Route("/health", self.health, methods=["GET"]),
+                  Route("/metrics", self._api(self.metrics), methods=["GET"]),
                   Route("/v1/models", self._api(self.models), methods=["GET"]),
                   Route("/v1/chat/completions", self._api(self.chat_completions), methods=["POST"]),
                   Route("/v1/completions", self._api(self.completions), methods=["POST"]),
@@ -156,6 +162,9 @@ class Server:
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.service.worker.metrics.exposition(), media_type=CONTENT_TYPE)
+
     async def models(self, request: Request) -> Response:
         return JSONResponse(openai_api.models(self.service))
 
@@ -163,16 +172,17 @@ class Server:
         api, chat = openai_api.chat_request(body, self.service)
         prompt = await asyncio.to_thread(self.service.render, chat)
         reply = openai_api.ChatReply(self.service, api, chat, prompt.ids)
+        steps = self.service.chat(chat, prompt)
         if api.stream:
             async def events():
                 yield _sse(reply.first_chunk())
-                async for item in self.service.chat(chat, prompt):
+                async for item in steps:
                     chunks = reply.last_chunks(item) if isinstance(item, Done) else reply.chunks(item)
                     for chunk in chunks:
                         yield _sse(chunk)
                 yield _sse("[DONE]")
             return self._stream(request, events())
-        return await self._collect(request, self.service.chat(chat, prompt), reply.add, reply.message)
+        return await self._collect(request, steps, reply.add, reply.message)
 
     async def completions(self, request: Request, body) -> Response:
         api, ids = await asyncio.to_thread(openai_api.completion_request, body, self.service)
@@ -193,15 +203,16 @@ class Server:
         api, chat = anthropic_api.messages_request(body, self.service)
         prompt = await asyncio.to_thread(self.service.render, chat)
         reply = anthropic_api.MessageReply(self.service, api, chat, len(prompt.ids))
+        steps = self.service.chat(chat, prompt)
         if api.stream:
             async def events():
                 for event in reply.start():
                     yield _sse(event, event["type"])
-                async for item in self.service.chat(chat, prompt):
+                async for item in steps:
                     for event in (reply.stop(item) if isinstance(item, Done) else reply.events(item)):
                         yield _sse(event, event["type"])
             return self._stream(request, events())
-        return await self._collect(request, self.service.chat(chat, prompt), reply.events, reply.message)
+        return await self._collect(request, steps, reply.events, reply.message)
 
     async def count_tokens(self, request: Request, body) -> Response:
         _, chat = anthropic_api.messages_request(body, self.service, count_only=True)

@@ -338,9 +338,14 @@ class CompletionReply:
         return entry
 
     def chunk(self, token: Token | None, text: str) -> dict:
+        """A streamed piece of the completion: the text a token completed (with the token's id, as vLLM sends it,
+        where return_token_ids asks)."""
         logprobs = self._logprobs(token, text)
         self.text += text
-        return self._body([{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}])
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}
+        if self.api.return_token_ids:
+            choice["token_ids"] = [token.id] if token is not None else []
+        return self._body([choice])
 
     def _body(self, choices: list[dict], done: Done | None = None) -> dict:
         body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.service.name,
@@ -371,6 +376,6 @@ def models(service: Service) -> dict:
 
 
 def error_body(error: RequestError) -> dict:
-    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(
-        error.status, "invalid_request_error" if error.status < 500 else "server_error")
+    kinds = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+    kind = kinds.get(error.status, "invalid_request_error" if error.status < 500 else "server_error")
     return {"error": {"message": str(error), "type": kind, "param": error.param, "code": error.status}}

@@ -6,6 +6,7 @@ import socket
 import sys
 
 from runtime.errors import K2Error
+from runtime.units import format_bytes
 
 
 def is_loopback(host: str) -> bool:
@@ -54,8 +55,12 @@ def run(service, host: str, port: int, api_key: str | None, max_body: int, log_r
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        worker = service.worker
+        engine = worker.engine
+        slots_bytes = len(worker.slots) * engine.max_len * engine.bytes_per_token
         print(f"k2 serve: {service.name} on http://{url_host}:{bound_port}/v1 (context {service.context} tokens, "
-              f"{service.worker.engine.decoder} decode); Ctrl-C to stop", file=sys.stderr, flush=True)
+              f"{engine.decoder} decode, {len(worker.slots)} slots in {format_bytes(slots_bytes)}, prefix cache up "
+              f"to {format_bytes(worker.store.budget_bytes)}); Ctrl-C to stop", file=sys.stderr, flush=True)
         yield
 
     app = Server(service, api_key, max_body).app(lifespan)

@@ -5,6 +5,7 @@ The OpenAI and Anthropic endpoints (openai_api.py, anthropic_api.py) only transl
 the `Step`s and `Done` that `Service.chat` yields back into their own shapes.
 """
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -82,6 +83,13 @@ class StopStrings:
         return text
 
 
+def _owned(job: Job, steps: AsyncIterator) -> AsyncIterator:
+    """`steps`, which cancel `job` when closed; and when dropped unread too (a client that left before its stream
+    began): an async generator that never started does not run its `finally`."""
+    weakref.finalize(steps, job.cancel)
+    return steps
+
+
 class Service:
     """One loaded model behind the server: its tokenizer, template, reply format and the worker that decodes."""
 
@@ -129,12 +137,17 @@ class Service:
                top_logprobs: int | None) -> Job:
         return self.worker.submit(Job(ids, params, max_new_tokens, stop_ids, top_logprobs))
 
-    async def chat(self, request: ChatRequest, prompt: Prompt) -> AsyncIterator[Step | Done]:
-        """The reply to `request`, a Step per drawn token and a Done at the end. Closing the iterator early (the
-        client left) stops the decoding."""
+    def chat(self, request: ChatRequest, prompt: Prompt) -> AsyncIterator[Step | Done]:
+        """The reply to `request`, a Step per drawn token and a Done at the end. It is queued now, so a full queue
+        is an error (429) before any of the reply is sent. Closing the iterator early (the client left), or dropping
+        it unread, stops the decoding."""
         budget = self.budget(len(prompt.ids), request.max_tokens)
         stop_ids = set() if request.ignore_eos else self.stop_ids
         job = self.submit(prompt.ids, request.params, budget, stop_ids, request.top_logprobs)
+        return _owned(job, self._chat(request, prompt, job, stop_ids))
+
+    async def _chat(self, request: ChatRequest, prompt: Prompt, job: Job, stop_ids: set[int]) -> \
+            AsyncIterator[Step | Done]:
         parser = self.reply_parser(in_reasoning=prompt.in_reasoning, tools=request.tools)
         stream, stops = self.tokenizer.stream(), StopStrings(request.stop)
         generated, finish = [], "length"
@@ -166,15 +179,18 @@ class Service:
             finish = "tool_calls"
         yield Done(finish, len(prompt.ids), len(generated), job.cached_tokens, generated, stops.found or None)
 
-    async def complete(self, ids: list[int], params: SamplingParams, max_tokens: int, stop: list[str],
-                       top_logprobs: int | None,
-                       ignore_eos: bool = False) -> AsyncIterator[tuple[Token | None, str] | Done]:
+    def complete(self, ids: list[int], params: SamplingParams, max_tokens: int, stop: list[str],
+                 top_logprobs: int | None, ignore_eos: bool = False) -> AsyncIterator[tuple[Token | None, str] | Done]:
         """Raw completion of `ids` (no template): each drawn token with the text it completed, then a Done. It ends
-        at an end-of-sequence id, as `k2 generate` does, or at a stop string."""
+        at an end-of-sequence id, as `k2 generate` does, or at a stop string. Queued now, as `chat` is."""
         self.check_length(len(ids))
         budget = self.budget(len(ids), max_tokens)
         eos_ids = set() if ignore_eos else self.eos_ids
         job = self.submit(ids, params, budget, eos_ids, top_logprobs)
+        return _owned(job, self._complete(ids, stop, job, eos_ids))
+
+    async def _complete(self, ids: list[int], stop: list[str], job: Job, eos_ids: set[int]) -> \
+            AsyncIterator[tuple[Token | None, str] | Done]:
         stream, stops = self.tokenizer.stream(), StopStrings(stop)
         generated, finish = [], "length"
         try:

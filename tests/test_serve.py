@@ -168,21 +168,46 @@ def _oracle_prompt(folder, tokenizer: Tokenizer, history: list[dict]) -> list[in
     return tokenizer.encode_with_added(text)
 
 
-def test_agent_loop_20_turns(scripted, client):
+@pytest.fixture(scope="module")
+def cold(scripted):
+    """The same model behind a server with one slot and no prefix store: before each request it is sent another
+    whose prompt shares nothing, so the request is computed whole (its cached_tokens say so)."""
+    server = ServerProcess(str(scripted[0]), "--quiet", "--max-batch", "1", "--cache-budget", "0", launcher=SCRIPT)
+    yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert server.stop() == 0, server.log
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_agent_loop_20_turns(scripted, client, cold):
     """A 20-turn agent loop: the client rewrites every tool call id to its own (`call_...`) and sends reasoning back,
     as thinking agents must; every turn's prompt is what K2's template gives for the history with K2's ids
     (functions.NAME:IDX counted over the conversation) and the reasoning kept, and the model's calls carry those
-    ids."""
+    ids. From turn 1 on, the turn computes only what is new: its cached_tokens are all that it shares with what the
+    last turn left in the cache (that prompt and reply), at least that whole prompt; and its reply is the one the same
+    request gets computed whole."""
     folder = scripted[0]
     tokenizer = Tokenizer.from_folder(folder)
     sent = [{"role": "user", "content": "Plan my trip: check the weather everywhere."}]  # what the agent sends
     expected = [dict(sent[0])]  # the same history as K2 must read it
-    index = 0
+    index, left = 0, None  # left: the ids the last turn left in the cache
     for turn in range(AGENT_TURNS):
-        reply = client.chat.completions.create(model="k2", messages=sent, tools=TOOLS, temperature=1.0,
-                                               extra_body={"return_token_ids": True})
-        assert reply.model_extra["prompt_token_ids"] == _oracle_prompt(folder, tokenizer, expected), turn
+        request = dict(model="k2", messages=sent, tools=TOOLS, temperature=1.0, extra_body={"return_token_ids": True})
+        reply = client.chat.completions.create(**request)
+        prompt, drawn = reply.model_extra["prompt_token_ids"], reply.choices[0].token_ids
+        assert prompt == _oracle_prompt(folder, tokenizer, expected), turn
+        if left is not None:
+            cached = reply.usage.prompt_tokens_details.cached_tokens
+            assert cached == min(_shared(left, prompt), len(prompt) - 1) and cached >= len(left) - len(drawn), turn
+        left = prompt + drawn[:-1]  # the last id drawn (end of turn) is never fed back
+        cold.completions.create(model="k2", prompt=[7] * 4, max_tokens=1)
+        whole = cold.chat.completions.create(**request)
+        assert whole.usage.prompt_tokens_details.cached_tokens == 0, turn
+        assert whole.choices[0].token_ids == drawn, turn
         message = reply.choices[0].message
+        assert whole.choices[0].message.content == message.content, turn
         reasoning = message.model_extra["reasoning_content"]
         if turn == AGENT_TURNS - 1:
             assert reply.choices[0].finish_reason == "stop" and not message.tool_calls
@@ -202,8 +227,6 @@ def test_agent_loop_20_turns(scripted, client):
                                            for i, c in zip(ids, message.tool_calls)]})
             history += [{"role": "tool", "tool_call_id": i, "content": f"result {turn}.{j}"}
                         for j, i in enumerate(ids)]
-    usage = reply.usage
-    assert usage.prompt_tokens_details.cached_tokens > usage.prompt_tokens // 2  # each turn prefilled only what is new
 
 
 def test_demo_greedy_equals_generate(demo_dir):

@@ -195,23 +195,25 @@ class Worker:
         entry, stored = self.store.longest(prompt)
         from_store = stored > shared
         parked = source is not None and self.slots[source].job is None
-        target = None
-        if not from_store and parked and (shared >= self.slots[source].prompt_tokens or not engine.copies_prefixes):
+        continues = parked and shared >= self.slots[source].prompt_tokens
+        if not from_store and parked and (continues or not engine.copies_prefixes):
             target = source
-        target = self._free_slot(exclude=source) if target is None else target
-        if target is None:  # the source is the one free slot: taken as it is
-            target = source
+        else:  # the source stays for its own conversation (if there is another free slot)
+            target = self._free_slot(exclude=source)
+            target = source if target is None else target
         keep = min(stored if from_store else shared, len(prompt) - 1)  # one at least is computed: it draws the first
         slot = self.slots[target]
+        carried = target == source and continues and not from_store
         slot.job, slot.prompt_tokens = job, len(prompt)
         try:
-            if from_store or target != source:
+            if from_store:  # first: room made for the target's cache must not drop the entry about to be read
+                self.store.use(entry)
+            if not carried:  # what the slot holds goes to the store first; its rows are overwritten or cut after
                 self._spill(target)
-                if keep and from_store:
-                    engine.import_prefix(target, entry.rows, keep)
-                    self.store.use(entry)
-                elif keep:
-                    engine.copy_prefix(source, target, keep)
+            if keep and from_store:
+                engine.import_prefix(target, entry.rows, keep)
+            elif keep and target != source:
+                engine.copy_prefix(source, target, keep)
             engine.truncate(target, keep)
             slot.ids = prompt[:keep]
             job.cached_tokens = job.stats.cached_tokens = keep

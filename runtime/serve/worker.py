@@ -63,11 +63,6 @@ class Job:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    def _put(self, item):
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop has closed (a second Ctrl-C stops the server at once): nobody reads on
-            self.cancel()
 
     def __aiter__(self):
         return self
@@ -103,6 +98,11 @@ class _LogprobSampler(Sampler):
         return Token(token_id, float(chosen[0]), top)
 
 
+def _deliver(items: list[tuple[Job, Token | BaseException | None]]):
+    for job, item in items:
+        job._queue.put_nowait(item)
+
+
 @dataclass
 class _Slot:
     ids: list[int] = field(default_factory=list)  # what the slot's cache holds, in order
@@ -127,6 +127,7 @@ class Worker:
         self.lock = threading.Condition()
         self.numbers = itertools.count(1)
         self.dropped = 0  # parked caches reused without a copy kept (past the budget): evictions besides the store's
+        self.outbox: list[tuple[Job, Token | BaseException | None]] = []  # for the event loop, sent once per iteration
         self.thread = threading.Thread(target=self._run, name="k2-model", daemon=True)
         self.thread.start()
 
@@ -164,17 +165,28 @@ class Worker:
                 if self.closing and not self.waiting and not self.busy:
                     return
                 newcomers = self._take_waiting()
-            for job in newcomers:
-                self._place(job)
-            self._prefill()
-            if any(slot.sampler is not None for slot in self.slots):
-                self._decode()
+            try:
+                self._iterate(newcomers)
+            except Exception as e:  # a fault of the scheduler itself: the jobs in slots end with it, the server goes on
+                for i, slot in enumerate(self.slots):
+                    if slot.job is not None:
+                        self._fail(i, e)
+                self._send()
+
+    def _iterate(self, newcomers: list[Job]):
+        for job in newcomers:
+            self._place(job)
+        self._prefill()
+        self._send()  # newcomers' first tokens go out before the step, which takes a while
+        if any(slot.sampler is not None for slot in self.slots):
+            self._decode()
+            self._send()
 
     def _take_waiting(self) -> list[Job]:
         """The waiting jobs that free slots can take now, oldest first (under the lock); the cancelled ones end."""
         for job in [j for j in self.waiting if j.cancelled]:
             self.waiting.remove(job)
-            job._put(None)
+            self.outbox.append((job, None))
         taken = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(self.slots) - self.busy))]
         self.busy += len(taken)
         self.metrics.queued, self.metrics.running = len(self.waiting), self.busy
@@ -299,10 +311,25 @@ class Worker:
             return
         job.stats.generated += 1
         job.stats.last_token = time.perf_counter()
-        job._put(slot.sampler.token(token) if isinstance(slot.sampler, _LogprobSampler) else Token(token))
+        logprobs = isinstance(slot.sampler, _LogprobSampler)
+        self.outbox.append((job, slot.sampler.token(token) if logprobs else Token(token)))
         slot.pending = token
         if token in job.stop_ids or job.stats.generated == job.max_new_tokens or job.cancelled:
             self._end(i)
+
+    def _send(self):
+        """Hand the iteration's tokens and ends to their jobs' event loops: one wake-up of a loop per iteration, not
+        one per token (each is a syscall, and a switch of threads the model's thread then waits for)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, item in self.outbox:
+            by_loop.setdefault(job._loop, []).append((job, item))
+        self.outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop has closed (a second Ctrl-C stops the server at once): nobody reads on
+                for job, _ in items:
+                    job.cancel()
 
     # Ending ----------------------------------------------------------------------------------------------------
 
@@ -318,7 +345,7 @@ class Worker:
             self.busy -= 1
             self.metrics.running = self.busy
         self.metrics.finished(job.stats, failed=error is not None)
-        job._put(error)
+        self.outbox.append((job, error))
         if self.log:
             print(job.stats.line(next(self.numbers), outcome), file=sys.stderr, flush=True)
 

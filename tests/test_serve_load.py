@@ -167,12 +167,12 @@ def test_log_and_metrics(server, client):
 def test_full_queue_is_refused_at_once(demo_dir):
     """One slot, one place in the queue: a third request is a 429 in each API's error shape, at once, and the server
     serves again once the slot frees."""
-    process = ServerProcess(str(demo_dir), "--dtype", "float32", "--quiet", "--ctx", "512", "--max-batch", "1",
+    process = ServerProcess(str(demo_dir), "--dtype", "float32", "--quiet", "--ctx", "2048", "--max-batch", "1",
                             "--max-queue", "1")
     try:
         oai = openai.OpenAI(base_url=f"{process.url}/v1", api_key="unused", max_retries=0, timeout=60)
         claude = anthropic.Anthropic(base_url=process.url, api_key="unused", max_retries=0, timeout=60)
-        running = oai.completions.create(model="demo", prompt=[5] * 8, max_tokens=500, stream=True,
+        running = oai.completions.create(model="demo", prompt=[5] * 8, max_tokens=2000, stream=True,
                                          extra_body={"ignore_eos": True})
         chunks = iter(running)
         next(chunks)

@@ -78,7 +78,7 @@ def stream_ids(client: openai.OpenAI, prompt: list[int], n: int, leave_after: in
 
 @pytest.fixture(scope="module")
 def server(demo_dir):
-    process = ServerProcess(str(demo_dir), "--dtype", "float32", "--ctx", "256", "--max-batch", str(CLIENTS))
+    process = ServerProcess(str(demo_dir), "--dtype", "float32", "--ctx", "2048", "--max-batch", str(CLIENTS))
     yield process
     assert process.stop() == 0, process.log
 
@@ -136,6 +136,29 @@ def test_sixteen_streaming_clients_three_leaving(server, client, model):
     expected, margins = alone(model, turn, NEW_TOKENS)
     assert_greedy_equal(reply.choices[0].token_ids, expected, margins, "the next turn")
     assert len(reply.choices[0].token_ids) == NEW_TOKENS
+
+
+def test_a_long_prompt_does_not_stall_the_others(server, client, model):
+    """A newcomer's long prompt is computed in pieces between the running requests' steps: a stream running meanwhile
+    keeps receiving tokens, its longest wait a fraction of the time the newcomer takes (computed whole, the prompt
+    would hold the stream's next token back for nearly all of it)."""
+    long_prompt = [9, *random_ids(model.args.vocab_size, (1799,), seed=5).tolist()]
+    stream = client.completions.create(model="demo", prompt=[4] * 8, max_tokens=1500, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks)
+    with ThreadPoolExecutor(1) as pool:
+        began = time.monotonic()
+        newcomer = pool.submit(client.completions.create, model="demo", prompt=long_prompt, max_tokens=1)
+        arrivals = [began]
+        for _ in chunks:
+            arrivals.append(time.monotonic())
+            if newcomer.done():
+                break
+        assert newcomer.result().usage.prompt_tokens == len(long_prompt)
+    stream.close()
+    longest = max(b - a for a, b in zip(arrivals, arrivals[1:]))
+    assert longest < (arrivals[-1] - began) / 2, f"the stream waited {longest:.3f} s of {arrivals[-1] - began:.3f} s"
 
 
 def test_log_and_metrics(server, client):

@@ -33,7 +33,8 @@ def serve(model: str = options.MODEL,
                                                   "slots hold."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not log each request."),
           device: str = options.DEVICE, dtype: str = options.DTYPE, plan: Path = options.PLAN,
-          device_map: str = options.DEVICE_MAP, eager: bool = options.EAGER, threads: int = options.THREADS):
+          device_map: str = options.DEVICE_MAP, eager: bool = options.EAGER, threads: int = options.THREADS,
+          int8: bool = options.INT8):
     """Serve MODEL over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) and Anthropic's
     (/v1/messages, /v1/messages/count_tokens), for agents and any client of either.
 
@@ -51,7 +52,7 @@ def serve(model: str = options.MODEL,
     budget = parse_size(cache_budget, "--cache-budget")
     if api_key is not None and not api_key.strip():
         raise K2Error("--api-key is empty")
-    loaded = options.load_to_run(model, device, dtype, plan, device_map, threads)
+    loaded = options.load_to_run(model, device, dtype, plan, device_map, threads, int8)
     if loaded is None:
         return
     try:

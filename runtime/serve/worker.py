@@ -63,7 +63,6 @@ class Job:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-
     def __aiter__(self):
         return self
 

@@ -47,8 +47,16 @@ class TurnStats:
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
+    """How many ids `a` and `b` share from the start: a bisection over slice comparisons, which run in C (the server
+    compares a history of tens of thousands of ids with every slot and stored prefix at each admission)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def reply_starts_in_reasoning(reply_parser: type[ReplyParser], template: ChatTemplate, tokenizer: Tokenizer,

@@ -61,12 +61,16 @@ class ServerProcess:
                 self.proc.wait()
         return self.proc.returncode
 
-    def metrics(self) -> dict[str, float]:
-        """GET /metrics, each sample's value by its name (the text format's `name value` lines)."""
+    def metric_families(self) -> list:
+        """GET /metrics, read by Prometheus' own client library's parser (which refuses text not in its format)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as response:
-            text = response.read().decode()
-        return {name: float(value) for name, value in (line.split() for line in text.splitlines()
-                                                        if line and not line.startswith("#"))}
+            return list(text_string_to_metric_families(response.read().decode()))
+
+    def metrics(self) -> dict[str, float]:
+        """/metrics, each sample's value by its name."""
+        return {sample.name: sample.value for family in self.metric_families() for sample in family.samples}
 
     def settled_metrics(self) -> dict[str, float]:
         """/metrics once no request runs or waits (those whose clients left have stopped)."""

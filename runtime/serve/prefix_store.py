@@ -11,18 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-def shared_prefix(a: list[int], b: list[int]) -> int:
-    """How many ids `a` and `b` share from the start: a bisection over slice comparisons, which run in C (a history
-    of tens of thousands of ids is compared with every slot and entry at each admission)."""
-    low, high = 0, min(len(a), len(b))
-    while low < high:
-        middle = (low + high + 1) // 2
-        if a[:middle] == b[:middle]:
-            low = middle
-        else:
-            high = middle - 1
-    return low
+from runtime.session import common_prefix
 
 
 @dataclass
@@ -48,7 +37,7 @@ class PrefixStore:
         """The entry sharing the longest beginning with `ids`, and how many ids it shares (None, 0 if none)."""
         best, shared = None, 0
         for entry in self.entries.values():
-            n = shared_prefix(entry.ids, ids)
+            n = common_prefix(entry.ids, ids)
             if n > shared:
                 best, shared = entry, n
         return best, shared

@@ -29,7 +29,8 @@ from runtime.errors import K2Error
 from runtime.sampling import NON_FINITE, Sampler, SamplingParams, non_finite_error
 from runtime.serve.errors import RequestError
 from runtime.serve.metrics import Metrics, RequestStats
-from runtime.serve.prefix_store import Entry, PrefixStore, shared_prefix
+from runtime.serve.prefix_store import Entry, PrefixStore
+from runtime.session import common_prefix
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 PREFILL_PIECE = 256  # prompt tokens computed per iteration while other requests decode
@@ -200,7 +201,7 @@ class Worker:
         engine, prompt = self.engine, job.prompt
         job.stats.admitted, job.stats.prompt_tokens = time.perf_counter(), len(prompt)
         # Another slot's cache can be copied from, except in a pipeline: there only a parked slot taken as it is.
-        sources = [(shared_prefix(slot.ids, prompt), i) for i, slot in enumerate(self.slots)
+        sources = [(common_prefix(slot.ids, prompt), i) for i, slot in enumerate(self.slots)
                    if slot.ids and (engine.copies_prefixes or slot.job is None)]
         shared, source = max(sources, default=(0, None))
         entry, stored = self.store.longest(prompt)

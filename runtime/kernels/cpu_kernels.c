@@ -1,5 +1,7 @@
-/* INT4 expert kernels for CPUs: compressed-tensors' pack-quantized weights (Kimi K2-Thinking's layout) read as
- * stored, once per token, never unpacked into a float matrix.
+/* CPU kernels for quantized weights read as stored, once per token, never unpacked into a float matrix: INT4 experts
+ * and linears in compressed-tensors' pack-quantized layout (Kimi K2-Thinking's), and int8 linears with a scale per row
+ * (`--int8`, runtime/int8.py). For prompts on CPUs with native bf16 matrix multiplies, the weights are also written
+ * out as bf16 matrices for torch to multiply (runtime/kernels/cpu.py decides where).
  *
  * Weights: W[r, c] = (nibble - 8) * scale[r, c / group], eight nibbles per int32 word, low nibble first, so byte m of
  * a row holds elements 2m (low nibble) and 2m + 1 (high nibble). Scales are bf16 or fp16 (a GGUF's Q4_0), one per
@@ -272,36 +274,6 @@ static void quantized_free(Quantized *x) {
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
-/* A linear layer: x [n_tokens, in] float32 -> y [n_tokens, out] = x W^T. Returns 0, or -1 if out of memory. */
-int k2_int4_linear(int64_t n_tokens, int64_t in, int64_t out, const float *x, const uint8_t *w, const uint16_t *scales,
-                   int64_t group, int fp16, float *y, int threads) {
-    Quantized xa = {0};
-    if (!quantized_alloc(&xa, n_tokens, in)) {
-        quantized_free(&xa);
-        return -1;
-    }
-    const int64_t blocks = in / QK, bpg = group / QK, groups = in / group;
-    const int64_t tasks = (out + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < n_tokens; t++) {
-            quantize_row(x + t * in, in, xa.q + t * in, xa.d + t * blocks, xa.s + t * blocks, 0);
-        }
-#pragma omp for schedule(dynamic)
-        for (int64_t task = 0; task < tasks; task++) {
-            for (int64_t r = task * ROWS_PER_TASK; r < out && r < (task + 1) * ROWS_PER_TASK; r++) {
-                for (int64_t t = 0; t < n_tokens; t++) {
-                    y[t * out + r] = row_dot(w + r * in / 2, scales + r * groups, fp16, bpg, xa.q + t * in,
-                                             xa.d + t * blocks, xa.s + t * blocks, in);
-                }
-            }
-        }
-    }
-    quantized_free(&xa);
-    return 0;
-}
-
 /* int8 weights -------------------------------------------------------------------------------------------------- */
 
 /* Row `w` (n int8 weights, in order) against one token's activations quantized in order (q, d): the sum over blocks of
@@ -340,10 +312,30 @@ static float row_dot_int8(const int8_t *w, const int16_t *q, const float *d, int
     return total;
 }
 
-/* A linear layer with int8 weights and one scale per output row: x [n_tokens, in] float32 -> y [n_tokens, out] =
- * x (scale * W)^T. Returns 0, or -1 if out of memory. */
-int k2_int8_linear(int64_t n_tokens, int64_t in, int64_t out, const float *x, const int8_t *w, const float *scales,
-                   float *y, int threads) {
+/* Linear layers ------------------------------------------------------------------------------------------------- */
+
+/* A linear layer's weights as the kernels read them: INT4 (packed, a scale per group) or int8 (a scale per row). */
+typedef struct {
+    int int8;
+    const uint8_t *packed; /* INT4: out rows of in / 2 bytes */
+    const uint16_t *group_scales; /* INT4: bf16 or fp16 (`fp16`), in / group per row */
+    int64_t group;
+    int fp16;
+    const int8_t *bytes; /* int8: out rows of in */
+    const float *row_scales; /* int8 */
+} Weights;
+
+/* Row r of `m` against one token's quantized activations. */
+static float weights_row_dot(const Weights *m, int64_t r, int64_t in, const int16_t *q, const float *d,
+                             const int32_t *s) {
+    if (m->int8) return m->row_scales[r] * row_dot_int8(m->bytes + r * in, q, d, in);
+    return row_dot(m->packed + r * in / 2, m->group_scales + r * (in / m->group), m->fp16, m->group / QK, q, d, s,
+                   in);
+}
+
+/* x [n_tokens, in] float32 -> y [n_tokens, out] = x W^T, W as `m` holds it. Returns 0, or -1 if out of memory. */
+static int linear(int64_t n_tokens, int64_t in, int64_t out, const float *x, const Weights *m, float *y,
+                  int threads) {
     Quantized xa = {0};
     if (!quantized_alloc(&xa, n_tokens, in)) {
         quantized_free(&xa);
@@ -354,19 +346,34 @@ int k2_int8_linear(int64_t n_tokens, int64_t in, int64_t out, const float *x, co
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < n_tokens; t++) {
-            quantize_row(x + t * in, in, xa.q + t * in, xa.d + t * blocks, xa.s + t * blocks, 1);
+            quantize_row(x + t * in, in, xa.q + t * in, xa.d + t * blocks, xa.s + t * blocks, m->int8);
         }
 #pragma omp for schedule(dynamic)
         for (int64_t task = 0; task < tasks; task++) {
             for (int64_t r = task * ROWS_PER_TASK; r < out && r < (task + 1) * ROWS_PER_TASK; r++) {
                 for (int64_t t = 0; t < n_tokens; t++) {
-                    y[t * out + r] = scales[r] * row_dot_int8(w + r * in, xa.q + t * in, xa.d + t * blocks, in);
+                    y[t * out + r] = weights_row_dot(m, r, in, xa.q + t * in, xa.d + t * blocks, xa.s + t * blocks);
                 }
             }
         }
     }
     quantized_free(&xa);
     return 0;
+}
+
+/* An INT4 linear layer (packed as the experts are). Returns 0, or -1 if out of memory. */
+int k2_int4_linear(int64_t n_tokens, int64_t in, int64_t out, const float *x, const uint8_t *w, const uint16_t *scales,
+                   int64_t group, int fp16, float *y, int threads) {
+    const Weights m = {.packed = w, .group_scales = scales, .group = group, .fp16 = fp16};
+    return linear(n_tokens, in, out, x, &m, y, threads);
+}
+
+/* A linear layer with int8 weights and one scale per output row: y = x (scale * W)^T. Returns 0, or -1 if out of
+ * memory. */
+int k2_int8_linear(int64_t n_tokens, int64_t in, int64_t out, const float *x, const int8_t *w, const float *scales,
+                   float *y, int threads) {
+    const Weights m = {.int8 = 1, .bytes = w, .row_scales = scales};
+    return linear(n_tokens, in, out, x, &m, y, threads);
 }
 
 /* Weights as a matrix, for prompts --------------------------------------------------------------------------------- */
@@ -427,6 +434,8 @@ void k2_int4_dense(int64_t rows, int64_t n, const uint8_t *w, const uint16_t *sc
     for (int64_t r = 0; r < rows; r++) int4_dense_row(n, w + r * n / 2, scales + r * (n / group), group, fp16,
                                                       out + r * n);
 }
+
+/* Routed experts --------------------------------------------------------------------------------------------------- */
 
 /* Routed experts of one MoE layer: y [n_tokens, dim] = sum over each token's k slots of
  * route_w * down_e(silu(gate_e x) * up_e x), e = ids[t, slot] (slots with e < 0 are skipped: placed elsewhere).

@@ -2,14 +2,16 @@
 
 A method turns rows of a weight into (q, scale) on the grid it is given. Rows are independent for every method here
 and for GPTQ (whose error feedback runs along a row's columns, with one Hessian shared by all rows), so the driver
-hands methods row blocks and never a whole trillion-parameter tensor. A calibration-based method is one more class
-with the same `quantize`, holding its statistics by tensor name.
+hands methods row blocks and never a whole trillion-parameter tensor. GPTQ needs the Hessian of each weight's inputs,
+which exists only once the layers before it have run on the calibration tokens, so the calibrated walk
+(runtime/convert/calibrated.py) hands it whole weights with their Hessian as it reaches them.
 """
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from quant import gptq
 from quant.int4 import GRIDS, Grid, absmax_scale, dequantize_groups, grouped, quantize_groups
 
 # Clipping ratios the mse search tries, largest first: 1.0 is rtn, so mse can only match or beat it.
@@ -69,4 +71,20 @@ class ClipSearch:
         return best_q, best_scale
 
 
+class Gptq:
+    """GPTQ (quant/gptq.py) on round-to-nearest's scales, optionally in act order."""
+
+    name, observer = "gptq", "minmax"
+
+    def __init__(self, act_order: bool = False):
+        self.act_order = act_order
+
+    def quantize(self, w: torch.Tensor, hessian: torch.Tensor, spec: Int4Spec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight w [out, in] and the Hessian of its inputs [in, in] -> (q, scale) as `Method.quantize` gives them."""
+        scale = absmax_scale(grouped(w, spec.group_size), spec.grid)
+        return gptq.quantize(w, hessian, scale, spec.grid, spec.group_size, self.act_order), scale
+
+
 METHODS: dict[str, type] = {"rtn": RoundToNearest, "mse": ClipSearch}
+CALIBRATED_METHODS: dict[str, type] = {"gptq": Gptq}
+FALLBACK = ClipSearch  # for weights GPTQ has too few calibration tokens for

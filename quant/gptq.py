@@ -1,0 +1,65 @@
+"""GPTQ (Frantar et al. 2022): a weight's integers chosen column by column so the layer's output on calibration inputs
+moves least, ||W X - Q X||^2, each column's rounding error spread over the columns not yet rounded through the
+inverse of the inputs' Hessian H = 2 X^T X / n. Algorithm 1 of the paper: the upper Cholesky factor of H^-1 and
+lazy batches of columns.
+
+Scales are fixed before the columns are rounded (as llm-compressor fixes them, from the weight as given), so act order
+(columns by decreasing H diagonal) still stores the natural groups, which compressed-tensors calls `actorder: weight`.
+A column that no calibration token lights (H diagonal 0) keeps its round-to-nearest value and receives no error:
+the reference code zeroes such columns, which would erase weights that real inputs do use.
+Everything runs in float64: the damped Hessian of a few hundred tokens is ill-conditioned, and the integers must
+not depend on summation order.
+"""
+import torch
+
+from quant.int4 import Grid
+
+DAMP = 0.01  # added to H's diagonal, as a fraction of its mean (the paper's lambda)
+BLOCK = 128  # columns per lazy batch
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """Calibration inputs x [tokens, in] -> H = 2 X^T X / tokens, float64 [in, in]."""
+    assert x.dim() == 2 and len(x), x.shape
+    x = x.to(torch.float64)
+    return (x.T @ x).mul_(2 / len(x))
+
+
+def inverse_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """The upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, U^T U = H^-1; dead columns count as lit once."""
+    h = h.to(torch.float64, copy=True)
+    diagonal = h.diagonal()
+    diagonal[diagonal == 0] = 1
+    diagonal += damp * diagonal.mean()
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def act_order(h: torch.Tensor) -> torch.Tensor:
+    """Columns by decreasing Hessian diagonal (the most active inputs first); ties keep their order."""
+    return torch.argsort(h.diagonal(), descending=True, stable=True)
+
+
+def quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, grid: Grid, group_size: int,
+             ordered: bool = False) -> torch.Tensor:
+    """Weight w [rows, in], Hessian h [in, in], group scales [rows, groups] (BF16 as stored) -> int8 q
+    [rows, groups, group_size] on `grid`; with `ordered`, columns are rounded in act order."""
+    rows, cols = w.shape
+    assert h.shape == (cols, cols) and cols % group_size == 0, (w.shape, h.shape, group_size)
+    assert scale.shape == (rows, cols // group_size), (scale.shape, w.shape)
+    order = act_order(h) if ordered else torch.arange(cols)
+    w = w.to(torch.float64)[:, order]  # a copy: the working weight, updated as columns are rounded
+    u = inverse_factor(h[order][:, order])
+    s = scale.to(torch.float64)[:, order // group_size]  # [rows, cols]: each column's scale, in working order
+    step = torch.where(s == 0, 1.0, s)  # a zero-scale group rounds to 0, as quantize_groups does
+    q = torch.empty(rows, cols, dtype=torch.float64)
+    for c0 in range(0, cols, BLOCK):
+        c1 = min(c0 + BLOCK, cols)
+        errors = torch.empty(rows, c1 - c0, dtype=torch.float64)
+        for c in range(c0, c1):
+            q[:, c] = torch.div(w[:, c], step[:, c]).round_().clamp_(grid.qmin, grid.qmax)
+            errors[:, c - c0] = (w[:, c] - q[:, c] * s[:, c]) / u[c, c]
+            w[:, c:c1] -= errors[:, c - c0, None] * u[c, c:c1]
+        w[:, c1:] -= errors @ u[c0:c1, c1:]
+    restored = torch.empty_like(q)
+    restored[:, order] = q
+    return restored.to(torch.int8).view(rows, cols // group_size, group_size)

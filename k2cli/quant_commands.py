@@ -14,7 +14,8 @@ from runtime.units import format_bytes
 def quantize(model: str = options.REQUIRED_MODEL,
              out: Path = typer.Argument(..., help="Output folder (new or empty; see --resume and --force)."),
              int4: bool = typer.Option(False, "--int4", help="INT4 groups in Kimi K2-Thinking's compressed-tensors layout."),
-             method: str = typer.Option("rtn", help="rtn (round to nearest) or mse (per-group clipping search)."),
+             method: str = typer.Option("rtn", help="rtn (round to nearest), mse (per-group clipping search) or gptq "
+                                                    "(error feedback over calibration text; needs --calib)."),
              grid: str = typer.Option("k2", help="k2: levels -7..7, scale absmax/7 (K2-Thinking's QAT grid, lossless on "
                                                  "its weights); ct: -8..7, absmax/7.5 (compressed-tensors' minmax)."),
              group_size: int = typer.Option(32, "--group-size", help="Weights per scale: 16, 32, 64 or 128."),
@@ -22,8 +23,18 @@ def quantize(model: str = options.REQUIRED_MODEL,
              max_shard_size: str = options.size_option("5GB", "--max-shard-size", "Largest output shard, e.g. 5GB."),
              resume: bool = options.RESUME, force: bool = options.FORCE,
              report: Path = typer.Option(None, "--report", help="Write per-tensor SQNR (dB) and max error as JSON here."),
+             calib: Path = typer.Option(None, "--calib", help="gptq: UTF-8 text to calibrate on (e.g. a wikitext-2 "
+                                                              "train split), read with the model's tokenizer."),
+             calib_tokens: int = typer.Option(131072, "--calib-tokens", help="gptq: use at most this many tokens of "
+                                                                             "--calib."),
+             act_order: bool = typer.Option(False, "--act-order", help="gptq: round columns by decreasing activation "
+                                                                       "(groups stay as stored)."),
+             min_expert_tokens: int = typer.Option(128, "--min-expert-tokens",
+                                                   help="gptq: a routed expert sent fewer calibration tokens falls "
+                                                        "back to mse."),
              workers: int = options.WORKERS, as_json: bool = options.JSON):
-    """Quantize a checkpoint tensor by tensor; memory stays near one input shard plus one output shard."""
+    """Quantize a checkpoint tensor by tensor (gptq: layer by layer over calibration text); memory stays near one
+    input shard plus one output shard (gptq: one layer's weights plus the calibration hidden states)."""
     from runtime.convert.quantize import QuantizeConfig, quantize_checkpoint
     from runtime.resolve import resolve_model
     from runtime.units import parse_size
@@ -33,7 +44,9 @@ def quantize(model: str = options.REQUIRED_MODEL,
     if resume and force:
         raise K2Error("--resume and --force exclude each other")
     config = QuantizeConfig(method=method, grid=grid, group_size=group_size, scope=scope,
-                            max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"), report=report is not None)
+                            max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"), report=report is not None,
+                            calib=None if calib is None else str(calib), calib_tokens=calib_tokens,
+                            act_order=act_order, min_expert_tokens=min_expert_tokens)
     with resumable(f"the finished shards are kept in {out}; the same command with --resume continues from them"):
         result = quantize_checkpoint(resolve_model(model), out, config, resume=resume, force=force, workers=workers,
                                      progress=sys.stderr.isatty())
@@ -46,7 +59,14 @@ def quantize(model: str = options.REQUIRED_MODEL,
         return
     typer.echo(f"wrote {out}: {result['quantized_tensors']} INT4 tensors, {result['shards']} shards "
                f"({result['resumed_shards']} kept from the interrupted run), "
-               f"{format_bytes(result['input_bytes'])} -> {format_bytes(result['output_bytes'])}")
+               f"{format_bytes(result['input_bytes'])} -> {format_bytes(result['output_bytes'])} in "
+               f"{result['seconds']:.1f} s, peak memory {format_bytes(result['peak_rss_bytes'])}")
+    if "calibration" in result:
+        calibration = result["calibration"]
+        typer.echo(f"calibrated on {calibration['tokens']:,} tokens ({calibration['sequences']} sequences): "
+                   f"{calibration['gptq_tensors']} tensors by GPTQ, {calibration['fallback_tensors']} by the mse "
+                   f"fallback ({len(calibration['fallback_experts'])} experts sent fewer than {min_expert_tokens} "
+                   "tokens)")
     if report is not None:
         summary = result["report"]["summary"]
         median = summary["median_sqnr_db"]

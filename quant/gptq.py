@@ -18,11 +18,27 @@ DAMP = 0.01  # added to H's diagonal, as a fraction of its mean (the paper's lam
 BLOCK = 128  # columns per lazy batch
 
 
-def hessian(x: torch.Tensor) -> torch.Tensor:
-    """Calibration inputs x [tokens, in] -> H = 2 X^T X / tokens, float64 [in, in]."""
-    assert x.dim() == 2 and len(x), x.shape
-    x = x.to(torch.float64)
-    return (x.T @ x).mul_(2 / len(x))
+class Hessian:
+    """H = 2 X^T X / n of a linear layer's n input rows, summed over batches of them (float64 [in, in])."""
+
+    def __init__(self, features: int):
+        self.sum = torch.zeros(features, features, dtype=torch.float64)
+        self.tokens = 0
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "Hessian":
+        return cls(x.shape[-1]).add(x)
+
+    def add(self, x: torch.Tensor) -> "Hessian":
+        """Input rows x [..., in] of one batch."""
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        self.sum.addmm_(x.T, x)
+        self.tokens += len(x)
+        return self
+
+    def value(self) -> torch.Tensor:
+        assert self.tokens, "a Hessian of no inputs"
+        return self.sum * (2 / self.tokens)
 
 
 def inverse_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:

@@ -10,6 +10,7 @@ every prediction sees at least half a window of context. KL and agreement take t
 """
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,18 @@ class WindowScore:
         return {"index": self.index, "start_token": self.start_token, "tokens": self.tokens,
                 "perplexity": math.exp(self.nll / self.tokens), "kl_mean": self.kl / self.tokens,
                 "top1_agreement": self.agree / self.tokens}
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file as llama.cpp reads it (no newline translation): what `k2 eval` scores and GPTQ calibrates on."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise K2Error(f"{path} not found") from None
+    except IsADirectoryError:
+        raise K2Error(f"{path} is a folder, not a text file") from None
+    except UnicodeDecodeError as e:
+        raise K2Error(f"{path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
 
 
 def windows(ids: list[int], ctx: int, bos_id: int | None = None) -> list[tuple[int, list[int]]]:

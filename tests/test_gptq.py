@@ -9,7 +9,7 @@ Both in float64, they must choose identical integers.
 import pytest
 import torch
 
-from quant.gptq import hessian
+from quant.gptq import Hessian
 from quant.int4 import GRIDS, ungroup
 from quant.methods import Gptq, Int4Spec, RoundToNearest
 
@@ -62,7 +62,7 @@ def test_integers_are_the_papers(grid, act_order, tokens):
     x = correlated_inputs(tokens, features, seed=1)
     x[:, 37] = 0  # an input no calibration token lights
     w = weight(48, features, seed=2)
-    q, scale = Gptq(act_order).quantize(w, hessian(x), Int4Spec.of(GROUP, grid))
+    q, scale = Gptq(act_order).quantize(w, Hessian.of(x).value(), Int4Spec.of(GROUP, grid))
     ours = ungroup(q, features).long()
     assert torch.equal(ours, paper_gptq(w, x, grid, act_order))
     assert scale.dtype == torch.bfloat16 and ours.min() >= GRIDS[grid].qmin and ours.max() <= GRIDS[grid].qmax
@@ -77,7 +77,7 @@ def test_output_error_is_below_round_to_nearest(act_order):
     x = correlated_inputs(1024, 256, seed=3)
     w = weight(96, 256, seed=4)
     spec = Int4Spec.of(GROUP, "k2")
-    q, scale = Gptq(act_order).quantize(w, hessian(x), spec)
+    q, scale = Gptq(act_order).quantize(w, Hessian.of(x).value(), spec)
     rtn_q, rtn_scale = RoundToNearest().quantize("w", w, spec)
     assert torch.equal(scale, rtn_scale)
 

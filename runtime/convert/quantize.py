@@ -4,11 +4,15 @@ Streaming: each logical tensor is read row block by row block from memory-mapped
 into preallocated output shards, so what is resident is a row block per worker, not a shard or a model. Output
 shards are planned up front (their contents follow from the input headers), written under temporary names and
 renamed when complete; a manifest in the output folder lists finished shards, so `--resume` redoes only the rest.
+GPTQ walks the model layer by layer instead (runtime/convert/calibrated.py) into the same planned shards, and saves
+the calibration hidden states after each layer, so `--resume` also restarts it where it stopped.
 """
 import ctypes
 import hashlib
 import os
+import resource
 import shutil
+import threading
 import statistics
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -16,20 +20,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from quant import int4
-from quant.methods import METHODS, Int4Spec
+from quant.methods import CALIBRATED_METHODS, METHODS, Int4Spec
 from runtime.checkpoint import INDEX_FILE, Checkpoint
+from runtime.convert.calibrated import CalibratedWalk, calibration_tokens
 from runtime.convert.sources import Source, collect_sources, natural_key, read_rows, release_rows, row_blocks
 from runtime.errors import K2Error
+from runtime.eval import read_text
 from runtime.files import copy_atomic, read_json, write_json_atomic, writing_to
 from runtime.info import is_linear_weight
 from runtime.loader import load
+from runtime.models.family import hf_layer_of
 from runtime.safetensors_io import TORCH_DTYPES, MappedShards, PlannedTensor, ShardWriter, shard_nbytes
 from runtime.units import format_shortfall
 
 MANIFEST = ".k2-quantize.json"
+HIDDEN_STATE = ".k2-quantize-hidden-{:05d}.safetensors"  # calibration hidden states entering a layer (GPTQ)
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 COPY_BYTES = 64 << 20
 
@@ -60,15 +69,31 @@ class QuantizeConfig:
     scope: str = "experts"
     max_shard_bytes: int = 5 * 10**9
     report: bool = False  # measure each quantized tensor's error (costs a dequantization per block)
+    calib: str | None = None  # calibration text file (GPTQ)
+    calib_tokens: int = 131072  # read at most this many tokens of it
+    act_order: bool = False  # GPTQ rounds columns by decreasing activation
+    min_expert_tokens: int = 128  # a routed expert routed fewer calibration tokens falls back to mse
 
     def __post_init__(self):
-        for value, allowed, what in ((self.method, METHODS, "--method"), (self.grid, int4.GRIDS, "--grid"),
+        methods = {**METHODS, **CALIBRATED_METHODS}
+        for value, allowed, what in ((self.method, methods, "--method"), (self.grid, int4.GRIDS, "--grid"),
                                      (self.scope, SCOPES, "--scope"),
                                      (self.group_size, int4.GROUP_SIZES, "--group-size")):
             if value not in allowed:
                 raise K2Error(f"{what} must be one of {', '.join(map(str, allowed))}, not {value!r}")
         if self.max_shard_bytes <= 0:
             raise K2Error("--max-shard-size must be positive")
+        if self.calibrated and self.calib is None:
+            raise K2Error(f"--method {self.method} calibrates on text: give it with --calib FILE")
+        if not self.calibrated and (self.calib is not None or self.act_order):
+            raise K2Error(f"--calib and --act-order are for --method {', '.join(CALIBRATED_METHODS)}, "
+                          f"not {self.method}")
+        if self.calib_tokens <= 0 or self.min_expert_tokens <= 0:
+            raise K2Error("--calib-tokens and --min-expert-tokens must be positive")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method in CALIBRATED_METHODS
 
 
 @dataclass
@@ -150,18 +175,26 @@ class ErrorStats:
                 "mean_sq_error": self.noise / max(self.count, 1)}
 
 
+def _write_int4(writer: ShardWriter, name: str, shape: tuple[int, int], q: torch.Tensor, scale: torch.Tensor,
+                r0: int = 0):
+    """Rows r0.. of weight `name` as quantized (q [rows, groups, group], scale [rows, groups]); its shape with row 0."""
+    out_features, in_features = shape
+    prefix = name[: -len(".weight")]
+    words, groups = -(-in_features // int4.PER_WORD), scale.shape[1]
+    if r0 == 0:
+        writer.write(f"{prefix}.weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64))
+    writer.write(f"{prefix}.weight_packed", int4.pack(int4.ungroup(q, in_features)), r0 * words * 4)
+    writer.write(f"{prefix}.weight_scale", scale, r0 * groups * int4.SCALE_DTYPE.itemsize)
+
+
 def _quantize_source(source: Source, writer: ShardWriter, reader: MappedShards, method, spec: Int4Spec,
                      measure: bool) -> dict | None:
-    out_features, in_features = source.shape
-    prefix = source.name[: -len(".weight")]
-    words, groups = -(-in_features // int4.PER_WORD), int4.n_groups(in_features, spec.group_size)
+    in_features = source.shape[1]
     stats = ErrorStats() if measure else None
-    writer.write(f"{prefix}.weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64))
     for r0, r1 in row_blocks(source.shape):
         w = read_rows(source, reader, r0, r1)
         q, scale = method.quantize(source.name, w, spec)
-        writer.write(f"{prefix}.weight_packed", int4.pack(int4.ungroup(q, in_features)), r0 * words * 4)
-        writer.write(f"{prefix}.weight_scale", scale, r0 * groups * int4.SCALE_DTYPE.itemsize)
+        _write_int4(writer, source.name, source.shape, q, scale, r0)
         if stats:
             stats.add(w, int4.ungroup(int4.dequantize_groups(q, scale), in_features))
         release_rows(source, reader, r0, r1)
@@ -187,12 +220,15 @@ def _copy_source(source: Source, writer: ShardWriter, reader: MappedShards, dtyp
 # the run
 
 
-def _fingerprint(ckpt: Checkpoint, config: QuantizeConfig) -> dict:
-    """What a resumed run must share with the interrupted one: settings and the exact input files."""
+def _fingerprint(ckpt: Checkpoint, config: QuantizeConfig, calib_text: str | None) -> dict:
+    """What a resumed run must share with the interrupted one: settings, the exact input files and calibration text."""
     shards = sorted({info.shard for info in ckpt.tensors.values()})
-    return {"settings": asdict(config),
-            "config_sha256": hashlib.sha256((ckpt.folder / "config.json").read_bytes()).hexdigest(),
-            "input": {s.name: [s.stat().st_size, s.stat().st_mtime_ns] for s in shards}}
+    fingerprint = {"settings": asdict(config),
+                   "config_sha256": hashlib.sha256((ckpt.folder / "config.json").read_bytes()).hexdigest(),
+                   "input": {s.name: [s.stat().st_size, s.stat().st_mtime_ns] for s in shards}}
+    if calib_text is not None:
+        fingerprint["calib_sha256"] = hashlib.sha256(calib_text.encode()).hexdigest()
+    return fingerprint
 
 
 def _prepare_output(out: Path, model_dir: Path, fingerprint: dict, resume: bool, force: bool) -> dict:
@@ -216,7 +252,8 @@ def _prepare_output(out: Path, model_dir: Path, fingerprint: dict, resume: bool,
         raise K2Error(f"{out} has no unfinished quantization to resume (no {MANIFEST}); --force overwrites it")
     if existing and not force:
         raise K2Error(f"{out} is not empty; --resume continues an interrupted run, --force overwrites")
-    for stale in [*out.glob("*.safetensors"), *out.glob(".*.tmp"), out / INDEX_FILE, manifest_path]:
+    for stale in [*out.glob("*.safetensors"), *out.glob(".*.tmp"), *_hidden_states(out), out / INDEX_FILE,
+                  manifest_path]:
         stale.unlink(missing_ok=True)
     manifest = {"version": 1, "fingerprint": fingerprint, "shards": {}}
     write_json_atomic(manifest_path, manifest)
@@ -248,11 +285,14 @@ def summarize(tensor_stats: list[dict], worst: int = 5) -> dict:
 
 def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: QuantizeConfig, resume: bool = False,
                         force: bool = False, workers: int | None = None, progress: bool = True) -> dict:
-    """Write the INT4 checkpoint; returns what was done (shards, bytes, and per-tensor errors with `config.report`)."""
+    """Write the INT4 checkpoint; returns what was done (shards, bytes, time, peak memory, GPTQ's calibration, and
+    per-tensor errors with `config.report`)."""
     loaded = load(model_dir, weights=False, complete=True)  # an architecture we know, or one clear error
     ckpt = loaded.checkpoint
     out = Path(out)
     reader = MappedShards()
+    workers = workers or len(os.sched_getaffinity(0))
+    calibration = None
     try:
         sources = collect_sources(ckpt, reader)
         roles = Roles.of(loaded, sources, SCOPES[config.scope])
@@ -261,20 +301,29 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: Quantize
                           f"{' or '.join(sorted(c.replace('_', ' ') for c in SCOPES[config.scope].components))}; "
                           "--scope all-linear quantizes every linear layer but lm_head")
         plans = plan_shards(sources, config, roles)
-        manifest = _prepare_output(out, ckpt.folder, _fingerprint(ckpt, config), resume, force)
+        calib_text = read_text(Path(config.calib)) if config.calibrated else None
+        tokens = calibration_tokens(loaded, calib_text, config.calib_tokens) if config.calibrated else None
+        manifest = _prepare_output(out, ckpt.folder, _fingerprint(ckpt, config, calib_text), resume, force)
         done = {p.file for p in plans if p.file in manifest["shards"] and (out / p.file).exists()
                 and (out / p.file).stat().st_size == manifest["shards"][p.file]["bytes"]}
         todo = [p for p in plans if p.file not in done]
         need, free = sum(shard_nbytes(p.tensors) for p in todo), shutil.disk_usage(out).free
         if need > free:
             raise K2Error(f"not enough space in {out} for the remaining shards: {format_shortfall(need, free)}")
-        method = METHODS[config.method]()
+        spec = Int4Spec.of(config.group_size, config.grid)
         started = time.perf_counter()
         with writing_to(out, "the finished shards are kept; free space, then --resume continues"):
-            _run(todo, out, manifest, reader, method, Int4Spec.of(config.group_size, config.grid), config, roles,
-                 workers or len(os.sched_getaffinity(0)), progress,
-                 total_bytes=sum(s.nbytes for s in sources), done_bytes=sum(s.nbytes for p in plans if p.file in done
-                                                                           for s in p.sources))
+            if config.calibrated:
+                method = CALIBRATED_METHODS[config.method](config.act_order)
+                sink = CalibratedOutput(out, manifest, plans, done, reader, roles, config.report,
+                                        loaded.model.args.num_hidden_layers)
+                calibration = sink.run(CalibratedWalk(loaded, reader, sources, roles, method, spec,
+                                                      config.min_expert_tokens, sink, workers), tokens, progress)
+            else:
+                method = METHODS[config.method]()
+                _run(todo, out, manifest, reader, method, spec, config, roles, workers, progress,
+                     total_bytes=sum(s.nbytes for s in sources),
+                     done_bytes=sum(s.nbytes for p in plans if p.file in done for s in p.sources))
             _finalize(ckpt, out, plans, config, method.observer)
         seconds = time.perf_counter() - started
     finally:
@@ -284,11 +333,117 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: Quantize
     result = {"output": str(out), "shards": len(plans), "resumed_shards": len(done),
               "input_bytes": sum(s.nbytes for s in sources), "seconds": seconds,
               "output_bytes": sum(manifest["shards"][p.file]["bytes"] for p in plans),
-              "quantized_tensors": len(roles.quantized)}
+              "quantized_tensors": len(roles.quantized),
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if calibration is not None:
+        result["calibration"] = calibration | {"sequences": tokens.shape[0], "tokens": tokens.numel()}
     if config.report:
         result["report"] = {"settings": asdict(config), "summary": summarize(tensor_stats), "tensors": tensor_stats}
     (out / MANIFEST).unlink()
+    for state in _hidden_states(out):
+        state.unlink()
     return result
+
+
+def _commit(out: Path, manifest: dict, writer: ShardWriter, plan: ShardPlan, stats: list[dict]):
+    """fsync, rename, then the manifest entry: a shard the manifest lists is complete on disk."""
+    writer.finish()
+    stats = sorted(stats, key=lambda s: natural_key(s["name"]))
+    manifest["shards"][plan.file] = {"bytes": writer.nbytes, "stats": stats}
+    write_json_atomic(out / MANIFEST, manifest)
+
+
+def _hidden_states(out: Path) -> list[Path]:
+    return sorted(out.glob(HIDDEN_STATE.replace("{:05d}", "*")))
+
+
+class CalibratedOutput:
+    """Where the calibrated walk's tensors go: each into its planned shard at once (unless an interrupted run finished
+    that shard). After each layer the hidden states entering the next are saved, then every complete shard is renamed
+    into place and listed, then the states no unfinished shard needs are deleted: whatever shards a run finished, the
+    states entering the first layer with an unfinished tensor are on disk for `--resume`."""
+
+    def __init__(self, out: Path, manifest: dict, plans: list[ShardPlan], done: set[str], reader: MappedShards,
+                 roles: Roles, measure: bool, n_layers: int):
+        self.out, self.manifest, self.reader, self.roles, self.measure = out, manifest, reader, roles, measure
+        self.n_layers = n_layers
+        self.plans = {p.file: p for p in plans}
+        self.shard_of = {s.name: p.file for p in plans for s in p.sources}
+        self.left = {p.file: {s.name for s in p.sources} for p in plans if p.file not in done}
+        self.writers: dict[str, ShardWriter] = {}
+        self.stats: dict[str, list[dict]] = {file: [] for file in self.left}
+        self._lock = threading.Lock()
+
+    def run(self, walk: CalibratedWalk, tokens: torch.Tensor, progress: bool) -> dict:
+        """Walk from the first layer an unfinished shard needs (from its saved hidden states); the walk's summary."""
+        first = self._first_layer_needed()
+        saved = [layer for layer in range(1, first + 1) if (self.out / HIDDEN_STATE.format(layer)).exists()]
+        start = first if first == self.n_layers else saved[-1] if saved else 0
+        hidden = load_file(self.out / HIDDEN_STATE.format(start))["hidden"] if 0 < start < self.n_layers else None
+        try:
+            summary = walk.run(tokens, start, hidden, progress)
+            self._commit_ready()
+        except BaseException:
+            for writer in self.writers.values():
+                writer.abort()
+            raise
+        assert not self.left, f"shards left unwritten: {sorted(self.left)}"
+        return summary
+
+    def pending(self, name: str) -> bool:
+        return self.shard_of[name] in self.left
+
+    def _writer(self, name: str) -> ShardWriter:
+        file = self.shard_of[name]
+        with self._lock:
+            if file not in self.writers:
+                self.writers[file] = ShardWriter(self.out / file, self.plans[file].tensors)
+            return self.writers[file]
+
+    def _written(self, name: str, stats: dict | None = None):
+        with self._lock:
+            file = self.shard_of[name]
+            self.left[file].discard(name)
+            if stats is not None:
+                self.stats[file].append(stats)
+
+    def copy(self, source: Source):
+        _copy_source(source, self._writer(source.name), self.reader, self.roles.output_dtype(source))
+        self._written(source.name)
+
+    def quantized(self, name: str, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, info: dict):
+        if not self.pending(name):
+            return
+        _write_int4(self._writer(name), name, tuple(w.shape), q, scale)
+        stats = None
+        if self.measure:
+            stats = ErrorStats()
+            stats.add(w, int4.ungroup(int4.dequantize_groups(q, scale), w.shape[1]))
+            stats = stats.as_dict(name) | info
+        self._written(name, stats)
+
+    def layer_done(self, i: int, hidden: torch.Tensor):
+        if i + 1 < self.n_layers:
+            path = self.out / HIDDEN_STATE.format(i + 1)
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({"hidden": hidden.contiguous()}, tmp)
+            os.replace(tmp, path)
+        self._commit_ready()
+        needed = self._first_layer_needed()
+        for state in _hidden_states(self.out):
+            if int(state.name.split("-")[-1].split(".")[0]) < needed:
+                state.unlink()
+
+    def _first_layer_needed(self) -> int:
+        """The first layer with a tensor in an unfinished shard: a resumed walk rewrites that shard whole."""
+        layers = [layer for file in self.left for s in self.plans[file].sources
+                  if (layer := hf_layer_of(s.name)) is not None and layer < self.n_layers]
+        return min(layers, default=self.n_layers)
+
+    def _commit_ready(self):
+        for file in [f for f, names in self.left.items() if not names]:
+            _commit(self.out, self.manifest, self.writers.pop(file), self.plans[file], self.stats.pop(file))
+            del self.left[file]
 
 
 def _keep_freed_memory():
@@ -315,13 +470,6 @@ def _run(plans: list[ShardPlan], out: Path, manifest: dict, reader: MappedShards
     torch.set_num_threads(1)  # parallel over tensors, one core each: no oversubscription, no per-op sync
     bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc="quantizing",
                disable=not progress, dynamic_ncols=True)
-
-    def commit(writer: ShardWriter, plan: ShardPlan, stats: list[dict]):
-        # fsync, rename, then the manifest entry: a shard the manifest lists is complete on disk.
-        writer.finish()
-        stats = sorted(stats, key=lambda s: natural_key(s["name"]))
-        manifest["shards"][plan.file] = {"bytes": writer.nbytes, "stats": stats}
-        write_json_atomic(out / MANIFEST, manifest)
 
     committing = None
     try:
@@ -357,7 +505,7 @@ def _run(plans: list[ShardPlan], out: Path, manifest: dict, reader: MappedShards
                     wait(futures)
                     writer.abort()
                     raise
-                committing = committer.submit(commit, writer, plan, stats)
+                committing = committer.submit(_commit, out, manifest, writer, plan, stats)
             if committing is not None:
                 committing.result()
     finally:

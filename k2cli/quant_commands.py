@@ -76,40 +76,48 @@ def quantize(model: str = options.REQUIRED_MODEL,
             typer.echo(f"  {s['sqnr_db']:7.2f} dB  max error {s['max_error']:.3e}  {s['name']}")
 
 
-def eval(model: str = options.MODEL,
+def eval(models: list[str] = typer.Argument(None, help=options.MODEL_HELP + " Several (candidates, e.g. rtn, mse and "
+                                                                            "gptq outputs) need --ref. Default: demo."),
          text: Path = typer.Option(..., "--text", help="UTF-8 text file to score (e.g. a wikitext-2 test split)."),
          ref: str = typer.Option(None, "--ref", help="Reference model (the original of a quantized one) for KL and agreement."),
          ctx: int = typer.Option(512, "--ctx", min=2, help="Tokens per window."),
          max_windows: int = typer.Option(None, "--max-windows", min=1, help="Score only the first N windows."),
          dtype: str = options.COMPUTE_DTYPE, as_json: bool = options.JSON):
-    """Perplexity over a text; with --ref, mean KL(ref || model), top-1 agreement and the worst window."""
-    from runtime.eval import evaluate
+    """Perplexity over a text; with --ref, mean KL(ref || model), top-1 agreement and the worst window of each model,
+    one model held at a time beside the reference."""
+    from runtime.eval import evaluate, read_text
     from runtime.int4 import held_bytes
     from runtime.loader import load, torch_dtype
 
+    models = models or ["demo"]
     if dtype == "auto" or torch_dtype(dtype) is None:
         raise K2Error("--dtype must be float32, bfloat16 or float16")
-    try:
-        content = text.read_bytes().decode("utf-8")  # as llama.cpp reads it: no newline translation
-    except FileNotFoundError:
-        raise K2Error(f"{text} not found") from None
-    except UnicodeDecodeError as e:
-        raise K2Error(f"{text} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    if len(models) > 1 and not ref:
+        raise K2Error(f"{len(models)} models are compared against a reference: name it with --ref")
+    content = read_text(text)
     progress = sys.stderr.isatty()
-    loaded = load(model, dtype=dtype, progress=progress)
-    ids = loaded.tokenizer.encode_document(content)
-    model_obj = loaded.model
-    ref_obj = load(ref, dtype=dtype, progress=progress).model if ref else None
     windows = None
     if progress:
         from tqdm import tqdm
 
         def windows(chunks):
             return tqdm(chunks, desc="scoring", unit="window")
-    result = evaluate(model_obj, ids, ctx, ref_obj, max_windows, windows, loaded.tokenizer.bos_id)
-    held = held_bytes(model_obj)
-    if held["int4_weights"]:
-        result["int4_bytes_per_weight"] = held["int4_bytes"] / held["int4_weights"]
+    ref_obj = load(ref, dtype=dtype, progress=progress).model if ref else None
+    results, ids = [], None
+    for model in models:
+        loaded = load(model, dtype=dtype, progress=progress)
+        if ids is None:  # the first model's tokenizer: every model is scored on the same ids
+            ids, bos_id = loaded.tokenizer.encode_document(content), loaded.tokenizer.bos_id
+        result = evaluate(loaded.model, ids, ctx, ref_obj, max_windows, windows, bos_id)
+        held = held_bytes(loaded.model)
+        if held["int4_weights"]:
+            result["int4_bytes_per_weight"] = held["int4_bytes"] / held["int4_weights"]
+        results.append(result)
+        del loaded  # one candidate at a time beside the reference
+    if len(models) > 1:
+        _print_comparison(ref, dict(zip(models, results)), ctx, as_json)
+        return
+    result = results[0]
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -123,3 +131,23 @@ def eval(model: str = options.MODEL,
                    f"top-1 agreement {100 * result['top1_agreement']:.2f}%")
         typer.echo(f"worst window #{worst['index']} (from token {worst['start_token']}): "
                    f"mean KL {worst['kl_mean']:.5f}, agreement {100 * worst['top1_agreement']:.2f}%")
+
+
+def _print_comparison(ref: str, results: dict[str, dict], ctx: int, as_json: bool):
+    first = next(iter(results.values()))
+    if as_json:
+        typer.echo(json.dumps({"reference": ref, "ref_perplexity": first["ref_perplexity"], "tokens": first["tokens"],
+                               "windows": first["windows"], "ctx": ctx,
+                               "candidates": [{"model": m} | r for m, r in results.items()]}))
+        return
+    typer.echo(f"{first['tokens']:,} tokens in {first['windows']} windows of {ctx}; reference {ref}: perplexity "
+               f"{first['ref_perplexity']:.4f}")
+    rows = [("model", "perplexity", "mean KL", "top-1", "worst window: KL, top-1")]
+    for model, r in results.items():
+        worst = r["worst_window"]
+        rows.append((model, f"{r['perplexity']:.4f}", f"{r['kl_mean']:.4g}", f"{100 * r['top1_agreement']:.2f}%",
+                     f"#{worst['index']} (token {worst['start_token']}): {worst['kl_mean']:.4g}, "
+                     f"{100 * worst['top1_agreement']:.2f}%"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        typer.echo("  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:4], widths[1:])), row[4]]))

@@ -17,7 +17,7 @@ from runtime.loader import load
 from runtime.loading import load_model
 from runtime.models.deepseek_v3_demo import write_demo
 from runtime.tokenizer import Tokenizer
-from tests.helpers import assert_one_line_error, run_k2
+from tests.helpers import assert_one_line_error, run_k2, run_k2_here
 from tests.llama_cpp import LlamaCpp
 
 transformers.logging.set_verbosity_error()
@@ -91,6 +91,31 @@ def test_a_model_against_itself(two_models, text_file):
     result = k2_eval(model_dir, "--text", text_file, "--ref", model_dir, "--max-windows", "2")
     assert result["windows"] == 2 and result["kl_mean"] == pytest.approx(0, abs=1e-6)
     assert result["top1_agreement"] == 1.0 and result["perplexity"] == result["ref_perplexity"]
+
+
+@pytest.mark.usefixtures("one_thread")  # in this process: OMP_NUM_THREADS reaches only the k2 processes
+def test_several_candidates_against_one_reference(two_models, text_file):
+    """Each candidate's row is what `k2 eval CANDIDATE --ref REF` says of it alone (checked against transformers
+    above); the reference against itself is the zero row; the table prints the same numbers."""
+    model_dir, ref_dir = two_models
+    args = ("--text", text_file, "--ref", ref_dir, "--ctx", CTX, "--max-windows", "3")
+    alone = run_k2_here("eval", model_dir, *args, "--json")
+    table = run_k2_here("eval", model_dir, ref_dir, *args, "--json")
+    assert alone.returncode == table.returncode == 0, alone.stderr + table.stderr
+    alone, table = json.loads(alone.stdout), json.loads(table.stdout)
+    assert [c["model"] for c in table["candidates"]] == [str(model_dir), str(ref_dir)]
+    assert table["candidates"][0] == alone | {"model": str(model_dir)}
+    itself = table["candidates"][1]
+    assert itself["kl_mean"] == pytest.approx(0, abs=1e-6) and itself["top1_agreement"] == 1.0
+    assert (table["ref_perplexity"], table["tokens"], table["windows"]) == (
+        alone["ref_perplexity"], alone["tokens"], alone["windows"])
+
+    text = run_k2_here("eval", model_dir, ref_dir, *args)
+    assert text.returncode == 0, text.stderr
+    header, *rows = text.stdout.splitlines()[1:]
+    assert header.split()[:4] == ["model", "perplexity", "mean", "KL"] and len(rows) == 2
+    assert rows[0].split()[:3] == [str(model_dir), f"{alone['perplexity']:.4f}", f"{alone['kl_mean']:.4g}"]
+    assert_one_line_error(run_k2_here("eval", model_dir, ref_dir, "--text", text_file), "2 models", "--ref")
 
 
 def test_windows_and_bos_are_llama_cpps(two_models, text_file, tmp_path):

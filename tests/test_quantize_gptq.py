@@ -241,6 +241,17 @@ def test_resume_after_an_interrupt(demo_dir, gptq_run, tmp_path, monkeypatch):
     assert file_digests(out) == file_digests(full)
 
 
+def test_weights_on_the_grid_come_back_byte_for_byte(demo_dir, tmp_path):
+    """An INT4 checkpoint on the k2 grid (K2-Thinking's case) through GPTQ: every column rounds without error, so
+    nothing is fed back and the output is the input, as with rtn."""
+    rtn = tmp_path / "rtn"
+    quantize_checkpoint(demo_dir, rtn, QuantizeConfig(), progress=False)
+    again = tmp_path / "again"
+    quantize_checkpoint(rtn, again, QuantizeConfig(method="gptq", calib=str(CALIB), calib_tokens=512,
+                                                   min_expert_tokens=1), progress=False)
+    assert file_digests(again) == file_digests(rtn)
+
+
 def test_bad_invocations_give_one_error_line(demo_dir, tmp_path):
     def quantize(*args):
         return run_k2_here("quantize", demo_dir, tmp_path / "out", "--int4", *args)

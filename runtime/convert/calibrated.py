@@ -9,6 +9,7 @@ the result, and each routed expert's Hessians come from exactly the tokens route
 those tokens, the down projection from what the quantized gate and up make of them. An expert routed fewer than
 `min_expert_tokens` falls back to mse and is counted. A shared expert or dense MLP is an expert that sees every token.
 Weights the scope leaves alone run as the output stores them (BF16), so the walk computes what the output model will.
+The layer is run as every family here writes it, pre-norm: h + attn(norm(h)), then h + mlp(norm(h)).
 
 Every tensor goes to a `sink` (runtime/convert/quantize.py writes it into its planned shard) as soon as it is final;
 after each layer the sink gets the hidden states that follow it, which is what `--resume` restarts from.
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from quant.gptq import Hessian
 from quant.int4 import dequantize_groups, ungroup
 from quant.methods import FALLBACK, Int4Spec
-from runtime.convert.sources import Source, read_rows, release_rows, row_blocks
+from runtime.convert.sources import Source, natural_key, read_rows, release_rows, row_blocks
 from runtime.errors import K2Error
 from runtime.eval import windows
 from runtime.models.family import hf_layer_of
@@ -34,7 +35,7 @@ from runtime.safetensors_io import TORCH_DTYPES
 
 CALIB_SEQUENCE = 512  # tokens per calibration sequence, each run from an empty cache
 MIN_CALIB_TOKENS = 16
-ATTENTION_SCORES = 1 << 24  # attention runs on as many sequences at once as keep [batch, heads, T, T] under this
+ATTENTION_SCORES = 1 << 22  # attention runs on as many sequences at once as keep [batch, heads, T, T] under this
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -147,6 +148,7 @@ class CalibratedWalk:
                 raise K2Error(f"the calibration hidden states are not finite after layer {i}: the weights (or the "
                               "quantized ones) overflow")
             self.sink.layer_done(i, hidden)
+        self.summary["fallback_experts"].sort(key=lambda f: natural_key(f["expert"]))  # workers finish in any order
         return self.summary
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:

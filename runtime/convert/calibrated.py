@@ -35,7 +35,7 @@ from runtime.safetensors_io import TORCH_DTYPES
 
 CALIB_SEQUENCE = 512  # tokens per calibration sequence, each run from an empty cache
 MIN_CALIB_TOKENS = 16
-ATTENTION_SCORES = 1 << 22  # attention runs on as many sequences at once as keep [batch, heads, T, T] under this
+ATTENTION_SCORES = 1 << 24  # attention runs on as many sequences at once as keep [batch, heads, T, T] under this
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -53,8 +53,10 @@ def calibration_tokens(loaded, text: str, limit: int) -> torch.Tensor:
 
 
 @contextmanager
-def _one_thread_each():
-    """Workers compute one expert each on one core: no oversubscription, and each expert's sums in a fixed order."""
+def _one_thread():
+    """Torch ops on one core: the experts' workers (no oversubscription, and each expert's sums in a fixed order), and
+    GPTQ's column loop, whose ops are each one column long, where a thread pool's wake-ups cost more than it gains
+    (13x slower on two busy cores). Nested, as in a worker, it leaves one thread as it found it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -105,10 +107,11 @@ class CalibratedWalk:
     def _quantize(self, name: str, w: torch.Tensor, hessian: Hessian | None) -> torch.Tensor:
         """Quantize weight `name` (GPTQ with a Hessian, the fallback without), hand it to the sink, and return it
         dequantized: what the rest of the walk computes with."""
-        if hessian is None:
-            q, scale = self.fallback.quantize(name, w, self.spec)
-        else:
-            q, scale = self.method.quantize(w, hessian.value(), self.spec)
+        with _one_thread():
+            if hessian is None:
+                q, scale = self.fallback.quantize(name, w, self.spec)
+            else:
+                q, scale = self.method.quantize(w, hessian.value(), self.spec)
         with self._lock:
             self.summary["fallback_tensors" if hessian is None else "gptq_tensors"] += 1
         self.sink.quantized(name, w, q, scale, {"method": self.fallback.name if hessian is None else self.method.name,
@@ -232,7 +235,7 @@ class CalibratedWalk:
             return rows, out * weights.flatten()[pairs, None]
 
         y = torch.zeros_like(x)
-        with _one_thread_each(), ThreadPoolExecutor(self.workers, thread_name_prefix="k2-gptq") as pool:
+        with _one_thread(), ThreadPoolExecutor(self.workers, thread_name_prefix="k2-gptq") as pool:
             for rows, out in _in_order(pool, expert, range(n_experts), 2 * self.workers):
                 y.index_add_(0, rows, out)
         shared = getattr(mlp, "shared_experts", None)

@@ -45,43 +45,56 @@ class RoundToNearest:
         return quantize_groups(w_groups, scale, spec.grid), scale
 
 
-class ClipSearch:
-    """Per group, the clipping of the absmax scale that minimizes squared reconstruction error.
+def clip_search(w_groups: torch.Tensor, grid: Grid,
+                importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group of w_groups [rows, groups, group_size], the clipping of the absmax scale that minimizes the squared
+    reconstruction error, each input's weighted by `importance` [groups, group_size] when given -> (q, scale).
 
     Only a strictly smaller error replaces the unclipped candidate, so weights already on the grid (error 0) keep
     their exact scale and re-quantize losslessly.
     """
+    best_scale = best_q = best_err = None
+    for clip in MSE_CLIPS:
+        scale = absmax_scale(w_groups, grid, clip)
+        q = quantize_groups(w_groups, scale, grid)
+        err = (dequantize_groups(q, scale) - w_groups).square_()
+        err = (err if importance is None else err.mul_(importance)).sum(-1)  # [rows, groups]
+        if best_err is None:
+            best_scale, best_q, best_err = scale, q, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_q = torch.where(better.unsqueeze(-1), q, best_q)
+    return best_q, best_scale
+
+
+class ClipSearch:
+    """Per group, the clipping of the absmax scale that minimizes squared reconstruction error."""
 
     name, observer = "mse", "mse"
 
     def quantize(self, name: str, w: torch.Tensor, spec: Int4Spec) -> tuple[torch.Tensor, torch.Tensor]:
-        w_groups = grouped(w, spec.group_size)
-        best_scale = best_q = best_err = None
-        for clip in MSE_CLIPS:
-            scale = absmax_scale(w_groups, spec.grid, clip)
-            q = quantize_groups(w_groups, scale, spec.grid)
-            err = (dequantize_groups(q, scale) - w_groups).square_().sum(-1)  # [rows, groups]
-            if best_err is None:
-                best_scale, best_q, best_err = scale, q, err
-                continue
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_scale = torch.where(better, scale, best_scale)
-            best_q = torch.where(better.unsqueeze(-1), q, best_q)
-        return best_q, best_scale
+        return clip_search(grouped(w, spec.group_size), spec.grid)
 
 
 class Gptq:
-    """GPTQ (quant/gptq.py) on round-to-nearest's scales, optionally in act order."""
+    """GPTQ (quant/gptq.py), optionally in act order, on scales from a clip search whose error weighs each input by its
+    Hessian diagonal (its mean squared activation): the layer's output error as if its inputs were uncorrelated.
 
-    name, observer = "gptq", "minmax"
+    Measured on SmolLM2-135M (every linear, act order, mean KL over 4 windows of held-out wikitext): these scales
+    took GPTQ from 0.82x round-to-nearest's KL (on its absmax scales) to 0.49x; unweighted mse scales gave 0.68x.
+    """
+
+    name, observer = "gptq", "mse"
 
     def __init__(self, act_order: bool = False):
         self.act_order = act_order
 
     def quantize(self, w: torch.Tensor, hessian: torch.Tensor, spec: Int4Spec) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight w [out, in] and the Hessian of its inputs [in, in] -> (q, scale) as `Method.quantize` gives them."""
-        scale = absmax_scale(grouped(w, spec.group_size), spec.grid)
+        importance = grouped(hessian.diagonal().float()[None], spec.group_size)[0]
+        _, scale = clip_search(grouped(w, spec.group_size), spec.grid, importance)
         return gptq.quantize(w, hessian, scale, spec.grid, spec.group_size, self.act_order), scale
 
 

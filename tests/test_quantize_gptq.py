@@ -36,6 +36,7 @@ CALIB = Path(__file__).parent / "data" / "wikitext2-raw-test-head.txt"
 CALIB_TOKENS = 1024  # two sequences of 512
 GROUP = 32
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+MSE_OBSERVED = json.loads(json.dumps(K2_THINKING_QUANTIZATION).replace('"observer": "minmax"', '"observer": "mse"'))
 
 
 def recording_gptq(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -187,12 +188,13 @@ def test_expert_hessians_are_the_tokens_the_router_sent(demo_dir, gptq_run):
 
 
 def test_output_is_what_the_readers_read(demo_dir, gptq_run):
-    """The rtn output's format exactly: K2-Thinking's quantization_config, compressed-tensors selecting and
-    decompressing our weights to our dequantization, transformers loading them."""
+    """The rtn output's format exactly: K2-Thinking's quantization_config (but for the observer that chose the
+    scales), compressed-tensors selecting and decompressing our weights to our dequantization, transformers loading
+    them."""
     out, _, _, _ = gptq_run
-    assert json.loads((out / "config.json").read_text())["quantization_config"] == K2_THINKING_QUANTIZATION
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == MSE_OBSERVED
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no manifest, no saved hidden states
-    config = QuantizationConfig.model_validate(K2_THINKING_QUANTIZATION)
+    config = QuantizationConfig.model_validate(MSE_OBSERVED)
     model = linear_stand_in(demo_dir)
     apply_quantization_config(model, config)
     stored = stored_tensors(out)
@@ -242,14 +244,17 @@ def test_resume_after_an_interrupt(demo_dir, gptq_run, tmp_path, monkeypatch):
 
 
 def test_weights_on_the_grid_come_back_byte_for_byte(demo_dir, tmp_path):
-    """An INT4 checkpoint on the k2 grid (K2-Thinking's case) through GPTQ: every column rounds without error, so
-    nothing is fed back and the output is the input, as with rtn."""
+    """An INT4 checkpoint on the k2 grid (K2-Thinking's case) through GPTQ: every group keeps its exact scale, every
+    column rounds without error, so nothing is fed back and the weights come back as they were, as with rtn."""
     rtn = tmp_path / "rtn"
     quantize_checkpoint(demo_dir, rtn, QuantizeConfig(), progress=False)
     again = tmp_path / "again"
     quantize_checkpoint(rtn, again, QuantizeConfig(method="gptq", calib=str(CALIB), calib_tokens=512,
                                                    min_expert_tokens=1), progress=False)
-    assert file_digests(again) == file_digests(rtn)
+    digests, expected = file_digests(again), file_digests(rtn)
+    assert digests.pop("config.json") != expected.pop("config.json") and digests == expected
+    config = json.loads((again / "config.json").read_text())
+    assert config["quantization_config"] == MSE_OBSERVED  # the observer that would have chosen the scales
 
 
 def test_bad_invocations_give_one_error_line(demo_dir, tmp_path):
@@ -326,4 +331,4 @@ def test_qwen3_moe_attention_and_dense_mlp_hessians(qwen3_moe):
     for name in ("model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"):
         assert torch.equal(state[f"{name}.weight"], dequantized(stored, name).bfloat16().float()), name
     assert json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
-        "weights"]["observer"] == "minmax"
+        "weights"]["observer"] == "mse"

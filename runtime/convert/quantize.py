@@ -12,8 +12,9 @@ import hashlib
 import os
 import resource
 import shutil
-import threading
 import statistics
+import sys
+import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -334,7 +335,7 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: Quantize
               "input_bytes": sum(s.nbytes for s in sources), "seconds": seconds,
               "output_bytes": sum(manifest["shards"][p.file]["bytes"] for p in plans),
               "quantized_tensors": len(roles.quantized),
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+              "peak_rss_bytes": _peak_rss_bytes()}
     if calibration is not None:
         result["calibration"] = calibration | {"sequences": tokens.shape[0], "tokens": tokens.numel()}
     if config.report:
@@ -343,6 +344,12 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: Quantize
     for state in _hidden_states(out):
         state.unlink()
     return result
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory so far: getrusage counts KiB on Linux, bytes on macOS."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _commit(out: Path, manifest: dict, writer: ShardWriter, plan: ShardPlan, stats: list[dict]):

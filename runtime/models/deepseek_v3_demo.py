@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -50,23 +50,27 @@ The quick brown fox jumps over the lazy dog. 1234567890 + 42 = 1234567932. It's,
 你好，世界。今天天气很好。我们一起学习语言模型。月之暗面发布了新的模型。
 """
 
+_BPE_SPLIT = r" ?[^\W\d_]+| ?\d{1,3}| ?[^\w\s]+|\s+"
 
-def train_bpe(text: str, n_ranks: int) -> dict[bytes, int]:
-    """Byte-level BPE: the 256 bytes, then the most frequent adjacent pair merged until `n_ranks` (deterministic)."""
-    words = Counter(re.findall(r" ?[^\W\d_]+| ?\d{1,3}| ?[^\w\s]+|\s+", text))
-    pieces = {word: [bytes([b]) for b in word.encode()] for word in words}
+
+def train_bpe(words: Counter, n_ranks: int) -> dict[bytes, int]:
+    """Byte-level BPE of pre-split `words` (word -> count): the 256 bytes, then the most frequent adjacent pair (ties:
+    the greater pair) merged until `n_ranks` or no pair is left. Deterministic. A merge recounts only the words that
+    hold its pair, so a corpus of megabytes trains in seconds."""
     ranks = {bytes([b]): b for b in range(256)}
-    while len(ranks) < n_ranks:
-        pairs = Counter()
-        for word, count in words.items():
-            seq = pieces[word]
-            for pair in zip(seq, seq[1:]):
-                pairs[pair] += count
-        if not pairs:
-            break
-        left, right = max(pairs, key=lambda p: (pairs[p], p))
+    pieces = {word: [bytes([b]) for b in word.encode()] for word in words}
+    pairs, holders = Counter(), defaultdict(set)  # pair -> count; pair -> the words that held it when counted
+    for word, seq in pieces.items():
+        for pair in zip(seq, seq[1:]):
+            pairs[pair] += words[word]
+            holders[pair].add(word)
+    while len(ranks) < n_ranks and pairs:
+        left, right = best = max(pairs, key=lambda p: (pairs[p], p))
         ranks.setdefault(left + right, len(ranks))
-        for word, seq in pieces.items():
+        for word in holders.pop(best):
+            seq, count = pieces[word], words[word]
+            for pair in zip(seq, seq[1:]):
+                pairs[pair] -= count
             merged, i = [], 0
             while i < len(seq):
                 if i + 1 < len(seq) and seq[i] == left and seq[i + 1] == right:
@@ -75,7 +79,12 @@ def train_bpe(text: str, n_ranks: int) -> dict[bytes, int]:
                 else:
                     merged.append(seq[i])
                     i += 1
+            for pair in zip(merged, merged[1:]):
+                pairs[pair] += count
+                holders[pair].add(word)
             pieces[word] = merged
+        for pair in [p for p, n in pairs.items() if n <= 0]:
+            del pairs[pair]
     return ranks
 
 
@@ -209,7 +218,7 @@ def write_demo(folder: str | Path, fp8: bool = False, config_overrides: dict | N
                n_shards: int = DEMO_SHARDS) -> Path:
     """Write the demo checkpoint into `folder` (created; must not exist), atomically: a temporary folder is renamed."""
     folder = Path(folder)
-    ranks = train_bpe(_BPE_CORPUS, DEMO_BPE_RANKS)
+    ranks = train_bpe(Counter(re.findall(_BPE_SPLIT, _BPE_CORPUS)), DEMO_BPE_RANKS)
     config = demo_config(len(ranks)) | (config_overrides or {})
     tensors = random_weights(config, seed)
     if fp8:

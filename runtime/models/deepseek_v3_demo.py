@@ -1,6 +1,8 @@
-"""The demo checkpoint: a tiny Kimi K2 in exactly the real on-disk layout, random weights from a fixed seed.
+"""The demo checkpoints: a tiny Kimi K2 in exactly the real on-disk layout, trained or random.
 
-It is the fixture of the test suite and what every command runs on when no model is named.
+The trained demo is what every command runs on when no model is named: scripts/train_demo.py trained it, and its
+weights, tokenizer and config ship in deepseek_v3_demo_trained/ beside this file, so writing it needs no training and
+no network. The random one (a fixed seed) is the test suite's fixture, where only the structure matters.
 """
 import json
 import os
@@ -14,7 +16,7 @@ import torch
 
 from quant.fp8 import quantize_fp8_block
 from runtime import models
-from runtime.tokenizer import NUM_RESERVED_SPECIAL, write_ranks
+from runtime.tokenizer import NUM_RESERVED_SPECIAL, read_ranks, write_ranks
 
 # K2's named special tokens, as offsets from the first id after the BPE ranks (163584 in the real model).
 K2_SPECIAL_OFFSETS = {
@@ -26,6 +28,7 @@ K2_SPECIAL_OFFSETS = {
 
 DEMO_BPE_RANKS = 1024
 CHAT_TEMPLATE = Path(__file__).with_name("deepseek_v3_demo_chat_template.jinja")  # Kimi K2-Thinking's own
+TRAINED = Path(__file__).with_name("deepseek_v3_demo_trained")  # config.json, model.safetensors, tiktoken.model
 DEMO_SHARDS = 3
 DEMO_SEED = 0
 
@@ -49,7 +52,6 @@ Hello, how are you today? I am fine, thank you. What would you like to talk abou
 The quick brown fox jumps over the lazy dog. 1234567890 + 42 = 1234567932. It's, they're, we've, I'm, you'll, he'd.
 你好，世界。今天天气很好。我们一起学习语言模型。月之暗面发布了新的模型。
 """
-
 _BPE_SPLIT = r" ?[^\W\d_]+| ?\d{1,3}| ?[^\w\s]+|\s+"
 
 
@@ -216,16 +218,32 @@ def write_tokenizer(folder: Path, ranks: dict[bytes, int]):
 
 def write_demo(folder: str | Path, fp8: bool = False, config_overrides: dict | None = None, seed: int = DEMO_SEED,
                n_shards: int = DEMO_SHARDS) -> Path:
-    """Write the demo checkpoint into `folder` (created; must not exist), atomically: a temporary folder is renamed."""
-    folder = Path(folder)
+    """Write the random demo checkpoint into `folder` (created; must not exist), atomically."""
     ranks = train_bpe(Counter(re.findall(_BPE_SPLIT, _BPE_CORPUS)), DEMO_BPE_RANKS)
     config = demo_config(len(ranks)) | (config_overrides or {})
-    tensors = random_weights(config, seed)
+    return write_checkpoint(Path(folder), config, random_weights(config, seed), ranks, fp8, n_shards)
+
+
+def write_trained_demo(folder: str | Path, fp8: bool = False) -> Path:
+    """Write the trained demo checkpoint into `folder` (created; must not exist), atomically."""
+    from safetensors.torch import load_file
+
+    config = json.loads((TRAINED / "config.json").read_text())
+    stored = load_file(TRAINED / "model.safetensors")
+    # In the model's own order, as the random demo's: that order decides which shard holds which tensor.
+    tensors = {name: stored[name] for name in models.build_on_meta(config).checkpoint_shapes()}
+    return write_checkpoint(Path(folder), config, tensors, read_ranks(TRAINED / "tiktoken.model"), fp8, DEMO_SHARDS)
+
+
+def write_checkpoint(folder: Path, config: dict, tensors: dict[str, torch.Tensor], ranks: dict[bytes, int], fp8: bool,
+                     n_shards: int) -> Path:
+    """config.json, the shards and their index, the tokenizer files and the chat template, in a temporary folder
+    renamed to `folder` once complete. With `fp8` the linears are stored as K2-Instruct's FP8 blocks."""
     if fp8:
         block = [128, 128]
         tensors = to_fp8(tensors, tuple(block))
-        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                         "weight_block_size": block}
+        config = config | {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                                   "weight_block_size": block}}
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:

@@ -46,13 +46,16 @@ def info(model: str = options.MODEL, as_json: bool = options.JSON):
 
 
 def init_demo(folder: Path = typer.Argument(..., help="Where to write the checkpoint (must not exist)."),
-              fp8: bool = typer.Option(False, "--fp8", help="Store the linear weights as FP8 blocks, as K2-Instruct does.")):
-    """Write the demo checkpoint: a tiny Kimi K2 in the real layout (config, shards, index, tokenizer, template)."""
+              fp8: bool = typer.Option(False, "--fp8", help="Store the linear weights as FP8 blocks, as K2-Instruct does."),
+              random: bool = typer.Option(False, "--random", help="Random weights (a fixed seed) and a tiny tokenizer "
+                                                                  "instead of the trained demo: the test suite's model.")):
+    """Write the demo checkpoint: a small Kimi K2 trained on Shakespeare and Wikipedia (scripts/train_demo.py), in the
+    real layout (config, shards, index, tokenizer, template)."""
     from runtime.models import write_demo
 
     if folder.exists():
         raise K2Error(f"{folder} already exists")
-    write_demo(folder, fp8=fp8)
+    write_demo(folder, fp8=fp8, random=random)
     typer.echo(f"wrote {folder}; try: k2 info {folder}")
 
 

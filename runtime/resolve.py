@@ -7,7 +7,7 @@ from pathlib import Path
 from runtime.errors import K2Error
 
 DEMO = "demo"
-DEMO_VERSION = 1  # bump when the demo's config or layout changes, so stale caches are not reused
+DEMO_VERSION = 2  # bump when the demo's weights, config or layout change, so stale caches are not reused (2: trained)
 
 
 def k2_cache_dir() -> Path:

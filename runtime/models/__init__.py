@@ -38,9 +38,11 @@ def family_of(config: dict) -> Family:
     raise K2Error(f"unsupported model_type {model_type!r} (supported: {', '.join(supported)})")
 
 
-def write_demo(folder, fp8: bool = False):
-    """Write the built-in demo checkpoint to `folder` (with `fp8`, its linear weights as FP8 blocks)."""
-    return importlib.import_module(DEMO_MODULE).write_demo(folder, fp8=fp8)
+def write_demo(folder, fp8: bool = False, random: bool = False):
+    """Write the built-in demo checkpoint to `folder`: the trained one, or with `random` the random-weight one of the
+    same architecture (with `fp8`, its linear weights as FP8 blocks)."""
+    module = importlib.import_module(DEMO_MODULE)
+    return (module.write_demo if random else module.write_trained_demo)(folder, fp8=fp8)
 
 
 def read_args(config: dict, source="config.json"):

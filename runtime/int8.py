@@ -45,21 +45,15 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else (y + self.bias).to(x.dtype)
 
 
-def quantize_dense_int8(model: nn.Module) -> dict[str, int]:
+def quantize_dense_int8(model: nn.Module):
     """Replace, in place, every dense linear of `model` held on the CPU with its int8 form (one layer at a time, so the
-    peak is one layer's float32 copy). Returns how many layers and bytes before and after."""
+    peak is one layer's float32 copy)."""
     keep = getattr(model, "dense_linears", ())
     names = [name for name, module in model.named_modules()
              if type(module) is nn.Linear and not name.endswith(keep) and module.weight.device.type == "cpu"]
     if not names:
         raise K2Error("--int8: the model has no dense linear layer on the CPU to quantize")
-    before = after = 0
     for name in names:
         parent, _, leaf = name.rpartition(".")
         owner = model.get_submodule(parent)
-        linear = getattr(owner, leaf)
-        quantized = Int8Linear.quantize(linear)
-        before += linear.weight.numel() * linear.weight.element_size()
-        after += quantized.weight.numel() + quantized.scale.numel() * 4
-        setattr(owner, leaf, quantized)
-    return {"layers": len(names), "bytes_before": before, "bytes_after": after}
+        setattr(owner, leaf, Int8Linear.quantize(getattr(owner, leaf)))

@@ -1,6 +1,6 @@
-"""The CPU INT4 kernels (cpu_kernels.c, built by cpu_build.py), chosen by what this CPU runs.
+"""The CPU INT4 and int8 kernels (cpu_kernels.c, built by cpu_build.py), chosen by what this CPU runs.
 
-`select(mode)` chooses what an INT4 forward on the CPU runs from its next call: "auto" (the best variant this CPU
+`select(mode)` chooses what an INT4 (or int8) forward on the CPU runs from its next call: "auto" (the best variant this CPU
 runs, the default; `K2_CPU_KERNEL` sets the starting mode), "exact" (the dequantizing torch path, the reference), or
 a variant by name. Where no compiler is found or the build fails, INT4 forwards take the exact path, after a one-time
 message saying why.

@@ -1,4 +1,5 @@
-"""`k2 quantize` and `k2 eval`: make an INT4 checkpoint, then measure what it lost against the original."""
+"""`k2 quantize`, `k2 qat` and `k2 eval`: make an INT4 checkpoint (by rounding, GPTQ or training), then measure what
+it lost against the original."""
 import json
 import sys
 from pathlib import Path
@@ -74,6 +75,53 @@ def quantize(model: str = options.REQUIRED_MODEL,
                    + (f"{median:.2f} dB" if median is not None else "n/a"))
         for s in summary["worst"]:
             typer.echo(f"  {s['sqnr_db']:7.2f} dB  max error {s['max_error']:.3e}  {s['name']}")
+
+
+def qat(model: str = options.REQUIRED_MODEL,
+        out: Path = typer.Argument(..., help="Output folder for the INT4 checkpoint (new or empty; see --resume and "
+                                             "--force)."),
+        steps: int = typer.Option(..., "--steps", min=1, help="Training steps (a few hundred)."),
+        data: Path = typer.Option(..., "--data", help="UTF-8 text to train on, read with the model's tokenizer (e.g. "
+                                                      "the model's kind of text; held-out text measures the result)."),
+        lr: float = typer.Option(0.01, "--lr", help="Adam's step size, in units of each tensor's mean INT4 scale; "
+                                                    "decays on a cosine to zero."),
+        batch: int = typer.Option(4, "--batch", min=1, help="Sequences per step."),
+        seq_len: int = typer.Option(256, "--seq-len", min=2, help="Tokens per sequence."),
+        group_size: int = typer.Option(32, "--group-size", help="Weights per scale: 16, 32, 64 or 128."),
+        scope: str = typer.Option("experts", help="The weights trained and quantized: experts (as K2-Thinking), "
+                                                  "experts+shared, or all-linear."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the batches' positions in --data."),
+        save_every: int = typer.Option(50, "--save-every", min=1, help="Steps between saved training states."),
+        max_shard_size: str = options.size_option("5GB", "--max-shard-size", "Largest output shard, e.g. 5GB."),
+        device: str = options.DEVICE, threads: int = options.THREADS,
+        resume: bool = options.RESUME, force: bool = options.FORCE,
+        workers: int = options.WORKERS, as_json: bool = options.JSON):
+    """Quantization-aware training: the weights --scope names learn to sit on K2's INT4 grid (levels -7..7, scale
+    absmax/7) by distilling the original model's next-token distributions (KL) through a straight-through estimator;
+    then the INT4 checkpoint, which `k2 quantize --int4` turns back into the same integers. Holds the model in float32
+    plus four copies of the trained weights (original, gradient, Adam's two)."""
+    from runtime.qat import QatConfig, qat as train
+    from runtime.resolve import resolve_model
+    from runtime.units import parse_size
+
+    if resume and force:
+        raise K2Error("--resume and --force exclude each other")
+    options.apply_threads(threads)
+    config = QatConfig(steps=steps, lr=lr, batch=batch, seq_len=seq_len, group_size=group_size, scope=scope,
+                       seed=seed, save_every=save_every)
+    with resumable(f"the training state is saved in {out}; the same command with --resume continues from it"):
+        result = train(resolve_model(model), out, data, config, parse_size(max_shard_size, "--max-shard-size"),
+                       device=device, resume=resume, force=force, workers=workers, progress=sys.stderr.isatty())
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    resumed = f", resumed at step {result['resumed_at_step']}" if result["resumed_at_step"] else ""
+    typer.echo(f"trained {result['trained_tensors']} tensors ({result['trained_weights']:,} weights) for "
+               f"{result['steps']} steps of {result['tokens_per_step']:,} tokens in {result['train_seconds']:.1f} s"
+               f"{resumed}: mean KL {result['kl_first_step']:.4e} at step 1 (round to nearest), "
+               f"{result['kl_last_steps']:.4e} over the last steps")
+    typer.echo(f"wrote {out}: {result['quantized_tensors']} INT4 tensors, {result['shards']} shards, "
+               f"{format_bytes(result['output_bytes'])}")
 
 
 def eval(models: list[str] = typer.Argument(None, help=options.MODEL_HELP + " Several (candidates, e.g. rtn, mse and "

@@ -221,14 +221,15 @@ def _copy_source(source: Source, writer: ShardWriter, reader: MappedShards, dtyp
 # the run
 
 
-def _fingerprint(ckpt: Checkpoint, config: QuantizeConfig, calib_text: str | None) -> dict:
-    """What a resumed run must share with the interrupted one: settings, the exact input files and calibration text."""
+def fingerprint(ckpt: Checkpoint, config, text: str | None) -> dict:
+    """What a resumed run must share with the interrupted one: its settings (a dataclass), the exact input files, and
+    the text it calibrates (GPTQ) or trains (qat) on."""
     shards = sorted({info.shard for info in ckpt.tensors.values()})
     fingerprint = {"settings": asdict(config),
                    "config_sha256": hashlib.sha256((ckpt.folder / "config.json").read_bytes()).hexdigest(),
                    "input": {s.name: [s.stat().st_size, s.stat().st_mtime_ns] for s in shards}}
-    if calib_text is not None:
-        fingerprint["calib_sha256"] = hashlib.sha256(calib_text.encode()).hexdigest()
+    if text is not None:
+        fingerprint["text_sha256"] = hashlib.sha256(text.encode()).hexdigest()
     return fingerprint
 
 
@@ -304,7 +305,7 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: Quantize
         plans = plan_shards(sources, config, roles)
         calib_text = read_text(Path(config.calib)) if config.calibrated else None
         tokens = calibration_tokens(loaded, calib_text, config.calib_tokens) if config.calibrated else None
-        manifest = _prepare_output(out, ckpt.folder, _fingerprint(ckpt, config, calib_text), resume, force)
+        manifest = _prepare_output(out, ckpt.folder, fingerprint(ckpt, config, calib_text), resume, force)
         done = {p.file for p in plans if p.file in manifest["shards"] and (out / p.file).exists()
                 and (out / p.file).stat().st_size == manifest["shards"][p.file]["bytes"]}
         todo = [p for p in plans if p.file not in done]

@@ -5,6 +5,7 @@ everything the engine drives (`new_cache`, `step_inputs`, `forward_layers`, `log
 loader fills through (`locate`, `skip_tensor`, `checkpoint_shapes`, `moe_blocks`) is here, once.
 """
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -73,16 +74,20 @@ class Decoder(nn.Module):
             return f"{match['layer']}.mlp.experts.{match['proj']}", int(match["expert"])
         return name, None
 
-    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor a checkpoint of this config holds, by its checkpoint name (experts unstacked)."""
-        shapes = {}
+    def checkpoint_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor a checkpoint of this config holds, by its checkpoint name: stacked experts as their slices
+        (views), a tied head included (see stored_shapes)."""
         for name, tensor in self.state_dict().items():
             if name.rsplit(".", 1)[0].endswith("mlp.experts"):
                 prefix, proj = name.rsplit(".", 1)
-                shapes.update({f"{prefix}.{e}.{proj}.weight": tuple(tensor.shape[1:]) for e in range(tensor.shape[0])})
+                for e in range(tensor.shape[0]):
+                    yield f"{prefix}.{e}.{proj}.weight", tensor[e]
             else:
-                shapes[name] = tuple(tensor.shape)
-        return shapes
+                yield name, tensor
+
+    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor a checkpoint of this config holds, by its checkpoint name (experts unstacked)."""
+        return {name: tuple(tensor.shape) for name, tensor in self.checkpoint_tensors()}
 
     def stored_shapes(self) -> dict[str, tuple[int, ...]]:
         """`checkpoint_shapes` as transformers' save_pretrained writes them: a tied head is the embedding matrix,

@@ -14,18 +14,24 @@ def run_k2(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def run_k2_here(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
-    """`k2` run in this process through the same entry point and error handler as the installed script: for the many
-    bad-input cases, where a child process would spend its time importing torch. Same result shape as run_k2."""
+def run_k2_here(*args: str, home: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    """`k2` run in this process through the same entry point and error handler as the installed script: for every
+    run that needs no process of its own (no signal, no peak memory, no second rank), where a child process would
+    spend most of its time importing torch. `input` is piped on stdin. Same result shape as run_k2. What a command
+    sets for its process (torch's threads, by --threads) is put back afterwards."""
     import contextlib
     import io
+
+    import torch
 
     from k2cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
-    saved = os.environ.get("K2_HOME")
+    saved, threads, stdin = os.environ.get("K2_HOME"), torch.get_num_threads(), sys.stdin
     if home:
         os.environ["K2_HOME"] = str(home)
+    if input is not None:
+        sys.stdin = io.StringIO(input)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -34,6 +40,8 @@ def run_k2_here(*args: str, home: Path | None = None) -> subprocess.CompletedPro
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
+        sys.stdin = stdin
+        torch.set_num_threads(threads)
         if home:
             if saved is None:
                 os.environ.pop("K2_HOME")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from runtime.engine import select_decoder
-from tests.helpers import run_k2
+from tests.helpers import run_k2_here
 
 
 @pytest.mark.parametrize("device, settings, expected", [
@@ -26,9 +26,9 @@ def test_decoder_is_a_function_of_device_and_settings(device, settings, expected
 def test_chat_generate_and_bench_run_the_same_decoder(demo_dir, flags):
     common = (demo_dir, "--dtype", "float32", *flags)
     runs = {
-        "generate": run_k2("generate", *common, "--ids", "5,6,7", "-n", "2", "--json"),
-        "chat": run_k2("chat", *common, "-p", "Hi", "-n", "2", "--json"),
-        "bench": run_k2("bench", *common, "--prompt-len", "4", "--gen", "2", "--reps", "1", "--warmup", "0", "--json"),
+        "generate": run_k2_here("generate", *common, "--ids", "5,6,7", "-n", "2", "--json"),
+        "chat": run_k2_here("chat", *common, "-p", "Hi", "-n", "2", "--json"),
+        "bench": run_k2_here("bench", *common, "--prompt-len", "4", "--gen", "2", "--reps", "1", "--warmup", "0", "--json"),
     }
     decoders = {}
     for command, result in runs.items():

@@ -6,7 +6,7 @@ import torch
 
 from runtime.loading import load_model
 from runtime.offload import ExpertStats, PlacedExperts, StreamedExperts, apply_placement
-from tests.helpers import run_k2
+from tests.helpers import run_k2_here
 
 
 def stage_plan(n_layers: int, n_experts: int, on_gpu: int, cache: int = 0) -> dict:
@@ -78,18 +78,18 @@ def test_streamed_experts_match_and_count_hits(demo_dir, reference):
 
 def test_generate_with_a_plan_records_stats_that_plan_reads(demo_dir, tmp_path):
     plan = tmp_path / "plan.json"
-    result = run_k2("plan", demo_dir, "--gpu", "2G", "--cpu-mem", "8G", "--offload", "cpu", "--json")
+    result = run_k2_here("plan", demo_dir, "--gpu", "2G", "--cpu-mem", "8G", "--offload", "cpu", "--json")
     assert result.returncode == 0, result.stderr
     plan.write_text(result.stdout)
     stats = tmp_path / "stats.json"
-    plain = run_k2("generate", demo_dir, "--ids", "3,4,5,6", "-n", "8", "--json", "--dtype", "float32")
-    placed = run_k2("generate", demo_dir, "--ids", "3,4,5,6", "-n", "8", "--json", "--dtype", "float32",
-                    "--plan", plan, "--device-map", "cuda:0=cpu", "--expert-stats", stats)
+    plain = run_k2_here("generate", demo_dir, "--ids", "3,4,5,6", "-n", "8", "--json", "--dtype", "float32")
+    placed = run_k2_here("generate", demo_dir, "--ids", "3,4,5,6", "-n", "8", "--json", "--dtype", "float32",
+                         "--plan", plan, "--device-map", "cuda:0=cpu", "--expert-stats", stats)
     assert placed.returncode == 0, placed.stderr
     assert json.loads(placed.stdout)["new_ids"] == json.loads(plain.stdout)["new_ids"]
     recorded = json.loads(stats.read_text())["layers"]
     assert sorted(recorded) == ["1", "2", "3"] and all(len(c) == 16 for c in recorded.values())
-    replanned = run_k2("plan", demo_dir, "--gpu", "2G", "--cpu-mem", "8G", "--expert-stats", stats, "--json")
+    replanned = run_k2_here("plan", demo_dir, "--gpu", "2G", "--cpu-mem", "8G", "--expert-stats", stats, "--json")
     assert replanned.returncode == 0, replanned.stderr
 
 

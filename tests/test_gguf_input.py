@@ -249,11 +249,10 @@ def assert_close_to_llama_cpp(ours: torch.Tensor, theirs: torch.Tensor, kl_bound
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_k2):
     """(SmolLM2-135M-Instruct Q4_1 loaded by k2 in float32, by llama.cpp)."""
-    path = smollm2_path()
-    llm = LlamaCpp(path, n_ctx=64)
-    yield load(path, dtype="float32"), llm
+    llm = LlamaCpp(smollm2_path(), n_ctx=64)
+    yield smollm2_k2, llm
     llm.close()
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from runtime.loading import load_model
-from tests.helpers import assert_one_line_error, run_k2
+from tests.helpers import assert_one_line_error, run_k2_here
 
 PROMPT, NEW_TOKENS = "5,6,7,8,9,10,11", 16
 
@@ -28,24 +28,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("ranks,dtype", [(2, "float32"), (3, "float32"), (2, "bfloat16")])
-def test_pipeline_matches_one_process(demo_dir, ranks, dtype):
-    single = run_k2("generate", demo_dir, "--ids", PROMPT, "-n", NEW_TOKENS, "--dtype", dtype, "--json")
-    assert single.returncode == 0, single.stderr
-    result = torchrun(ranks, "generate", demo_dir, "--ids", PROMPT, "-n", NEW_TOKENS, "--dtype", dtype, "--json")
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
-    assert out["new_ids"] == json.loads(single.stdout)["new_ids"]
+@pytest.fixture(scope="module")
+def one_process(demo_dir):
+    """The tokens of `k2 generate` in one process, by dtype: what every pipeline run must reproduce. Run in this
+    process, once per dtype; the pipelines are the real processes."""
+    new_ids = {}
 
-    # Each rank materialized only its own layers: the stages' weights partition the model's.
-    layout = out["pipeline"]
-    assert [r["rank"] for r in layout] == list(range(ranks))
+    def generated(dtype: str) -> list[int]:
+        if dtype not in new_ids:
+            result = run_k2_here("generate", demo_dir, "--ids", PROMPT, "-n", NEW_TOKENS, "--dtype", dtype, "--json")
+            assert result.returncode == 0, result.stderr
+            new_ids[dtype] = json.loads(result.stdout)["new_ids"]
+        return new_ids[dtype]
+
+    return generated
+
+
+def assert_stages_hold_only_their_layers(demo_dir, layout: list[dict], dtype: str):
+    """Each rank materialized only its own layers: the stages' weights partition the model's."""
     assert layout[0]["layers"][0] == 0 and layout[-1]["layers"][1] == 3
     assert all(a["layers"][1] + 1 == b["layers"][0] for a, b in zip(layout, layout[1:]))
     whole = load_model(demo_dir, dtype=getattr(torch, dtype))
     total = sum(p.numel() * p.element_size() for p in whole.parameters())
     assert sum(r["weight_bytes"] for r in layout) == total
     assert max(r["weight_bytes"] for r in layout) < total * 0.75
+
+
+# Two float32 ranks run in test_pipeline_follows_a_two_stage_plan.
+@pytest.mark.parametrize("ranks,dtype", [(3, "float32"), (2, "bfloat16")])
+def test_pipeline_matches_one_process(demo_dir, one_process, ranks, dtype):
+    result = torchrun(ranks, "generate", demo_dir, "--ids", PROMPT, "-n", NEW_TOKENS, "--dtype", dtype, "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["new_ids"] == one_process(dtype)
+    assert [r["rank"] for r in out["pipeline"]] == list(range(ranks))
+    assert_stages_hold_only_their_layers(demo_dir, out["pipeline"], dtype)
 
 
 def test_a_dead_rank_is_an_error_not_a_hang(demo_dir):
@@ -63,18 +80,19 @@ def test_a_dead_rank_is_an_error_not_a_hang(demo_dir):
     assert_one_line_error(subprocess.CompletedProcess(command, ranks[0].returncode, "", stderr), "pipeline")
 
 
-def test_pipeline_follows_a_two_stage_plan(demo_dir, tmp_path):
-    planned = run_k2("plan", demo_dir, "--cpu-mem", "8G", "--stages", "2", "--json")
+def test_pipeline_follows_a_two_stage_plan(demo_dir, one_process, tmp_path):
+    planned = run_k2_here("plan", demo_dir, "--cpu-mem", "8G", "--stages", "2", "--json")
     assert planned.returncode == 0, planned.stderr
     plan = tmp_path / "plan.json"
     plan.write_text(planned.stdout)
     stages = json.loads(planned.stdout)["stages"]
-    single = run_k2("generate", demo_dir, "--ids", PROMPT, "-n", NEW_TOKENS, "--dtype", "float32", "--json")
     result = torchrun(2, "generate", demo_dir, "--ids", PROMPT, "-n", NEW_TOKENS, "--dtype", "float32", "--json",
                       "--plan", plan)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert out["new_ids"] == json.loads(single.stdout)["new_ids"]
+    assert out["new_ids"] == one_process("float32")
     assert [r["layers"] for r in out["pipeline"]] == [[s["first_layer"], s["last_layer"]] for s in stages]
-    wrong = run_k2("generate", demo_dir, "--ids", PROMPT, "--plan", plan)
+    assert [r["rank"] for r in out["pipeline"]] == [0, 1]
+    assert_stages_hold_only_their_layers(demo_dir, out["pipeline"], "float32")
+    wrong = run_k2_here("generate", demo_dir, "--ids", PROMPT, "--plan", plan)
     assert_one_line_error(wrong, "torchrun --nproc-per-node 2")

@@ -199,8 +199,10 @@ def test_fp8_input(demo_fp8_dir, tmp_path):
     assert ((int4 - expert).norm() / expert.norm()).item() < 0.15  # 4-bit noise: SQNR about 20 dB
 
 
-def test_mse_is_never_worse_than_rtn(demo_dir, rtn_dir, tmp_path, monkeypatch):
-    quantize(demo_dir, tmp_path / "mse", "--int4", "--method", "mse", "--report", tmp_path / "mse.json")
+def test_mse_is_never_worse_than_rtn(demo_dir, rtn_dir, tmp_path):
+    result = run_k2_here("quantize", demo_dir, tmp_path / "mse", "--int4", "--method", "mse", "--report",
+                         tmp_path / "mse.json")
+    assert result.returncode == 0, result.stderr
     rtn = {t["name"]: t for t in json.loads((rtn_dir.parent / "report.json").read_text())["tensors"]}
     mse = {t["name"]: t for t in json.loads((tmp_path / "mse.json").read_text())["tensors"]}
     assert rtn.keys() == mse.keys() and len(rtn) == 3 * 3 * 16
@@ -218,11 +220,16 @@ def test_mse_is_never_worse_than_rtn(demo_dir, rtn_dir, tmp_path, monkeypatch):
 
     # Both judged against the original with k2 eval (its numbers are checked in test_eval.py). One thread: on a busy
     # machine, intra-op threads spinning over the demo's tiny matmuls cost ten times the work.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"Expert {i} of layer {i % 3} sees token {i * 7 % 11}." for i in range(40)))
-    for folder in (rtn_dir, tmp_path / "mse"):
-        result = run_k2("eval", folder, "--text", text, "--ref", demo_dir, "--ctx", "64", "--json")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = [run_k2_here("eval", folder, "--text", text, "--ref", demo_dir, "--ctx", "64", "--json")
+                   for folder in (rtn_dir, tmp_path / "mse")]
+    finally:
+        torch.set_num_threads(threads)
+    for result in results:
         assert result.returncode == 0, result.stderr
         scores = json.loads(result.stdout)
         assert 0 < scores["kl_mean"] < 0.01 and 0.5 < scores["top1_agreement"] <= 1
@@ -346,9 +353,9 @@ def test_peak_memory_bound_and_resume_after_kill(tmp_path):
     finished = json.loads(manifest.read_text())["shards"]
     assert 0 < len(finished) < len(outputs), "the run finished before it could be interrupted"
 
-    assert_one_line_error(run_k2("quantize", model, interrupted, "--int4", "--max-shard-size", "50MB", "--resume"),
+    assert_one_line_error(run_k2_here("quantize", model, interrupted, "--int4", "--max-shard-size", "50MB", "--resume"),
                           "other settings")
-    result = run_k2("quantize", model, interrupted, *args, "--resume", "--json")
+    result = run_k2_here("quantize", model, interrupted, *args, "--resume", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["resumed_shards"] == len(finished)
     assert file_digests(interrupted) == file_digests(tmp_path / "full")

@@ -2,7 +2,6 @@
 whole conversation), trimming to the context, interruptions, and the real command driven through a pseudo-terminal."""
 import json
 import os
-import subprocess
 import sys
 
 import pexpect
@@ -18,7 +17,7 @@ from runtime.loading import load_model
 from runtime.sampling import SamplingParams
 from runtime.session import ChatSession, Notice
 from runtime.tokenizer import Tokenizer
-from tests.helpers import assert_one_line_error, run_k2, run_k2_here
+from tests.helpers import assert_one_line_error, run_k2_here
 from tests.test_chat_template import QWEN3_TEMPLATE
 
 GREEDY = SamplingParams(temperature=0)
@@ -270,20 +269,19 @@ def test_k2_chat_in_a_terminal(demo_dir, tmp_path):
 
 
 def test_k2_chat_for_scripts(demo_dir):
-    result = run_k2("chat", demo_dir, "-p", "What is the capital of France?", "-n", "6", "--seed", "2")
+    result = run_k2_here("chat", demo_dir, "-p", "What is the capital of France?", "-n", "6", "--seed", "2")
     assert result.returncode == 0, result.stderr
     # The reply is gibberish (random weights) that never closes the think block the demo opens with (K2-Thinking's
     # template): all reasoning, which goes to stderr when answering once, the stats line after it.
     assert not result.stdout.strip()
     assert "6 new" in result.stderr and "stop: max tokens" in result.stderr
     assert len(result.stderr) > len(result.stderr.strip().splitlines()[-1]) + 1  # reasoning before the stats
-    piped = subprocess.run([sys.executable, "-m", "k2cli", "chat", str(demo_dir), "-n", "6", "--json",
-                            "--temperature", "0"], input="What is 2+2?\n", capture_output=True, text=True, timeout=300)
+    piped = run_k2_here("chat", demo_dir, "-n", "6", "--json", "--temperature", "0", input="What is 2+2?\n")
     assert piped.returncode == 0, piped.stderr
     answer = json.loads(piped.stdout)
     assert answer["message"]["role"] == "assistant" and answer["stats"]["new_tokens"] <= 6
     assert answer["message"]["reasoning_content"]
-    assert_one_line_error(run_k2("chat", demo_dir, "-p", "hi", "--no-think"), "no thinking switch")
+    assert_one_line_error(run_k2_here("chat", demo_dir, "-p", "hi", "--no-think"), "no thinking switch")
 
 
 @pytest.mark.parametrize("prompt", ["", " \n\t "])

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from runtime.checkpoint import Checkpoint
 from runtime.errors import K2Error
 from runtime.loading import load_model
-from tests.helpers import assert_one_line_error, copy_checkpoint, edit_json, run_k2, run_k2_here
+from tests.helpers import assert_one_line_error, copy_checkpoint, edit_json, run_k2_here
 
 
 def test_header_reader_agrees_with_safetensors(demo_fp8_dir):
@@ -31,14 +31,15 @@ def test_truncated_shard(demo_dir, tmp_path):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(K2Error, match="truncated"):
         load_model(folder)
-    assert_one_line_error(run_k2("generate", folder, "--ids", "1,2", "-n", "2"), "model-00002-of-00003", "truncated")
+    assert_one_line_error(run_k2_here("generate", folder, "--ids", "1,2", "-n", "2"), "model-00002-of-00003",
+                          "truncated")
 
 
 def test_missing_shard(demo_dir, tmp_path):
     folder = copy_checkpoint(demo_dir, tmp_path / "m")
     (folder / "model-00003-of-00003.safetensors").unlink()
-    assert_one_line_error(run_k2("generate", folder, "--ids", "1,2", "-n", "2"), "model-00003-of-00003.safetensors",
-                          "missing")
+    assert_one_line_error(run_k2_here("generate", folder, "--ids", "1,2", "-n", "2"),
+                          "model-00003-of-00003.safetensors", "missing")
 
 
 def test_tensor_missing_from_index(demo_dir, tmp_path):
@@ -46,7 +47,7 @@ def test_tensor_missing_from_index(demo_dir, tmp_path):
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     del index["weight_map"]["model.layers.2.mlp.experts.5.up_proj.weight"]
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert_one_line_error(run_k2("generate", folder, "--ids", "1,2", "-n", "2"),
+    assert_one_line_error(run_k2_here("generate", folder, "--ids", "1,2", "-n", "2"),
                           "model.layers.2.mlp.experts.5.up_proj.weight")
 
 
@@ -62,7 +63,7 @@ def test_index_pointing_at_wrong_shard(demo_dir, tmp_path):
 def test_unsupported_model_type(demo_dir, tmp_path):
     folder = copy_checkpoint(demo_dir, tmp_path / "m")
     edit_json(folder / "config.json", model_type="mistral")
-    assert_one_line_error(run_k2("info", folder), "unsupported model_type 'mistral'")
+    assert_one_line_error(run_k2_here("info", folder), "unsupported model_type 'mistral'")
 
 
 def test_config_contradicting_weights(demo_dir, tmp_path):
@@ -95,9 +96,9 @@ def test_remote_code_is_never_executed(demo_dir, tmp_path):
         (folder / name).write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
     edit_json(folder / "config.json", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
                                                  "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
-    result = run_k2("generate", folder, "--prompt", "hello", "-n", "3")
+    result = run_k2_here("generate", folder, "--prompt", "hello", "-n", "3")
     assert result.returncode == 0, result.stderr
-    assert run_k2("info", folder).returncode == 0
+    assert run_k2_here("info", folder).returncode == 0
     assert not marker.exists()
 
 
@@ -122,6 +123,6 @@ def test_a_pipeline_stage_folder_without_other_stages_shards(demo_dir, tmp_path)
     assert not model.model.layers[own[-1]].input_layernorm.weight.is_meta
     with pytest.raises(K2Error, match=f"{last} is missing"):
         load_model(folder)
-    info = run_k2("info", folder, "--json")
+    info = run_k2_here("info", folder, "--json")
     assert info.returncode == 0, info.stderr
     assert "1 shard(s) missing" in json.loads(info.stdout)["bytes_source"]

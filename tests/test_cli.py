@@ -18,7 +18,7 @@ def test_generate_on_default_demo_matches_library(tmp_path):
 
 
 def test_generate_text_prompt(tmp_path):
-    result = run_k2("generate", "--prompt", "Hello there", "-n", "4", home=tmp_path)
+    result = run_k2_here("generate", "--prompt", "Hello there", "-n", "4", home=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Hello there")
 

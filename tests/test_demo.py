@@ -6,7 +6,7 @@ import torch
 
 from runtime.models.deepseek_v3_demo import write_demo
 from runtime.tokenizer import K2_SPLIT_PATTERN, Tokenizer, read_ranks
-from tests.helpers import run_k2, run_k2_here, stored_tensors
+from tests.helpers import run_k2_here, stored_tensors
 
 
 def test_layout_is_kimi_k2s(demo_dir):
@@ -73,10 +73,10 @@ def test_tokenizer_matches_tiktoken_and_keeps_user_text_ordinary(demo_dir):
 
 
 def test_init_demo_command(demo_dir, tmp_path):
-    result = run_k2("init-demo", tmp_path / "d", "--fp8")
+    result = run_k2_here("init-demo", tmp_path / "d", "--fp8")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "d" / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
-    again = run_k2("init-demo", tmp_path / "d")
+    again = run_k2_here("init-demo", tmp_path / "d")
     assert again.returncode == 1 and "already exists" in again.stderr
     # --random is the test suite's fixture model, file for file.
     assert run_k2_here("init-demo", tmp_path / "r", "--random").returncode == 0

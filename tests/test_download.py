@@ -1,4 +1,5 @@
-"""`k2 download` against a fake hub (tests/hub_server.py) with huggingface_hub's real client, in real processes.
+"""`k2 download` against a fake hub (tests/hub_server.py) with huggingface_hub's real client: in real processes where
+one is killed, interrupted, limited or reads its environment at start, else in this one through the CLI's entry point.
 
 The oracles: the source files byte for byte, huggingface_hub's own verify_repo_checksums / snapshot_download /
 hf_hub_download reading what k2 wrote, the bytes the server counted, and the pipeline's stage rule computed from the
@@ -25,7 +26,7 @@ from runtime.hub.download import DownloadRequest, download
 from runtime.loader import load
 from runtime.models.deepseek_v3_demo import write_demo
 from runtime.placement import decode_bytes_per_token, model_cost, stage_layer_ranges
-from tests.helpers import assert_one_line_error, run_k2
+from tests.helpers import assert_one_line_error, run_k2_here
 from tests.hub_server import FakeHub, Fault
 
 REPO, BIG, GATED = "moonshotai/Kimi-K2-Demo", "moonshotai/Kimi-K2-Big", "moonshotai/Kimi-K2-Gated"
@@ -104,7 +105,7 @@ def k2_download(hub: FakeHub, *args, **env) -> subprocess.CompletedProcess:
 
 
 def cli_json(hub: FakeHub, *args) -> dict:
-    result = run_k2("download", *map(str, args), "--endpoint", hub.endpoint, "--json")
+    result = run_k2_here("download", *map(str, args), "--endpoint", hub.endpoint, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -138,7 +139,8 @@ def weight_map(source: Path) -> dict[str, str]:
 def test_a_listing_that_would_write_outside_the_folder_is_refused(hub, source, env, path):
     repo = f"evil/listing-{abs(hash(path))}"
     hub.add_repo(repo, source, extra={path: b"not a model"})
-    result = k2_download(hub, repo, "--include", "*.safetensors", "--local-dir", env / "out")
+    result = run_k2_here("download", repo, "--endpoint", hub.endpoint, "--include", "*.safetensors", "--local-dir",
+                         env / "out")
     assert_one_line_error(result, repr(path), "outside the download folder")
     assert sum(hub.sent.values()) == 0 and not (env / "out").exists()
     assert not [p for p in env.parent.rglob("*.safetensors") if "climbed" in p.name or "backslash" in p.name]
@@ -168,7 +170,7 @@ def test_full_download_is_the_source_byte_for_byte_and_resolves_by_repo_id(hub, 
     check = HfApi(endpoint=hub.endpoint).verify_repo_checksums(REPO, cache_dir=env / "hf" / "hub")
     assert check.mismatches == [] and sorted(check.missing_paths) == sorted(EXTRAS)
     assert Path(snapshot_download(REPO, cache_dir=env / "hf" / "hub", local_files_only=True)) == folder
-    info = run_k2("info", REPO, "--json")
+    info = run_k2_here("info", REPO, "--json")
     assert info.returncode == 0, info.stderr
     assert Path(json.loads(info.stdout)["model"]) == folder
 
@@ -213,8 +215,8 @@ def test_stages_fetch_disjoint_shards_that_hold_their_layers_and_together_all(hu
     assert not shards[0] & shards[1] and shards[0] | shards[1] == set(weight_map(source).values())
 
     hub.reset_counts()
-    plan = run_k2("download", REPO, "--endpoint", hub.endpoint, "--layers", "1-2", "--dry-run", "--local-dir",
-                  env / "dry")
+    plan = run_k2_here("download", REPO, "--endpoint", hub.endpoint, "--layers", "1-2", "--dry-run", "--local-dir",
+                       env / "dry")
     assert plan.returncode == 0, plan.stderr
     assert "layers 1-2 of 4, 2 of 4 shards" in plan.stdout and not (env / "dry").exists()
     assert not any(path.endswith(".safetensors") for path in hub.sent)
@@ -325,7 +327,7 @@ def test_preflight_refuses_when_the_disk_is_short_before_fetching_anything(hub, 
         download(request, free_bytes=lambda folder: 1000)
     assert hub.sent == {} and not (env / "model").exists()
 
-    plan = run_k2("download", REPO, "--endpoint", hub.endpoint, "--dry-run")
+    plan = run_k2_here("download", REPO, "--endpoint", hub.endpoint, "--dry-run")
     assert plan.returncode == 0, plan.stderr
     assert "model-00004-of-00004.safetensors" in plan.stdout and "10 files" in plan.stdout and hub.sent == {}
 

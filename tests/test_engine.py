@@ -28,7 +28,8 @@ def test_chat_generate_and_bench_run_the_same_decoder(demo_dir, flags):
     runs = {
         "generate": run_k2_here("generate", *common, "--ids", "5,6,7", "-n", "2", "--json"),
         "chat": run_k2_here("chat", *common, "-p", "Hi", "-n", "2", "--json"),
-        "bench": run_k2_here("bench", *common, "--prompt-len", "4", "--gen", "2", "--reps", "1", "--warmup", "0", "--json"),
+        "bench": run_k2_here("bench", *common, "--prompt-len", "4", "--gen", "2", "--reps", "1", "--warmup", "0",
+                             "--json"),
     }
     decoders = {}
     for command, result in runs.items():

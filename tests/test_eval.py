@@ -17,7 +17,7 @@ from runtime.loader import load
 from runtime.loading import load_model
 from runtime.models.deepseek_v3_demo import write_demo
 from runtime.tokenizer import Tokenizer
-from tests.helpers import assert_one_line_error, run_k2, run_k2_here
+from tests.helpers import assert_one_line_error, run_k2_here
 from tests.llama_cpp import LlamaCpp
 
 transformers.logging.set_verbosity_error()
@@ -63,7 +63,7 @@ def reference_log_probs(folder, ids: list[int]) -> list[torch.Tensor]:
 
 
 def k2_eval(*args) -> dict:
-    result = run_k2("eval", *args, "--ctx", CTX, "--json")
+    result = run_k2_here("eval", *args, "--ctx", CTX, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -151,4 +151,4 @@ def test_windows_and_bos_are_llama_cpps(two_models, text_file, tmp_path):
 def test_bad_text(two_models, tmp_path):
     binary = tmp_path / "weights.bin"
     binary.write_bytes(bytes(range(256)))
-    assert_one_line_error(run_k2("eval", two_models[0], "--text", binary), "not UTF-8")
+    assert_one_line_error(run_k2_here("eval", two_models[0], "--text", binary), "not UTF-8")

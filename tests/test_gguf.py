@@ -28,7 +28,7 @@ from runtime.loading import load_model
 from runtime.models.deepseek_v3_demo import write_demo
 from runtime.tokenizer import K2_SPLIT_PATTERN
 from runtime.tokenizer import Tokenizer as K2Tokenizer
-from tests.helpers import assert_one_line_error, generate, run_k2, stored_tensors
+from tests.helpers import assert_one_line_error, generate, run_k2_here, stored_tensors
 from tests.llama_cpp import LlamaCpp
 
 ARCH = gguf.MODEL_ARCH.DEEPSEEK2
@@ -280,7 +280,7 @@ def test_fp8_checkpoint_converts_to_its_dequantized_weights(demo_fp8_dir, tmp_pa
 
 def test_split_files_reassemble_to_the_same_tensors(demo_dir, converted, tmp_path):
     out = tmp_path / "split" / "demo.gguf"
-    result = run_k2("convert", demo_dir, out, "--to", "gguf", "--split-max-size", "1MB", "--json")
+    result = run_k2_here("convert", demo_dir, out, "--to", "gguf", "--split-max-size", "1MB", "--json")
     assert result.returncode == 0, result.stderr
     files = json.loads(result.stdout)["output"]
     n = len(files)
@@ -410,8 +410,8 @@ def test_deepseek_v3_tokenizer_json_is_carried_as_it_is(tmp_path):
 
 
 def test_bad_inputs_are_one_line_errors(demo_dir, converted, tmp_path):
-    assert_one_line_error(run_k2("convert", demo_dir, tmp_path / "x.gguf", "--to", "onnx"), "--to", "gguf")
-    assert_one_line_error(run_k2("convert", demo_dir, converted["q8_0"][0], "--to", "gguf"), "exists", "--force")
+    assert_one_line_error(run_k2_here("convert", demo_dir, tmp_path / "x.gguf", "--to", "onnx"), "--to", "gguf")
+    assert_one_line_error(run_k2_here("convert", demo_dir, converted["q8_0"][0], "--to", "gguf"), "exists", "--force")
     unknown = shutil.copytree(demo_dir, tmp_path / "not-deepseek")
     (unknown / "config.json").write_text(json.dumps(config_of(demo_dir) | {"model_type": "mistral"}))
     with pytest.raises(K2Error, match="model_type 'mistral'"):
@@ -441,7 +441,7 @@ def test_an_output_that_is_an_input_is_refused_even_with_force(demo_dir, tmp_pat
     model = shutil.copytree(demo_dir, tmp_path / "model")
     before = {p.name: p.read_bytes() for p in model.iterdir()}
     shard = sorted(model.glob("model-*.safetensors"))[0]
-    assert_one_line_error(run_k2("convert", model, shard, "--to", "gguf", "--force"), shard.name, "MODEL")
+    assert_one_line_error(run_k2_here("convert", model, shard, "--to", "gguf", "--force"), shard.name, "MODEL")
     (tmp_path / "link.gguf").symlink_to(model / "config.json")
     with pytest.raises(K2Error, match="file of MODEL"):
         convert_checkpoint(model, tmp_path / "link.gguf", ConvertConfig(), force=True, progress=False)

@@ -5,11 +5,11 @@ import shutil
 import pytest
 from safetensors import safe_open
 
-from tests.helpers import run_k2
+from tests.helpers import run_k2_here
 from tests.k2_configs import KIMI_K2_CONFIG, KIMI_K2_THINKING_CONFIG, config_only_folder
 
 def info_json(folder, tmp_path) -> dict:
-    result = run_k2("info", folder, "--json", home=tmp_path / "home")
+    result = run_k2_here("info", folder, "--json", home=tmp_path / "home")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 

@@ -16,7 +16,7 @@ from quant.methods import ClipSearch, Int4Spec, RoundToNearest
 from runtime.convert.quantize import QuantizeConfig, quantize_checkpoint
 from runtime.int4 import Int4Experts, Int4Linear, held_bytes
 from runtime.loading import load_model
-from tests.helpers import run_k2
+from tests.helpers import run_k2_here
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,7 +118,7 @@ def test_zero_groups_quantize_to_zero():
 @pytest.fixture(scope="module")
 def int4_demo(demo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("int4") / "demo-int4"
-    result = run_k2("quantize", demo_dir, out, "--int4")
+    result = run_k2_here("quantize", demo_dir, out, "--int4")
     assert result.returncode == 0, result.stderr
     return out
 

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from runtime.placement import GB, gpu_bandwidth_for, stage_layer_ranges
 from runtime.units import parse_size
-from tests.helpers import assert_one_line_error, run_k2, run_k2_here
+from tests.helpers import assert_one_line_error, run_k2_here
 from tests.k2_configs import KIMI_K2_THINKING_CONFIG, config_only_folder
 
 SETUPS = {  # GPUs and DIMMs hold binary sizes (80GiB); 8x141G reads the H200's 141 GB as decimal, on the safe side
@@ -25,7 +25,7 @@ def k2_thinking(tmp_path_factory):
 
 
 def plan_json(folder, *flags) -> dict:
-    result = run_k2("plan", folder, *flags, "--json")
+    result = run_k2_here("plan", folder, *flags, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -67,7 +67,8 @@ def test_real_k2_thinking_setups(k2_thinking, setup):
 
 
 def test_impossible_setup_is_refused(k2_thinking):
-    assert_one_line_error(run_k2("plan", k2_thinking, "--gpu", "24G", "--cpu-mem", "64G"), "does not fit", "short by")
+    assert_one_line_error(run_k2_here("plan", k2_thinking, "--gpu", "24G", "--cpu-mem", "64G"), "does not fit",
+                          "short by")
 
 
 def test_hot_experts_stay_on_the_gpu(k2_thinking, tmp_path):

@@ -12,7 +12,7 @@ from runtime.errors import K2Error
 from runtime.loader import load
 from runtime.loading import load_model
 from runtime.sampling import Sampler, SamplingParams, apply_repetition_penalty, filter_logits
-from tests.helpers import generate, run_k2
+from tests.helpers import generate, run_k2_here
 
 PARAMS = [
     SamplingParams(temperature=0.7),
@@ -132,7 +132,7 @@ def test_sampled_generation_on_the_demo(demo_model):
 def test_generate_command_sampling_flags(demo_dir, demo_model):
     args = ("generate", demo_dir, "--ids", "5,6,7,8,9", "-n", "10", "--dtype", "float32", "--json",
             "--temperature", "0.8", "--top-p", "0.9", "--seed", "4")
-    result = run_k2(*args)
+    result = run_k2_here(*args)
     assert result.returncode == 0, result.stderr
     expected = sample_generate(demo_model, [5, 6, 7, 8, 9],
                                Sampler(SamplingParams(temperature=0.8, top_p=0.9, seed=4), demo_model.args.vocab_size),

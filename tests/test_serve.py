@@ -3,8 +3,6 @@ trips and reasoning on the scripted model (tests/scripted_model.py), a 20-turn a
 K2's template (rendered by transformers) gives for the history, and the demo's greedy reply equal to `k2 generate`'s
 on the same ids."""
 import json
-import subprocess
-import sys
 import uuid
 
 import anthropic
@@ -13,6 +11,7 @@ import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from runtime.tokenizer import Tokenizer
+from tests.helpers import run_k2_here
 from tests.scripted_k2 import SCRIPT
 from tests.scripted_model import write_scripted
 from tests.serve_process import ServerProcess
@@ -247,9 +246,9 @@ def test_demo_greedy_equals_generate(demo_dir):
     text = render_jinja_template([messages], chat_template=source, add_generation_prompt=True)[0][0]
     tokenizer = Tokenizer.from_folder(demo_dir)
     assert prompt == tokenizer.encode_with_added(text)
-    generated = subprocess.run([sys.executable, "-m", "k2cli", "generate", str(demo_dir), "--ids",
-                                ",".join(map(str, prompt)), "-n", "12", "--dtype", "float32", "--json"],
-                               capture_output=True, text=True, check=True)
+    generated = run_k2_here("generate", demo_dir, "--ids", ",".join(map(str, prompt)), "-n", "12", "--dtype", "float32",
+                            "--json")
+    assert generated.returncode == 0, generated.stderr
     new_ids = json.loads(generated.stdout)["new_ids"]
     token_ids = reply.choices[0].model_extra["token_ids"]
     assert token_ids == new_ids[:len(token_ids)]

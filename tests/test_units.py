@@ -7,7 +7,7 @@ import pytest
 
 from runtime.errors import K2Error
 from runtime.units import UNIT_BYTES, format_bytes, parse_size
-from tests.helpers import assert_one_line_error, run_k2, run_k2_here
+from tests.helpers import assert_one_line_error, run_k2_here
 
 SIZES = {
     "80": 80, "3B": 3, "0": 0, " 7 ": 7,
@@ -42,7 +42,7 @@ def test_bytes_print_in_binary_units_and_read_back_the_same():
 
 
 def test_plan_reads_memory_sizes_by_the_rule(demo_dir):
-    result = run_k2("plan", demo_dir, "--gpu", "1.5G", "--gpu", "2x1.5GiB", "--cpu-mem", "64G", "--json")
+    result = run_k2_here("plan", demo_dir, "--gpu", "1.5G", "--gpu", "2x1.5GiB", "--cpu-mem", "64G", "--json")
     assert result.returncode == 0, result.stderr
     setup = json.loads(result.stdout)["setup"]
     assert setup["gpus"] == [1_500_000_000, 1_610_612_736, 1_610_612_736] and setup["cpu_mem"] == 64 * 10**9
@@ -79,11 +79,12 @@ def split_limit_bounds(files: list[str]) -> tuple[int, int]:
 @pytest.mark.parametrize("text, nbytes, other_reading", [("1.5M", 1_500_000, 1_572_864),
                                                           ("1.5MiB", 1_572_864, 1_500_000)])
 def test_quantize_and_convert_read_the_same_size_the_same_way(demo_dir, tmp_path, text, nbytes, other_reading):
-    quantized = run_k2("quantize", demo_dir, tmp_path / "int4", "--int4", "--max-shard-size", text,
-                       "--report", tmp_path / "report.json")
+    quantized = run_k2_here("quantize", demo_dir, tmp_path / "int4", "--int4", "--max-shard-size", text,
+                            "--report", tmp_path / "report.json")
     assert quantized.returncode == 0, quantized.stderr
     assert json.loads((tmp_path / "report.json").read_text())["settings"]["max_shard_bytes"] == nbytes
-    converted = run_k2("convert", demo_dir, tmp_path / "demo.gguf", "--to", "gguf", "--split-max-size", text, "--json")
+    converted = run_k2_here("convert", demo_dir, tmp_path / "demo.gguf", "--to", "gguf", "--split-max-size", text,
+                            "--json")
     assert converted.returncode == 0, converted.stderr
     low, high = split_limit_bounds(json.loads(converted.stdout)["output"])
     assert low <= nbytes < high and not low <= other_reading < high, (low, high)

@@ -135,7 +135,8 @@ def test_compressed_tensors_selects_and_decompresses_our_weights(demo_dir, rtn_d
     out = rtn_dir
     if scope != "experts":
         out = tmp_path / "int4"
-        quantize(demo_dir, out, "--int4", "--scope", scope)
+        result = run_k2_here("quantize", demo_dir, out, "--int4", "--scope", scope)
+        assert result.returncode == 0, result.stderr
     config = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
     model = linear_stand_in(demo_dir)
     apply_quantization_config(model, config)
@@ -180,13 +181,15 @@ def test_transformers_loads_our_checkpoint(rtn_dir):
 def test_requantizing_an_int4_checkpoint_is_bit_exact(rtn_dir, tmp_path):
     """An INT4 checkpoint on the k2 grid (K2-Thinking's case) comes back byte for byte."""
     again = tmp_path / "again"
-    quantize(rtn_dir, again, "--int4", "--max-shard-size", "2MB")
+    result = run_k2_here("quantize", rtn_dir, again, "--int4", "--max-shard-size", "2MB")
+    assert result.returncode == 0, result.stderr
     assert file_digests(again) == file_digests(rtn_dir)
 
 
 def test_fp8_input(demo_fp8_dir, tmp_path):
     out = tmp_path / "from-fp8"
-    quantize(demo_fp8_dir, out, "--int4")
+    result = run_k2_here("quantize", demo_fp8_dir, out, "--int4")
+    assert result.returncode == 0, result.stderr
     fp8, stored = stored_tensors(demo_fp8_dir), stored_tensors(out)
     name = "model.layers.2.self_attn.kv_b_proj.weight"
     assert stored[name].dtype == torch.bfloat16

@@ -1,8 +1,8 @@
 """llama.cpp as the oracle of GGUF files, through cyllama's low-level bindings (a prebuilt CPU llama.cpp, b9190).
 
-One `LlamaCpp` holds a model and a context of `n_ctx` tokens on 2 threads with llama.cpp's default context settings
-(an f16 KV cache, flash attention where the backend has it) unless `context_params` says otherwise. `perplexity`
-follows tools/perplexity/perplexity.cpp; `quantize` is llama-quantize's library call.
+One `LlamaCpp` holds a model and a context of `n_ctx` tokens on 2 threads (1 for one-token steps) with llama.cpp's
+default context settings (an f16 KV cache, flash attention where the backend has it) unless `context_params` says
+otherwise. `perplexity` follows tools/perplexity/perplexity.cpp; `quantize` is llama-quantize's library call.
 """
 import importlib.util
 import math
@@ -39,7 +39,11 @@ class LlamaCpp:
         params = cy.LlamaContextParams()
         # one decode call takes a whole context (llama-perplexity's default batch covers 512 tokens too)
         params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
-        params.n_threads = params.n_threads_batch = THREADS
+        params.n_threads_batch = THREADS
+        # A one-token step is a few hundred tiny ops, each ended by a barrier of all threads: with a second thread,
+        # one busy core stalls every barrier (16 greedy steps of SmolLM2 took 50 s instead of 7 on a loaded 2-core
+        # machine). ggml splits work by rows, so the logits do not depend on the thread count.
+        params.n_threads = 1
         for key, value in context_params.items():
             setattr(params, key, value)
         self.context = cy.LlamaContext(self.model, params)

@@ -27,10 +27,8 @@ PEAKED = {"initializer_range": 0.08}
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
+def one_thread():
     # The demo's matmuls are tiny: on a busy machine, intra-op threads spinning over them cost ten times the work.
-    # The variable reaches the k2 processes; the k2 runs in this process need torch told.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -8,7 +8,7 @@ import typer
 from runtime.units import SIZE_RULE
 
 MODEL_HELP = ("Model folder, a .gguf file (the first of a split set), a Hugging Face repo id already downloaded, or "
-              "'demo' (a tiny K2 created on first use).")
+              "'demo' (the trained demo, a small Kimi K2 written on first use).")
 MODEL = typer.Argument("demo", help=MODEL_HELP)
 REQUIRED_MODEL = typer.Argument(..., help=MODEL_HELP)
 

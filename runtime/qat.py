@@ -33,8 +33,9 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from quant import int4
-from runtime.checkpoint import INDEX_FILE, SINGLE_FILE
-from runtime.convert.quantize import SCOPES, QuantizeConfig, Roles, fingerprint, plan_shards, quantize_checkpoint
+from runtime.checkpoint import INDEX_FILE
+from runtime.convert.quantize import (SCOPES, QuantizeConfig, Roles, fingerprint, make_output_folder, model_files,
+                                      plan_shards, quantize_checkpoint)
 from runtime.convert.sources import collect_sources
 from runtime.errors import K2Error
 from runtime.eval import read_text
@@ -270,19 +271,13 @@ def _write_export(model, loaded, folder: Path):
     write_json_atomic(folder / INDEX_FILE, {"metadata": {}, "weight_map": weight_map})
     config = {k: v for k, v in loaded.config.items() if k != "quantization_config"}
     write_json_atomic(folder / "config.json", config, indent=2)
-    for item in sorted(loaded.folder.iterdir()):  # tokenizer, chat template, generation config, model card...
-        if item.is_file() and not item.name.startswith(".") and item.suffix != ".safetensors" \
-                and item.name not in (INDEX_FILE, SINGLE_FILE, "config.json"):
-            copy_atomic(item, folder / item.name)
+    for item in model_files(loaded.folder):
+        copy_atomic(item, folder / item.name)
 
 
 def _prepare_output(out: Path, model_dir: Path, fingerprint: dict, resume: bool, force: bool) -> dict | None:
     """The saved state to continue from, or None for a fresh run into an empty OUT."""
-    if out.exists() and not out.is_dir():
-        raise K2Error(f"{out} is a file; OUT must be a folder")
-    if out.exists() and out.resolve() == model_dir.resolve():
-        raise K2Error("OUT must differ from MODEL")
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out, model_dir)
     if resume:
         if not (out / STATE).exists():
             raise K2Error(f"{out} has no interrupted qat run to resume (no {STATE}); --force starts over")

@@ -233,13 +233,26 @@ def fingerprint(ckpt: Checkpoint, config, text: str | None) -> dict:
     return fingerprint
 
 
-def _prepare_output(out: Path, model_dir: Path, fingerprint: dict, resume: bool, force: bool) -> dict:
-    """The manifest to continue from: a fresh one, or the interrupted run's when resuming."""
+def make_output_folder(out: Path, model_dir: Path):
+    """OUT created where missing, after checking it can be written to without touching MODEL."""
     if out.exists() and not out.is_dir():
         raise K2Error(f"{out} is a file; OUT must be a folder")
     if out.exists() and out.resolve() == model_dir.resolve():
         raise K2Error("OUT must differ from MODEL")
     out.mkdir(parents=True, exist_ok=True)
+
+
+def model_files(folder: Path) -> list[Path]:
+    """A model folder's files besides its weights, index and config.json: tokenizer, chat template, generation
+    config, model card... (what an output checkpoint carries over)."""
+    return [item for item in sorted(folder.iterdir())
+            if item.is_file() and not item.name.startswith(".") and item.suffix != ".safetensors"
+            and item.name not in (INDEX_FILE, "config.json")]
+
+
+def _prepare_output(out: Path, model_dir: Path, fingerprint: dict, resume: bool, force: bool) -> dict:
+    """The manifest to continue from: a fresh one, or the interrupted run's when resuming."""
+    make_output_folder(out, model_dir)
     manifest_path = out / MANIFEST
     if resume and manifest_path.exists():
         manifest = read_json(manifest_path)
@@ -266,10 +279,8 @@ def _finalize(ckpt: Checkpoint, out: Path, plans: list[ShardPlan], config: Quant
     weight_map = {t.name: plan.file for plan in plans for t in plan.tensors}
     total = sum(t.nbytes for plan in plans for t in plan.tensors)
     write_json_atomic(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    for item in sorted(ckpt.folder.iterdir()):  # tokenizer, chat template, generation config, model card...
-        if item.is_file() and not item.name.startswith(".") and item.suffix != ".safetensors" \
-                and item.name not in (INDEX_FILE, "config.json"):
-            copy_atomic(item, out / item.name)
+    for item in model_files(ckpt.folder):
+        copy_atomic(item, out / item.name)
     model_config = dict(ckpt.config)
     model_config["quantization_config"] = int4.compressed_tensors_config(
         config.group_size, observer, list(SCOPES[config.scope].ignore))

@@ -26,10 +26,13 @@ def quantize(model: str = options.REQUIRED_MODEL,
              report: Path = typer.Option(None, "--report", help="Write per-tensor SQNR (dB) and max error as JSON here."),
              calib: Path = typer.Option(None, "--calib", help="gptq: UTF-8 text to calibrate on (e.g. a wikitext-2 "
                                                               "train split), read with the model's tokenizer."),
-             calib_tokens: int = typer.Option(131072, "--calib-tokens", help="gptq: use at most this many tokens of "
-                                                                             "--calib."),
-             act_order: bool = typer.Option(False, "--act-order", help="gptq: round columns by decreasing activation "
-                                                                       "(groups stay as stored)."),
+             calib_tokens: int = typer.Option(262144, "--calib-tokens",
+                                              help="gptq: use at most this many tokens of --calib (the GPTQ paper's "
+                                                   "128 x 2048). Memory grows with it: the walk holds a few float32 "
+                                                   "copies of their hidden states."),
+             act_order: bool = typer.Option(None, "--act-order/--no-act-order",
+                                            help="gptq: round columns by decreasing activation (groups stay as "
+                                                 "stored). On by default, as in llm-compressor."),
              min_expert_tokens: int = typer.Option(128, "--min-expert-tokens",
                                                    help="gptq: a routed expert sent fewer calibration tokens falls "
                                                         "back to mse."),

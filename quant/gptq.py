@@ -16,6 +16,7 @@ from quant.int4 import Grid
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean (the paper's lambda)
 BLOCK = 128  # columns per lazy batch
+CHUNK = 4096  # input rows a Hessian adds at once
 
 
 class Hessian:
@@ -31,8 +32,10 @@ class Hessian:
 
     def add(self, x: torch.Tensor) -> "Hessian":
         """Input rows x [..., in] of one batch."""
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        self.sum.addmm_(x.T, x)
+        x = x.reshape(-1, x.shape[-1])
+        for r0 in range(0, len(x), CHUNK):  # in float64 a chunk at a time, not a float64 copy of every row
+            rows = x[r0:r0 + CHUNK].to(torch.float64)
+            self.sum.addmm_(rows.T, rows)
         self.tokens += len(x)
         return self
 

@@ -262,7 +262,9 @@ def test_bad_invocations_give_one_error_line(demo_dir, tmp_path):
         return run_k2_here("quantize", demo_dir, tmp_path / "out", "--int4", *args)
 
     assert_one_line_error(quantize("--method", "gptq"), "--method gptq calibrates on text", "--calib FILE")
-    assert_one_line_error(quantize("--calib", CALIB), "--calib and --act-order are for --method gptq, not rtn")
+    for misplaced in (("--calib", CALIB), ("--no-act-order",)):
+        assert_one_line_error(quantize(*misplaced),
+                              "--calib and --act-order/--no-act-order are for --method gptq, not rtn")
     assert_one_line_error(quantize("--method", "gptq", "--calib", tmp_path / "missing.txt"), "missing.txt not found")
     short = tmp_path / "short.txt"
     short.write_text("Too short.")

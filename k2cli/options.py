@@ -5,6 +5,7 @@ runtime.loader.torch_dtype, sizes by runtime.units.parse_size.
 """
 import typer
 
+from runtime.errors import K2Error
 from runtime.units import SIZE_RULE
 
 MODEL_HELP = ("Model folder, a .gguf file (the first of a split set), a Hugging Face repo id already downloaded, or "
@@ -78,10 +79,15 @@ def sampling_overrides(temperature, top_k, top_p, min_p, repetition_penalty, see
             "repetition_penalty": repetition_penalty, "seed": seed}
 
 
-# Checkpoint conversions: `k2 quantize`, `k2 convert`.
+# Checkpoint conversions: `k2 quantize`, `k2 qat`, `k2 convert`.
 RESUME = typer.Option(False, "--resume", help="Continue the interrupted run that was writing OUT.")
 FORCE = typer.Option(False, "--force", help="Overwrite what is already at OUT (weights, earlier split files).")
 WORKERS = typer.Option(None, "--workers", min=1, help="Worker threads (default: every core).")
+
+
+def check_resume_force(resume: bool, force: bool):
+    if resume and force:
+        raise K2Error("--resume and --force exclude each other")
 
 
 def size_option(default, flag: str, help: str):

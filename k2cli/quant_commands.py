@@ -45,8 +45,7 @@ def quantize(model: str = options.REQUIRED_MODEL,
 
     if not int4:
         raise K2Error("name the format: --int4 (the only one so far)")
-    if resume and force:
-        raise K2Error("--resume and --force exclude each other")
+    options.check_resume_force(resume, force)
     config = QuantizeConfig(method=method, grid=grid, group_size=group_size, scope=scope,
                             max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"), report=report is not None,
                             calib=None if calib is None else str(calib), calib_tokens=calib_tokens,
@@ -107,8 +106,7 @@ def qat(model: str = options.REQUIRED_MODEL,
     from runtime.resolve import resolve_model
     from runtime.units import parse_size
 
-    if resume and force:
-        raise K2Error("--resume and --force exclude each other")
+    options.check_resume_force(resume, force)
     options.apply_threads(threads)
     config = QatConfig(steps=steps, lr=lr, batch=batch, seq_len=seq_len, group_size=group_size, scope=scope,
                        seed=seed, save_every=save_every)

@@ -54,10 +54,15 @@ FORMAT = (
 )
 
 
-def compressed_tensors_config(group_size: int, observer: str, ignore: list[str]) -> dict:
-    """config.json's `quantization_config`, key for key as Kimi K2-Thinking ships it (what vLLM and SGLang read)."""
+def compressed_tensors_config(group_size: int, observer: str, ignore: list[str],
+                              actorder: str | None = None) -> dict:
+    """config.json's `quantization_config`, key for key as Kimi K2-Thinking ships it (what vLLM and SGLang read).
+
+    `actorder` is "weight" for GPTQ in act order (compressed-tensors' name for an order that changed how the integers
+    were chosen but not the stored groups, so readers need no `g_idx`), else None as in K2-Thinking's."""
     weights = {"num_bits": BITS, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size,
-               "dynamic": False, "actorder": None, "block_structure": None, "observer": observer, "observer_kwargs": {}}
+               "dynamic": False, "actorder": actorder, "block_structure": None, "observer": observer,
+               "observer_kwargs": {}}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
                                           "weights": weights}},

@@ -37,7 +37,9 @@ CALIB = Path(__file__).parent / "data" / "wikitext2-raw-test-head.txt"
 CALIB_TOKENS = 1024  # two sequences of 512
 GROUP = 32
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-MSE_OBSERVED = json.loads(json.dumps(K2_THINKING_QUANTIZATION).replace('"observer": "minmax"', '"observer": "mse"'))
+# K2-Thinking's quantization_config but for the observer that chose the scales and the act order GPTQ ran in
+ACT_ORDERED = json.loads(json.dumps(K2_THINKING_QUANTIZATION).replace('"observer": "minmax"', '"observer": "mse"')
+                         .replace('"actorder": null', '"actorder": "weight"'))
 
 
 def recording_gptq(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -190,12 +192,12 @@ def test_expert_hessians_are_the_tokens_the_router_sent(demo_dir, gptq_run):
 
 def test_output_is_what_the_readers_read(demo_dir, gptq_run):
     """The rtn output's format exactly: K2-Thinking's quantization_config (but for the observer that chose the
-    scales), compressed-tensors selecting and decompressing our weights to our dequantization, transformers loading
-    them."""
+    scales and the act order), compressed-tensors selecting and decompressing our weights to our dequantization,
+    transformers loading them."""
     out, _, _, _ = gptq_run
-    assert json.loads((out / "config.json").read_text())["quantization_config"] == MSE_OBSERVED
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == ACT_ORDERED
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no manifest, no saved hidden states
-    config = QuantizationConfig.model_validate(MSE_OBSERVED)
+    config = QuantizationConfig.model_validate(ACT_ORDERED)
     model = linear_stand_in(demo_dir)
     apply_quantization_config(model, config)
     stored = stored_tensors(out)
@@ -281,7 +283,7 @@ def test_weights_on_the_grid_come_back_byte_for_byte(demo_dir, tmp_path):
     digests, expected = file_digests(again), file_digests(rtn)
     assert digests.pop("config.json") != expected.pop("config.json") and digests == expected
     config = json.loads((again / "config.json").read_text())
-    assert config["quantization_config"] == MSE_OBSERVED  # the observer that would have chosen the scales
+    assert config["quantization_config"] == ACT_ORDERED  # the observer that would have chosen the scales
 
 
 def test_bad_invocations_give_one_error_line(demo_dir, tmp_path):
@@ -359,5 +361,6 @@ def test_qwen3_moe_attention_and_dense_mlp_hessians(qwen3_moe):
         out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)).state_dict()
     for name in ("model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"):
         assert torch.equal(state[f"{name}.weight"], dequantized(stored, name).bfloat16().float()), name
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
-        "weights"]["observer"] == "mse"
+    weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
+        "weights"]
+    assert (weights["observer"], weights["actorder"]) == ("mse", "weight")

@@ -290,7 +290,8 @@ def _finalize(ckpt: Checkpoint, out: Path, plans: list[ShardPlan], config: Quant
         copy_atomic(item, out / item.name)
     model_config = dict(ckpt.config)
     model_config["quantization_config"] = int4.compressed_tensors_config(
-        config.group_size, observer, list(SCOPES[config.scope].ignore))
+        config.group_size, observer, list(SCOPES[config.scope].ignore),
+        actorder="weight" if config.calibrated and config.ordered else None)
     for key in [k for k in ("torch_dtype", "dtype") if k in model_config] or ["torch_dtype"]:
         model_config[key] = "bfloat16"
     write_json_atomic(out / "config.json", model_config, indent=2)

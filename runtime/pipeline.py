@@ -83,11 +83,15 @@ class Stage:
         return self.model.logits(h, last_only)
 
 
+def _stopped_answering(who: str, e: Exception) -> K2Error:
+    return K2Error(f"{who} stopped answering: {str(e).splitlines()[0]}")
+
+
 def _checked(op, tensor: torch.Tensor, peer: int):
     try:
         op(tensor, peer)
     except (RuntimeError, dist.DistError) as e:
-        raise K2Error(f"pipeline rank {peer} stopped answering: {str(e).splitlines()[0]}") from None
+        raise _stopped_answering(f"pipeline rank {peer}", e) from None
 
 
 def _broadcast(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -95,7 +99,8 @@ def _broadcast(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     try:
         dist.broadcast(tensor, src=0)
     except (RuntimeError, dist.DistError) as e:
-        raise K2Error(f"pipeline rank 0 stopped answering: {str(e).splitlines()[0]}") from None
+        # Not necessarily rank 0: on rank 0 it is a rank it sends to, and the error names an address, not a rank.
+        raise _stopped_answering("a pipeline rank", e) from None
     return tensor.cpu()
 
 
@@ -129,8 +134,17 @@ class PipelineModel:
         return logits
 
     def close(self):
-        _broadcast(torch.tensor([OP_STOP, 0, 0, 0, 0]), self.stage.control_device)
-        dist.destroy_process_group()
+        """Stop the other ranks and leave the process group, also after a rank died."""
+        try:
+            _broadcast(torch.tensor([OP_STOP, 0, 0, 0, 0]), self.stage.control_device)
+        except K2Error:
+            # A rank is gone. Either the run already failed on it, and that error (raised past this close()) is the
+            # one to report, or the run is complete; the ranks still listening got the stop.
+            pass
+        finally:
+            # A gloo worker thread may still hold the failed operation, and one left running at exit aborts the
+            # process ("terminate called without an active exception"); destroying the group joins those threads.
+            dist.destroy_process_group()
 
 
 def serve(stage: Stage):
@@ -139,7 +153,6 @@ def serve(stage: Stage):
         control = stage.control_device
         op, batch, length, first_row, last_only = _broadcast(torch.zeros(5, dtype=torch.long), control).tolist()
         if op == OP_STOP:
-            dist.destroy_process_group()
             return
         if op == OP_NEW_CACHE:
             stage.new_cache(batch, length)
@@ -170,11 +183,20 @@ def open_stage(checkpoint: Checkpoint, dtype, device: str, plan: dict | None = N
         dist.init_process_group(backend, timeout=timeout)
     except (RuntimeError, ValueError, dist.DistError) as e:
         raise K2Error(f"pipeline: cannot form the process group of {world} ranks: {str(e).splitlines()[0]}") from None
-    stage = Stage(checkpoint, dtype, device, rank, world, backend, plan, device_map)
-    layout = [None] * world
-    dist.all_gather_object(layout, {"rank": rank, "layers": [stage.layer_ids[0], stage.layer_ids[-1]],
-                                    "weight_bytes": stage.weight_bytes(), "rss_bytes": _rss_bytes()})
-    if rank != 0:
-        serve(stage)
-        return None
-    return PipelineModel(stage, layout)
+    pipeline = None
+    try:
+        stage = Stage(checkpoint, dtype, device, rank, world, backend, plan, device_map)
+        layout = [None] * world
+        try:
+            dist.all_gather_object(layout, {"rank": rank, "layers": [stage.layer_ids[0], stage.layer_ids[-1]],
+                                            "weight_bytes": stage.weight_bytes(), "rss_bytes": _rss_bytes()})
+        except (RuntimeError, dist.DistError) as e:
+            raise _stopped_answering("a pipeline rank loading its stage", e) from None
+        if rank == 0:
+            pipeline = PipelineModel(stage, layout)
+        else:
+            serve(stage)
+    finally:
+        if pipeline is None:  # done or failed; rank 0's PipelineModel leaves the group in close()
+            dist.destroy_process_group()
+    return pipeline

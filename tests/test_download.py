@@ -370,17 +370,31 @@ def test_offline_mode_uses_what_is_on_disk_and_names_what_is_missing(hub, source
     assert offline["offline"] and offline["fetched_bytes"] == 0 and hub.requests == []
 
 
-def test_a_full_disk_mid_file_fails_in_one_line_and_resumes(hub, big_source, env):
+@pytest.mark.parametrize("index_in_flight", [False, True], ids=["index-done", "index-in-flight"])
+def test_a_full_disk_mid_file_fails_in_one_line_and_resumes(hub, big_source, env, index_in_flight):
     shard = "model-00001-of-00001.safetensors"
+    if index_in_flight:  # its transfer held open until the run has failed: the run must not wait for it
+        hub.faults["model.safetensors.index.json"] = held = Fault(after_bytes=0, release=threading.Event())
 
     def small_disk():  # files may not grow past HOLD_AT bytes in the child: a write there fails as on a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (HOLD_AT, HOLD_AT))
 
     command = [sys.executable, "-m", "k2cli", "download", BIG, "--endpoint", hub.endpoint]
-    failed = subprocess.run(command, capture_output=True, text=True, timeout=120, preexec_fn=small_disk)
+    try:
+        failed = subprocess.run(command, capture_output=True, text=True, timeout=120, preexec_fn=small_disk)
+    finally:
+        if index_in_flight:
+            held.release.set()
     assert_one_line_error(failed, "cannot write", shard, "run the same command again to resume")
+    # Files come in parallel: a small one still in flight when the shard's write failed (often the index) is fetched
+    # again whole; one that was complete is not fetched again.
+    folder = snapshot(env, BIG, hub)
+    unfinished = {p: (big_source / p).stat().st_size for p in all_files(big_source)
+                  if p != shard and not (folder / p).exists()}
     hub.reset_counts()
     result = fetch(hub, BIG)
-    assert 0 < result["resumed_bytes"] and hub.sent == {shard: result["fetched_bytes"]}
-    assert result["resumed_bytes"] + result["fetched_bytes"] == (big_source / shard).stat().st_size
+    shard_bytes = result["fetched_bytes"] - sum(unfinished.values())
+    assert 0 < result["resumed_bytes"] and hub.sent == {shard: shard_bytes, **unfinished}
+    assert ("model.safetensors.index.json" in unfinished) == index_in_flight
+    assert result["resumed_bytes"] + shard_bytes == (big_source / shard).stat().st_size
     assert same_files(Path(result["folder"]), big_source, [shard])

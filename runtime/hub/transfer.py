@@ -129,28 +129,37 @@ def _fetch_once(hub: Hub, listing: Listing, file: RemoteFile, partial: Path, met
 
 def run_all(tasks: list, work, workers: int, meter: Meter):
     """work(task) for every task on `workers` threads. The first failure stops the others at their next write and is
-    raised; so is Ctrl-C, at once: the threads are daemons, since what they leave on disk is always a prefix of the
-    file to resume from."""
+    raised at once, as Ctrl-C is: a thread still waiting on the network is not waited for (the threads are daemons,
+    and what they leave on disk is always a prefix of the file to resume from)."""
+    if not tasks:
+        return
     queue, lock, failures = list(reversed(tasks)), threading.Lock(), []
+    running = [min(max(1, workers), len(tasks))]  # threads not yet returned
+    settled = threading.Event()  # every thread has returned, or one failed
 
     def worker():
-        while not meter.stop.is_set():
+        try:
+            while not meter.stop.is_set():
+                with lock:
+                    if not queue:
+                        return
+                    task = queue.pop()
+                try:
+                    work(task)
+                except BaseException as e:  # handed to the main thread, which raises it
+                    failures.append(e)
+                    meter.stop.set()
+                    settled.set()
+        finally:
             with lock:
-                if not queue:
-                    return
-                task = queue.pop()
-            try:
-                work(task)
-            except BaseException as e:  # handed to the main thread, which raises it
-                failures.append(e)
-                meter.stop.set()
+                running[0] -= 1
+                if not running[0]:
+                    settled.set()
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(max(1, workers), len(tasks)))]
-    for thread in threads:
-        thread.start()
+    for _ in range(running[0]):
+        threading.Thread(target=worker, daemon=True).start()
     try:
-        for thread in threads:
-            thread.join()
+        settled.wait()
     except BaseException:
         meter.stop.set()
         raise

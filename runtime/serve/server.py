@@ -46,7 +46,11 @@ def run(service, host: str, port: int, api_key: str | None, max_body: int, log_r
 
     from runtime.serve.app import Server
 
-    sock = bind(host, port)  # first: a port in use is one line of error, without a warning about serving on it
+    try:
+        sock = bind(host, port)  # first: a port in use is one line of error, without a warning about serving on it
+    except K2Error:
+        service.worker.close()
+        raise
     if not is_loopback(host) and api_key is None:
         print(f"warning: serving on {host}, reachable from other machines, without an API key: anyone who can "
               "reach it can use the model (set --api-key or K2_API_KEY)", file=sys.stderr)

@@ -85,9 +85,10 @@ def qat(model: str = options.REQUIRED_MODEL,
         steps: int = typer.Option(..., "--steps", min=1, help="Training steps (a few hundred)."),
         data: Path = typer.Option(..., "--data", help="UTF-8 text to train on, read with the model's tokenizer (e.g. "
                                                       "the model's kind of text; held-out text measures the result)."),
-        lr: float = typer.Option(0.01, "--lr", help="Adam's step size, in units of each tensor's mean INT4 scale; "
-                                                    "decays on a cosine to zero."),
-        batch: int = typer.Option(4, "--batch", min=1, help="Sequences per step."),
+        lr: float = typer.Option(0.003, "--lr", help="Adam's step size, in units of each tensor's mean INT4 scale; "
+                                                     "decays on a cosine to zero."),
+        batch: int = typer.Option(16, "--batch", min=1, help="Sequences per step: more average out more of the "
+                                                             "gradient's noise, in proportion more time."),
         seq_len: int = typer.Option(256, "--seq-len", min=2, help="Tokens per sequence."),
         group_size: int = typer.Option(32, "--group-size", help="Weights per scale: 16, 32, 64 or 128."),
         scope: str = typer.Option("experts", help="The weights trained and quantized: experts (as K2-Thinking), "

@@ -46,34 +46,30 @@ def run(service, host: str, port: int, api_key: str | None, max_body: int, log_r
 
     from runtime.serve.app import Server
 
-    try:
+    with contextlib.closing(service.worker):  # also when the port cannot be had
         sock = bind(host, port)  # first: a port in use is one line of error, without a warning about serving on it
-    except K2Error:
-        service.worker.close()
-        raise
-    if not is_loopback(host) and api_key is None:
-        print(f"warning: serving on {host}, reachable from other machines, without an API key: anyone who can "
-              "reach it can use the model (set --api-key or K2_API_KEY)", file=sys.stderr)
-    bound_host, bound_port = sock.getsockname()[:2]
-    url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+        if not is_loopback(host) and api_key is None:
+            print(f"warning: serving on {host}, reachable from other machines, without an API key: anyone who can "
+                  "reach it can use the model (set --api-key or K2_API_KEY)", file=sys.stderr)
+        bound_host, bound_port = sock.getsockname()[:2]
+        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        worker = service.worker
-        engine = worker.engine
-        slots_bytes = len(worker.slots) * engine.max_len * engine.bytes_per_token
-        print(f"k2 serve: {service.name} on http://{url_host}:{bound_port}/v1 (context {service.context} tokens, "
-              f"{engine.decoder} decode, {len(worker.slots)} slots in {format_bytes(slots_bytes)}, prefix cache up "
-              f"to {format_bytes(worker.store.budget_bytes)}); Ctrl-C to stop", file=sys.stderr, flush=True)
-        yield
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            worker = service.worker
+            engine = worker.engine
+            slots_bytes = len(worker.slots) * engine.max_len * engine.bytes_per_token
+            print(f"k2 serve: {service.name} on http://{url_host}:{bound_port}/v1 (context {service.context} "
+                  f"tokens, {engine.decoder} decode, {len(worker.slots)} slots in {format_bytes(slots_bytes)}, "
+                  f"prefix cache up to {format_bytes(worker.store.budget_bytes)}); Ctrl-C to stop", file=sys.stderr,
+                  flush=True)
+            yield
 
-    app = Server(service, api_key, max_body).app(lifespan)
-    config = uvicorn.Config(app, log_level="info" if log_requests else "warning", access_log=log_requests,
-                            timeout_graceful_shutdown=None)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn drained the requests in flight, then raised the Ctrl-C it caught again
-        print("k2 serve: stopped", file=sys.stderr)
-    finally:
-        sock.close()
-        service.worker.close()
+        app = Server(service, api_key, max_body).app(lifespan)
+        config = uvicorn.Config(app, log_level="info" if log_requests else "warning", access_log=log_requests,
+                                timeout_graceful_shutdown=None)
+        with sock:
+            try:
+                uvicorn.Server(config).run(sockets=[sock])
+            except KeyboardInterrupt:  # uvicorn drained the requests in flight, then raised the Ctrl-C it caught again
+                print("k2 serve: stopped", file=sys.stderr)

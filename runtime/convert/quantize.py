@@ -98,10 +98,10 @@ class QuantizeConfig:
 
     @property
     def ordered(self) -> bool:
-        """Whether GPTQ runs in act order: by default, as llm-compressor's GPTQ does (its `actorder: static`, which
-        keeps the stored groups as ours does). On the trained demo, with 198,144 calibration tokens, it took the
-        held-out KL from 0.62x round-to-nearest's to 0.59x."""
-        return self.act_order is not False
+        """Whether a calibrated method runs in act order: by default, as llm-compressor's GPTQ does (its `actorder:
+        static`, which keeps the stored groups as ours does). On the trained demo, with 198,144 calibration tokens, it
+        took the held-out KL from 0.62x round-to-nearest's to 0.59x."""
+        return self.calibrated and self.act_order is not False
 
 
 @dataclass
@@ -291,7 +291,7 @@ def _finalize(ckpt: Checkpoint, out: Path, plans: list[ShardPlan], config: Quant
     model_config = dict(ckpt.config)
     model_config["quantization_config"] = int4.compressed_tensors_config(
         config.group_size, observer, list(SCOPES[config.scope].ignore),
-        actorder="weight" if config.calibrated and config.ordered else None)
+        actorder="weight" if config.ordered else None)
     for key in [k for k in ("torch_dtype", "dtype") if k in model_config] or ["torch_dtype"]:
         model_config[key] = "bfloat16"
     write_json_atomic(out / "config.json", model_config, indent=2)

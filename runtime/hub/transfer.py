@@ -134,10 +134,11 @@ def run_all(tasks: list, work, workers: int, meter: Meter):
     if not tasks:
         return
     queue, lock, failures = list(reversed(tasks)), threading.Lock(), []
-    running = [min(max(1, workers), len(tasks))]  # threads not yet returned
+    threads = running = min(max(1, workers), len(tasks))  # running: threads not yet returned
     settled = threading.Event()  # every thread has returned, or one failed
 
     def worker():
+        nonlocal running
         try:
             while not meter.stop.is_set():
                 with lock:
@@ -152,11 +153,11 @@ def run_all(tasks: list, work, workers: int, meter: Meter):
                     settled.set()
         finally:
             with lock:
-                running[0] -= 1
-                if not running[0]:
+                running -= 1
+                if not running:
                     settled.set()
 
-    for _ in range(running[0]):
+    for _ in range(threads):
         threading.Thread(target=worker, daemon=True).start()
     try:
         settled.wait()
